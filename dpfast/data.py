@@ -1,0 +1,124 @@
+"""Poisson-sampled data loading: each logical step draws every sample independently with probability q.
+
+Membership of sample j at step s is ``u(seed, s, j) < q`` with a counter-based generator (Philox, see
+dpfast.random), so the batch of a step does not depend on the order of draws, on resuming, or on how
+many ranks share the data set: rank r keeps the members j with ``j % world_size == r`` and the union
+over ranks is exactly the batch one process would draw.
+
+A logical batch larger than ``max_physical_batch_size`` is yielded as several physical chunks; the
+loader tells the optimizer which chunk ends the logical batch, so the user's loop stays
+``for batch in loader: ...; optimizer.step()``.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torch.utils._pytree import tree_map
+
+from .random import poisson_mask
+
+
+def _empty_like_batch(collate, dataset):
+    """An empty batch with the right shapes and dtypes (collate one sample, keep zero rows)."""
+    batch = collate([dataset[0]])
+    return tree_map(lambda t: t[:0] if torch.is_tensor(t) else t, batch)
+
+
+class _Plan:
+    """The physical chunks of one epoch: [(step, indices, is_last), ...]."""
+
+    def __init__(self, loader: "DPDataLoader", first_step: int, steps: int):
+        self.chunks = []
+        for s in range(first_step, first_step + steps):
+            idx = loader.batch_indices(s)
+            size = loader.max_physical_batch_size or max(1, len(idx))
+            parts = [idx[i:i + size] for i in range(0, len(idx), size)] or [idx[:0]]
+            for k, part in enumerate(parts):
+                self.chunks.append((s, part.tolist(), k == len(parts) - 1))
+
+
+class _ChunkSampler:
+    def __init__(self, plan: _Plan):
+        self.plan = plan
+
+    def __iter__(self):
+        return (idx for _, idx, _ in self.plan.chunks)
+
+    def __len__(self):
+        return len(self.plan.chunks)
+
+
+class DPDataLoader:
+    """Iterates physical chunks of Poisson logical batches; ``len()`` is logical steps per epoch."""
+
+    def __init__(self, dataset: Dataset, *, sample_rate: float, seed: int, steps_per_epoch: int,
+                 max_physical_batch_size: int | None = None, collate_fn=None, num_workers: int = 0,
+                 pin_memory: bool = False, worker_init_fn=None, rank: int = 0, world_size: int = 1,
+                 optimizer=None):
+        if not 0 < sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        if max_physical_batch_size is not None and max_physical_batch_size < 1:
+            raise ValueError(f"max_physical_batch_size must be >= 1, got {max_physical_batch_size}")
+        self.dataset = dataset
+        self.sample_rate = float(sample_rate)
+        self.seed = int(seed)
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.max_physical_batch_size = max_physical_batch_size
+        self.collate_fn = collate_fn or torch.utils.data.default_collate
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.worker_init_fn = worker_init_fn
+        self.rank, self.world_size = rank, world_size
+        self.optimizer = optimizer
+        self.step = 0  # the next logical step to draw (global, across epochs)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    @property
+    def expected_batch_size(self) -> float:
+        return self.sample_rate * len(self.dataset)
+
+    def batch_indices(self, step: int) -> torch.Tensor:
+        """This rank's members of the logical batch of ``step`` (sorted dataset indices)."""
+        n = len(self.dataset)
+        mask = poisson_mask(n, self.sample_rate, seed=self.seed, step=step)
+        idx = mask.nonzero().flatten()
+        if self.world_size > 1:
+            idx = idx[idx % self.world_size == self.rank]
+        return idx
+
+
+    def __iter__(self):
+        plan = _Plan(self, self.step, self.steps_per_epoch - (self.step % self.steps_per_epoch))
+        if not plan.chunks:
+            return
+        loader = DataLoader(self.dataset, batch_sampler=_ChunkSampler(plan), collate_fn=self._collate_samples,
+                            num_workers=self.num_workers, pin_memory=self.pin_memory,
+                            worker_init_fn=self.worker_init_fn)
+        for (step, idx, is_last), batch in zip(plan.chunks, loader):
+            if not idx:
+                batch = _empty_like_batch(self.collate_fn, self.dataset)
+            if self.optimizer is not None:
+                self.optimizer._announce_chunk(len(idx), is_last)
+            if is_last:
+                # advanced before the yield: a loop that stops (checkpoint, time budget) right after the
+                # optimizer.step() of this chunk must resume at the next logical step
+                self.step = step + 1
+            yield batch
+
+    def _collate_samples(self, samples):
+        if not samples:
+            return None  # replaced by an empty batch in __iter__ (workers cannot see the dataset's shape)
+        return self.collate_fn(samples)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "seed": self.seed, "sample_rate": self.sample_rate,
+                "dataset_size": len(self.dataset)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd["seed"] != self.seed or sd["sample_rate"] != self.sample_rate or sd["dataset_size"] != len(self.dataset):
+            raise ValueError(
+                f"sampler state is for seed={sd['seed']}, q={sd['sample_rate']}, N={sd['dataset_size']} but this "
+                f"loader has seed={self.seed}, q={self.sample_rate}, N={len(self.dataset)}")
+        self.step = int(sd["step"])

@@ -1,0 +1,232 @@
+"""DPOptimizer: wraps any torch optimizer; its step() clips, sums, noises and then steps the inner one.
+
+Per physical batch (chunk): per-sample norms from the tape -> clip factors -> clipped sum added to an
+fp32 accumulator. At the end of the logical batch: (all-reduce across ranks), one fused finalize adds
+``sigma * C * xi`` (Philox keyed on seed, step and element index) and scales by ``1 / B_expected``,
+then the inner optimizer steps. Noise is added exactly once per logical batch.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .errors import BatchLayoutError, DPError, NonFiniteGradientError, PrivacyLeakError
+from .finalize import finalize_
+from .random import normal_f64
+
+
+class DPOptimizer(torch.optim.Optimizer):
+    # Deliberately no super().__init__: param_groups/state/defaults are the inner optimizer's own
+    # objects, so LR schedulers and checkpoint code see exactly what they would see without dpfast.
+
+    def __init__(self, optimizer: torch.optim.Optimizer, private_module, *, noise_multiplier: float,
+                 max_grad_norm: float, expected_batch_size: float | None, loss_reduction: str, seed: int,
+                 on_logical_step=None, nonfinite: str = "raise", distributed=None, param_names=None):
+        self.original_optimizer = optimizer
+        self.private_module = private_module
+        self.noise_multiplier = float(noise_multiplier)
+        self.max_grad_norm = float(max_grad_norm)
+        self.expected_batch_size = expected_batch_size
+        self.loss_reduction = loss_reduction
+        self.seed = int(seed)
+        self.nonfinite = nonfinite
+        self.distributed = distributed
+        self._on_logical_step = on_logical_step
+        self.params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        self._names = param_names or {}
+        self._offsets = []
+        off = 0
+        for p in self.params:
+            self._offsets.append(off)
+            off += p.numel()
+        self.num_elements = off
+        self._acc: dict[int, torch.Tensor] = {}
+        self._chunk: tuple[int, bool] | None = None  # announced by the DPDataLoader: (samples, is_last)
+        self._chunk_pending = False
+        self.steps = 0                 # logical steps taken (the noise counter)
+        self.last_norms: torch.Tensor | None = None
+        self.stats = {"samples": 0, "clipped": 0, "chunks": 0}
+
+    # ----------------------------------------------------------- torch.optim.Optimizer surface
+    @property
+    def param_groups(self):
+        return self.original_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value):
+        self.original_optimizer.param_groups = value
+
+    @property
+    def state(self):
+        return self.original_optimizer.state
+
+    @property
+    def defaults(self):
+        return self.original_optimizer.defaults
+
+    def state_dict(self):
+        return self.original_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self.original_optimizer.load_state_dict(state_dict)
+
+    def add_param_group(self, param_group):
+        raise DPError("add_param_group after make_private would change the noise layout; add all "
+                      "parameter groups before calling make_private")
+
+    def __repr__(self):
+        return (f"DPOptimizer(noise_multiplier={self.noise_multiplier}, max_grad_norm={self.max_grad_norm}, "
+                f"inner={self.original_optimizer!r})")
+
+    # ----------------------------------------------------------- the loader's handshake
+    def _announce_chunk(self, samples: int, is_last: bool) -> None:
+        if self._chunk_pending:
+            raise DPError("the data loader produced a new batch but optimizer.step() was not called for the "
+                          "previous one: call optimizer.step() once for every batch the private loader yields")
+        self._chunk = (samples, is_last)
+        self._chunk_pending = True
+
+    # ----------------------------------------------------------- the step
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+        tape = self.private_module.tape
+        if any(s.received for s in tape.sites):
+            warnings.warn("optimizer.zero_grad() discarded a backward pass that optimizer.step() never "
+                          "consumed; that batch contributes nothing", stacklevel=2)
+        tape.reset()
+
+    @torch.no_grad()
+    def step(self, closure=None) -> bool:
+        """Returns True when a logical step was taken (noise added, parameters updated), False after an
+        intermediate physical chunk of a larger logical batch."""
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
+        samples, is_last = self._chunk if self._chunk_pending else (None, True)
+        self._chunk_pending = False
+        try:
+            self._accumulate_chunk(samples)
+        except Exception:
+            self._acc.clear()       # the logical batch is refused as a whole
+            self.private_module.tape.reset()
+            raise
+        if not is_last:
+            return False
+        self._finalize_logical_batch()
+        self.original_optimizer.step()
+        for p in self.params:
+            p.grad = None  # the released gradient has been used; keep p.grad free for the leak check
+        return True
+
+    def _name(self, p) -> str:
+        return self._names.get(id(p), f"parameter of shape {tuple(p.shape)}")
+
+    def _accumulate_chunk(self, samples: int | None) -> None:
+        pm = self.private_module
+        tape = pm.tape
+        leaked = [self._name(p) for p in self.params if p.grad is not None]
+        if leaked:
+            raise PrivacyLeakError(
+                f"parameters {leaked[:5]} received gradients outside dpfast's per-sample rules (used outside "
+                "their module's forward, e.g. read directly by another module or by the loss); such gradients "
+                "are not clipped per sample, so the step is refused")
+        if tape.sites and not any(s.received for s in tape.sites):
+            raise DPError("optimizer.step() was called after a forward pass without backward: call "
+                          "loss.backward() first")
+        sq = tape.finish()
+        rows = tape.rows or 0
+        K = tape.multiplicity
+        if samples is not None and rows and rows != samples * K:
+            raise BatchLayoutError(
+                f"the loss covers {rows} rows but the batch holds {samples} samples x multiplicity {K} = "
+                f"{samples * K} rows: per-row losses must have shape (len(batch) * K,), rows i*K..i*K+K-1 "
+                "being sample i")
+        if samples and not tape.sites:
+            raise DPError("optimizer.step() was called for a non-empty batch but no private layer ran "
+                          "forward/backward: call the model returned by make_private and loss.backward()")
+        self.stats["chunks"] += 1
+        if rows == 0:
+            tape.reset()
+            return
+        factor = (rows / K) if self.loss_reduction == "mean" else (1.0 / K)
+        norms = sq.sqrt() * factor
+        bad = ~torch.isfinite(norms)
+        if bad.any():
+            idx = bad.nonzero().flatten().tolist()
+            if self.nonfinite == "raise":
+                raise NonFiniteGradientError(
+                    f"samples {idx[:10]} of this batch have non-finite gradient norms (NaN/inf loss or "
+                    "overflow); the step was refused and no parameter changed. Pass nonfinite='zero' to "
+                    "make_private to drop such samples' contributions instead (privacy-safe: per sample)")
+            if pm.mode == "two-pass":
+                raise NonFiniteGradientError(
+                    f"samples {idx[:10]} have non-finite gradient norms; mode='two-pass' replays the forward "
+                    "pass and cannot drop them: the step was refused (use mode='bk' with nonfinite='zero')")
+            warnings.warn(f"dropping samples {idx[:10]} with non-finite gradient norms", stacklevel=3)
+            tape.drop_rows(bad.repeat_interleave(K))
+        clip = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        clip = torch.where(bad, torch.zeros_like(clip), clip)
+        self.last_norms = norms.detach()
+        self.stats["samples"] += norms.numel()
+        self.stats["clipped"] += int((norms > self.max_grad_norm).sum())
+        row_scale = (clip * factor).repeat_interleave(K)
+        if pm.mode == "two-pass":
+            pm.replay(row_scale)
+            for p in self.params:
+                if p.grad is not None:
+                    self._acc_for(p).add_(p.grad)
+                    p.grad = None
+        else:
+            tape.clipped_sums(row_scale, self._add)
+        tape.reset()
+
+    def _acc_for(self, p: torch.Tensor) -> torch.Tensor:
+        acc = self._acc.get(id(p))
+        if acc is None:
+            acc = self._acc[id(p)] = torch.zeros(p.shape, dtype=torch.float32 if p.dtype != torch.float64
+                                                 else torch.float64, device=p.device)
+        return acc
+
+    def _add(self, target, g: torch.Tensor) -> None:
+        acc = self._acc_for(target.param)
+        if target.rows is None:
+            acc.add_(g)
+        else:
+            acc[target.rows].add_(g)
+
+    def _finalize_logical_batch(self) -> None:
+        accs = [self._acc_for(p) for p in self.params]
+        if self.distributed is not None:
+            self.distributed.all_reduce_(accs)
+        if self.loss_reduction == "mean":
+            if not self.expected_batch_size:
+                raise DPError("expected batch size unknown: pass a data_loader or expected_batch_size to "
+                              "make_private")
+            scale = 1.0 / self.expected_batch_size
+        else:
+            scale = 1.0
+        std = self.noise_multiplier * self.max_grad_norm
+        f32 = [i for i, a in enumerate(accs) if a.dtype == torch.float32]
+        if f32:
+            finalize_([accs[i] for i in f32], [accs[i] for i in f32], noise_std=std, scale=scale,
+                      seed=self.seed, step=self.steps, offsets=[self._offsets[i] for i in f32])
+        for i, a in enumerate(accs):
+            if a.dtype == torch.float64:  # fp64 models (exactness tests): the same stream, in fp64
+                if std:
+                    z = normal_f64(a.numel(), seed=self.seed, step=self.steps, offset=self._offsets[i])
+                    a.add_(torch.from_numpy(z).view_as(a).to(a.device), alpha=std)
+                a.mul_(scale)
+        for p, a in zip(self.params, accs):
+            p.grad = a if a.dtype == p.dtype else a.to(p.dtype)
+        self._acc.clear()
+        self.steps += 1
+        if self._on_logical_step is not None:
+            self._on_logical_step()
+
+    def clip_fraction(self) -> float:
+        """Fraction of samples clipped since the last reset of ``stats``."""
+        return self.stats["clipped"] / max(1, self.stats["samples"])
+
+

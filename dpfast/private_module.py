@@ -1,0 +1,172 @@
+"""Make a module tree private in place: every trainable layer's forward goes through its rule.
+
+The module object stays the same one (a drop-in: its class, attributes, state_dict keys and
+``__call__`` are untouched); only the ``forward`` of each layer that has trainable parameters is
+replaced by an instance attribute, and :meth:`PrivateModule.remove` puts them back.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from .errors import BatchLayoutError, DPError, UnsupportedModuleError
+from .rules import SUPPORTED, find_rule
+from .tape import Tape
+
+_BATCHNORM = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
+
+
+def check_module(module: nn.Module) -> list[str]:
+    """Raise UnsupportedModuleError for the first layer dpfast cannot make private; returns the
+    names of the layers it will make private."""
+    names: list[str] = []
+    _walk(module, "", names, install=None)
+    return names
+
+
+def _walk(module, name, names, install):
+    label = name or type(module).__name__
+    if isinstance(module, _BATCHNORM):
+        raise UnsupportedModuleError(
+            f"module {label!r} ({type(module).__name__}) normalises over the batch, which mixes samples "
+            "and cannot be made private; replace it with GroupNorm: model = dpfast.fix_module(model)")
+    rule = find_rule(module)
+    if rule is not None:
+        rule.check(module, label)
+        if any(p.requires_grad for p in rule.covered_params(module)):
+            names.append(label)
+            if install is not None:
+                install(module, label, rule)
+        if rule.composite:
+            return
+    else:
+        own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if own:
+            why = ""
+            base = [t.__name__ for t in (nn.Linear, nn.Conv2d, nn.Conv1d, nn.GroupNorm, nn.LayerNorm,
+                                         nn.Embedding) if isinstance(module, t)]
+            if base:
+                why = (f" It subclasses nn.{base[0]} but overrides forward, so the nn.{base[0]} rule would "
+                       "not compute what it computes.")
+            raise UnsupportedModuleError(
+                f"module {label!r} ({type(module).__name__}) has trainable parameters {own} but no "
+                f"per-sample gradient rule.{why} dpfast has rules for {SUPPORTED}. Build the module from "
+                f"those layers, or freeze these parameters (p.requires_grad_(False)) if they should not train.")
+    for child_name, child in module.named_children():
+        _walk(child, f"{name}.{child_name}" if name else child_name, names, install)
+
+
+class PrivateModule:
+    """Owns the tape of the current step, the installed forwards and the two-pass replay."""
+
+    def __init__(self, module: nn.Module, *, multiplicity: int, mode: str, backend: str,
+                 norm_method: str = "auto"):
+        if getattr(module, "_dpfast_private", None) is not None:
+            raise DPError("this module is already private (make_private was called on it before); "
+                          "call dpfast.remove_private(module) first or build a fresh model")
+        self.module = module
+        self.mode = mode
+        self.tape = Tape(multiplicity, two_pass=(mode == "two-pass"), backend=backend, norm_method=norm_method)
+        self.replaying = False
+        self._installed: list[nn.Module] = []
+        self._call: tuple | None = None      # (args, kwargs, rng) of the last top-level forward
+        self._out_grads: dict[int, torch.Tensor] = {}
+        self._out_leaves: list = []
+        self.layer_names: list[str] = []
+        _walk(module, "", self.layer_names, install=self._install)
+        self._hooks = [module.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
+                       module.register_forward_hook(self._post_forward, with_kwargs=True)]
+        module._dpfast_private = self
+
+    # -------------------------------------------------------------- install
+    def _install(self, module: nn.Module, name: str, rule) -> None:
+        orig = module.forward
+
+        def forward(*args, **kwargs):
+            if self.replaying or not torch.is_grad_enabled():
+                return orig(*args, **kwargs)
+            return rule.forward(self.tape, module, name, orig, *args, **kwargs)
+
+        module.forward = forward
+        self._installed.append(module)
+
+    def remove(self) -> None:
+        for m in self._installed:
+            del m.forward  # the instance attribute; the class forward shows through again
+        for h in self._hooks:
+            h.remove()
+        self._installed.clear()
+        self.module._dpfast_private = None
+
+    # -------------------------------------------------------------- top-level forward
+    def _pre_forward(self, module, args, kwargs):
+        if self.replaying or not torch.is_grad_enabled():
+            return None
+        if any(s.received for s in self.tape.sites):
+            raise DPError(
+                "the private model was called again after backward and before optimizer.step(): each "
+                "step is one forward, one backward, one optimizer.step() (put all rows of a step in one "
+                "batch: per-sample clipping needs every row of a sample in the same pass)")
+        self.tape.reset()  # a forward that never reached backward (e.g. a validation pass) is dropped
+        self._out_grads.clear()
+        if self.mode == "two-pass":
+            rng = (torch.get_rng_state(),
+                   torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+            self._call = (args, kwargs, rng)
+        return None
+
+    def _post_forward(self, module, args, kwargs, output):
+        if self.replaying or not torch.is_grad_enabled() or self.mode != "two-pass":
+            return None
+        leaves, _ = pytree.tree_flatten(output)
+        self._out_leaves = [i for i, t in enumerate(leaves) if torch.is_tensor(t) and t.requires_grad]
+        for i in self._out_leaves:
+            leaves[i].register_hook(self._grad_catcher(i))
+        return None
+
+    def _grad_catcher(self, i):
+        def hook(g):
+            self._out_grads[i] = g.detach()
+        return hook
+
+    def replay(self, row_scale: torch.Tensor) -> None:
+        """Two-pass mode: re-run the last forward and backpropagate ``row_scale * dL/d(output)``;
+        the parameters' ``.grad`` then hold the clipped sum."""
+        if self._call is None or not self._out_grads:
+            return
+        args, kwargs, (cpu_rng, cuda_rng) = self._call
+        now = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda_rng is not None else None)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        self.replaying = True
+        try:
+            with torch.enable_grad():
+                out = self.module(*args, **kwargs)
+        finally:
+            self.replaying = False
+            torch.set_rng_state(now[0])
+            if now[1] is not None:
+                torch.cuda.set_rng_state_all(now[1])
+        leaves, _ = pytree.tree_flatten(out)
+        outs, grads = [], []
+        for i, g in self._out_grads.items():
+            t = leaves[i]
+            if t.shape[0] != row_scale.shape[0]:
+                raise BatchLayoutError(
+                    f"two-pass mode needs the model's outputs to have the batch rows first; output {i} has "
+                    f"shape {tuple(t.shape)} for {row_scale.shape[0]} rows")
+            outs.append(t)
+            grads.append(g * row_scale.to(g.dtype).view(-1, *([1] * (g.dim() - 1))))
+        torch.autograd.backward(outs, grads)
+        self._call = None
+        self._out_grads.clear()
+
+
+def remove_private(module: nn.Module) -> nn.Module:
+    """Undo make_private on a module: original forwards back, hooks removed."""
+    pm = getattr(module, "_dpfast_private", None)
+    if pm is not None:
+        pm.remove()
+    return module

@@ -1,0 +1,59 @@
+"""Dispatch of the per-sample norm computations to the torch reference or the Triton kernels.
+
+``backend``: "torch" (reference, CPU fast path), "triton" (kernels/, GPU fast path; on CPU tensors it
+runs under TRITON_INTERPRET=1, which is how the kernels are tested), "auto" (triton on CUDA tensors
+when Triton is importable, torch otherwise).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import _norms
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels():
+    from .._kernels import load_kernels
+
+    return load_kernels()
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend == "torch":
+        return "torch"
+    k = _kernels()
+    have = k is not None and getattr(k, "HAS_TRITON", False)
+    if backend == "triton":
+        if not have:
+            raise RuntimeError(
+                "backend='triton' needs Triton and dpfast's kernels: `pip install triton` "
+                "(on CPU tensors set TRITON_INTERPRET=1), or use backend='torch'")
+        return "triton"
+    if backend == "auto":
+        return "triton" if (have and device.type == "cuda") else "torch"
+    raise ValueError(f"backend must be 'torch', 'triton' or 'auto', got {backend!r}")
+
+
+def linear_weight_norm_sq(A3, G3, K: int, backend: str, method: str) -> torch.Tensor:
+    """A3: (B*K, T, d), G3: (B*K, T, p) -> (B,) squared norms of each sample's ``sum g a^T``."""
+    T, d, p = K * A3.shape[1], A3.shape[2], G3.shape[2]
+    if method == "auto":
+        method = "ghost" if _norms.prefer_ghost(T, d, p) else "direct"
+    if resolve_backend(backend, A3.device) == "triton" and A3.dtype != torch.float64:
+        k = _kernels()
+        fn = k.ops.ghost_norm if method == "ghost" else k.ops.linear_direct_norm
+        return fn(A3.contiguous(), G3.contiguous(), K)
+    return _norms.linear_norm_sq(_norms.group_rows(A3, K), _norms.group_rows(G3, K), method)
+
+
+def conv2d_weight_norm_sq(x, G, kernel_size, K, stride, padding, dilation, groups, backend, method):
+    """Triton implicit-GEMM direct norm of a (non-transposed) conv2d weight; None if not applicable."""
+    if method == "ghost" or x.dtype == torch.float64:
+        return None
+    if resolve_backend(backend, x.device) != "triton":
+        return None
+    k = _kernels()
+    return k.ops.conv2d_direct_norm(x, G, tuple(kernel_size), K, tuple(stride), tuple(padding),
+                                    tuple(dilation), groups)

@@ -1,0 +1,179 @@
+"""Conv1d / Conv2d / ConvTranspose1d / ConvTranspose2d, any stride, padding (incl. "same"),
+dilation, groups, padding mode and memory format (channels_last included).
+
+Weight gradient of sample i, group g: ``sum_pos g_pos u_pos^T`` where ``u_pos`` is the im2col patch of
+the input at output position ``pos`` (for a transposed conv the roles swap: the patch is taken from
+the output gradient and the "gradient" side is the input). The torch reference below unfolds a chunk
+of samples at a time; the Triton kernel (kernels/conv_norm.py) gathers patches on the fly instead.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _norms
+from .backends import conv2d_weight_norm_sq
+from .base import Rule, Target, autocast_cast, scale_rows, trainable
+
+_conv_bwd = torch.ops.aten.convolution_backward.default
+
+
+class _ConvFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, tape, site, cfg):
+        ctx.tape, ctx.site, ctx.cfg = tape, site, cfg
+        ctx.save_for_backward(weight)
+        site.saved["x"] = x.detach()
+        stride, padding, dilation, transposed, output_padding, groups = cfg
+        return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, transposed,
+                                          output_padding, groups)
+
+    @staticmethod
+    def backward(ctx, G):
+        (weight,) = ctx.saved_tensors
+        stride, padding, dilation, transposed, output_padding, groups = ctx.cfg
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _conv_bwd(G, ctx.site.saved["x"], weight, None, stride, padding, dilation, transposed,
+                               output_padding, groups, [True, False, False])[0]
+        ctx.tape.record_grad(ctx.site, G)
+        return grad_x, None, None, None, None, None
+
+
+def _resolve_padding(module, x):
+    """Turn "same"/"valid"/padding modes into explicit symmetric padding (padding x if needed)."""
+    nd = len(module.kernel_size)
+    if module.padding_mode != "zeros":
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        return x, (0,) * nd
+    if module.padding == "valid":
+        return x, (0,) * nd
+    if module.padding == "same":
+        total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+        left = [t // 2 for t in total]
+        if all(2 * l == t for l, t in zip(left, total)):
+            return x, tuple(left)
+        pads = []
+        for t, l in zip(reversed(total), reversed(left)):  # F.pad wants the last dim first
+            pads += [l, t - l]
+        return F.pad(x, pads), (0,) * nd
+    return x, tuple(module.padding)
+
+
+class ConvRule(Rule):
+    types = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d)
+
+    def forward(self, tape, module, name, orig, x, output_size=None):
+        w = Target(module.weight) if trainable(module.weight) else None
+        b = Target(module.bias) if trainable(module.bias) else None
+        if w is None and b is None:
+            return orig(x) if output_size is None else orig(x, output_size)
+        nd = len(module.kernel_size)
+        if x.dim() != nd + 2:
+            raise ValueError(f"module {name!r}: a private {type(module).__name__} needs a batched "
+                             f"{nd + 2}-D input (rows first), got shape {tuple(x.shape)}")
+        if module.transposed:
+            output_padding = tuple(module._output_padding(
+                x, output_size, module.stride, module.padding, module.kernel_size, nd, module.dilation))
+            padding = tuple(module.padding)
+        else:
+            output_padding = (0,) * nd
+            x, padding = _resolve_padding(module, x)
+        (x, weight, bias), ctx = autocast_cast(x.device.type, x, module.weight, module.bias)
+        cfg = (tuple(module.stride), padding, tuple(module.dilation), module.transposed, output_padding,
+               module.groups)
+        site = tape.new_site(self, name, [t for t in (w, b) if t is not None], rows=x.shape[0],
+                             has_w=w is not None, has_b=b is not None, cfg=cfg, weight=weight,
+                             kernel_size=tuple(module.kernel_size))
+        with ctx:
+            return _ConvFn.apply(x, weight, bias, tape, site, cfg)
+
+    # ------------------------------------------------------------------ maths
+    @staticmethod
+    def _layout(site):
+        """The unfold view: (source to unfold, other side, 2-D conv params, d_g, p_g, groups)."""
+        x, G, weight = site.saved["x"], site.G, site.saved["weight"]
+        stride, padding, dilation, transposed, _, groups = site.saved["cfg"]
+        k = site.saved["kernel_size"]
+        if len(k) == 1:  # conv1d as a conv2d of height 1
+            x, G = x.unsqueeze(2), G.unsqueeze(2)
+            k, stride, padding, dilation = (1, *k), (1, *stride), (0, *padding), (1, *dilation)
+        kk = k[0] * k[1]
+        if transposed:
+            src, other = G, x
+            d_g, p_g = weight.shape[1] * kk, weight.shape[0] // groups
+        else:
+            src, other = x, G
+            d_g, p_g = weight.shape[1] * kk, weight.shape[0] // groups
+        return src, other, (k, stride, padding, dilation), d_g, p_g, groups
+
+    def _unfolded(self, site, tape, rows: slice):
+        """(b*groups, K*L, d_g) patches and (b*groups, K*L, p_g) partners for the samples of ``rows``."""
+        src, other, (k, stride, padding, dilation), d_g, p_g, groups = self._layout(site)
+        K = tape.multiplicity
+        U = F.unfold(src[rows], k, dilation=dilation, padding=padding, stride=stride)
+        r, L = U.shape[0], U.shape[-1]
+        b = r // K
+        U = U.reshape(b, K, groups, d_g, L).permute(0, 2, 1, 4, 3).reshape(b * groups, K * L, d_g)
+        O = other[rows].reshape(b, K, groups, p_g, L).permute(0, 2, 1, 4, 3).reshape(b * groups, K * L, p_g)
+        return U, O, b, groups
+
+    def _sample_chunks(self, site, tape):
+        src, other, _, d_g, p_g, groups = self._layout(site)
+        K = tape.multiplicity
+        L = other[0, 0].numel()
+        per_sample = K * groups * (d_g + p_g) * L
+        step = max(1, _norms.get_memory_budget() // max(1, per_sample))
+        B = src.shape[0] // K
+        for start in range(0, B, step):
+            stop = min(B, start + step)
+            yield slice(start, stop), slice(start * K, stop * K)
+
+    def norm_sq(self, site, tape):
+        K = tape.multiplicity
+        G = site.G
+        out = torch.zeros(G.shape[0] // K, dtype=torch.float64 if G.dtype == torch.float64 else torch.float32,
+                          device=G.device)
+        if site.saved["has_w"]:
+            stride, padding, dilation, transposed, _, groups = site.saved["cfg"]
+            src, other, _, d_g, p_g, _ = self._layout(site)
+            T = K * other[0, 0].numel()
+            method = tape.norm_method
+            if method == "auto":
+                method = "ghost" if _norms.prefer_ghost(T, d_g, p_g) else "direct"
+            fast = None
+            if not transposed and len(site.saved["kernel_size"]) == 2:
+                fast = conv2d_weight_norm_sq(site.saved["x"], G, site.saved["kernel_size"], K, stride, padding,
+                                             dilation, groups, tape.backend, method)
+            if fast is not None:
+                out += fast.to(out.dtype)
+            else:
+                for samples, rows in self._sample_chunks(site, tape):
+                    U, O, b, g = self._unfolded(site, tape, rows)
+                    out[samples] += _norms.linear_norm_sq(U, O, method).reshape(b, g).sum(dim=1)
+        if site.saved["has_b"]:
+            out += _norms.per_sample_sum_sq(_norms.to_acc(G).flatten(2).sum(dim=2), K)
+        return out
+
+    def per_sample_grads(self, site, tape, sl):
+        K = tape.multiplicity
+        rows = slice(sl.start * K, sl.stop * K)
+        out = []
+        if site.saved["has_w"]:
+            U, O, b, g = self._unfolded(site, tape, rows)
+            M = torch.bmm(_norms.to_acc(O).transpose(1, 2), _norms.to_acc(U))  # (b*g, p_g, d_g)
+            out.append(M.reshape(b, *site.saved["weight"].shape))
+        if site.saved["has_b"]:
+            Gb = _norms.to_acc(site.G[rows]).flatten(2).sum(dim=2)
+            out.append(Gb.reshape(-1, K, Gb.shape[-1]).sum(dim=1))
+        return out
+
+    def clipped_grads(self, site, tape, s):
+        x, G, weight = site.saved["x"], site.G, site.saved["weight"]
+        stride, padding, dilation, transposed, output_padding, groups = site.saved["cfg"]
+        has_w, has_b = site.saved["has_w"], site.saved["has_b"]
+        Gs = scale_rows(G, s)
+        _, gw, gb = _conv_bwd(Gs, x, weight, [G.shape[1]] if has_b else None, stride, padding, dilation,
+                              transposed, output_padding, groups, [False, has_w, has_b])
+        return [g for g, want in ((gw, has_w), (gb, has_b)) if want]

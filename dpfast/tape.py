@@ -1,0 +1,230 @@
+"""The book-keeping tape: what one forward/backward of a private module leaves for the optimizer.
+
+Forward: every application of a trainable layer registers a :class:`Site` (the activation it needs,
+the parameters it produces gradients for). Backward: the layer's custom autograd function returns
+the input gradient only (no weight gradient is computed) and hands its output gradient ``G`` to the
+tape, which adds the layer's per-sample squared norm to ``sq_norms`` right away. After backward the
+optimizer asks the tape for the clipped sum: one weight-gradient computation per site with the rows
+of ``G`` scaled by their sample's clip factor.
+
+Parameters used by several sites (a module called twice, tied weights) get the norm of the *sum* of
+their per-sample gradients, never the sum of norms: such sites form one component and their
+per-sample gradients are summed chunk by chunk before squaring.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import BatchLayoutError, DPError, UnsupportedModuleError
+
+
+@dataclass(eq=False)
+class Target:
+    """A parameter (or a block of rows of it) that a site produces a gradient for."""
+
+    param: torch.nn.Parameter
+    rows: slice | None = None  # a block of dim 0 (packed q/k/v projections); None: the whole tensor
+
+    @property
+    def key(self) -> tuple:
+        if self.rows is None:
+            return (id(self.param), None, None)
+        return (id(self.param), self.rows.start, self.rows.stop)
+
+    @property
+    def shape(self) -> torch.Size:
+        if self.rows is None:
+            return self.param.shape
+        return self.param[self.rows].shape
+
+
+@dataclass(eq=False)
+class Site:
+    rule: Any                      # the rule object (dpfast.rules.*) that knows this layer's maths
+    name: str                      # module path, for error messages
+    targets: list[Target]
+    rows: int
+    saved: dict = field(default_factory=dict)
+    G: torch.Tensor | None = None
+    received: bool = False
+    epoch: int = 0
+
+
+class Tape:
+    """Sites of one forward pass; per-sample squared norms accumulated during backward."""
+
+    def __init__(self, multiplicity: int, two_pass: bool, backend: str, norm_method: str = "auto"):
+        self.multiplicity = multiplicity
+        self.two_pass = two_pass
+        self.backend = backend
+        self.norm_method = norm_method
+        self.reset()
+
+    def reset(self) -> None:
+        self.epoch = getattr(self, "epoch", 0) + 1
+        self.sites: list[Site] = []
+        self.rows: int | None = None
+        self.sq_norms: torch.Tensor | None = None
+        self.sealed = False          # set at the first backward: no more sites may be added
+        self._component: dict[int, int] = {}
+        self._members: dict[int, list[Site]] = {}
+        self._pending: dict[int, int] = {}
+        self._done: set[int] = set()
+
+    # ---------------------------------------------------------------- forward
+    def new_site(self, rule, name: str, targets: list[Target], rows: int, **saved) -> Site:
+        if self.sealed:
+            raise UnsupportedModuleError(
+                f"module {name!r} ran forward during backward (activation checkpointing recomputes "
+                "the forward pass); dpfast does not support checkpointing inside a private module yet: "
+                "disable gradient checkpointing, or use mode='two-pass' with a smaller "
+                "max_physical_batch_size to save memory")
+        if self.rows is None:
+            self.rows = rows
+            if rows % self.multiplicity:
+                raise BatchLayoutError(
+                    f"the batch has {rows} rows, not a multiple of multiplicity={self.multiplicity}: "
+                    "rows i*K .. i*K+K-1 must be the K copies of sample i")
+        elif rows != self.rows:
+            raise BatchLayoutError(
+                f"module {name!r} received {rows} rows in dim 0 but earlier layers received {self.rows}; "
+                "every trainable layer's input must have the batch rows first (a tensor shared by all "
+                "samples, or a reshaped batch, cannot be attributed to samples)")
+        site = Site(rule, name, targets, rows, saved, epoch=self.epoch)
+        self.sites.append(site)
+        return site
+
+    # ---------------------------------------------------------------- backward
+    def _seal(self) -> None:
+        """Group sites that share a parameter into components (union-find over target keys)."""
+        self.sealed = True
+        owner: dict[tuple, int] = {}
+        parent = list(range(len(self.sites)))
+
+        def find(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        for i, site in enumerate(self.sites):
+            for t in site.targets:
+                pid = id(t.param)
+                for key, j in list(owner.items()):
+                    if key[0] == pid and _overlaps(key, t.key):
+                        parent[find(i)] = find(j)
+                owner.setdefault(t.key, i)
+        for i, site in enumerate(self.sites):
+            root = find(i)
+            self._component[id(site)] = root
+            self._members.setdefault(root, []).append(site)
+        self._pending = {root: len(m) for root, m in self._members.items()}
+
+    def record_grad(self, site: Site, G: torch.Tensor) -> None:
+        """Called by a layer's backward with its output gradient (rows first)."""
+        if site.epoch != self.epoch:
+            raise DPError(
+                f"module {site.name!r} got a gradient from a forward pass the tape no longer holds: the "
+                "model was called again (or optimizer.zero_grad()/step() ran) between this forward and its "
+                "backward. Call the private model once per step: forward, backward, optimizer.step()")
+        if not self.sealed:
+            self._seal()
+        if site.received:
+            raise UnsupportedModuleError(
+                f"module {site.name!r} received a second output gradient in one step: call backward "
+                "once per forward (retain_graph and double backward are not supported)")
+        site.received = True
+        site.rule.absorb(site, G.detach())
+        root = self._component[id(site)]
+        self._pending[root] -= 1
+        if self._pending[root] == 0:
+            self._finish_component(root)
+
+    def _add_norms(self, sq: torch.Tensor) -> None:
+        if self.sq_norms is None:
+            self.sq_norms = torch.zeros_like(sq)
+        self.sq_norms += sq.to(self.sq_norms.dtype)
+
+    def _finish_component(self, root: int) -> None:
+        if root in self._done:
+            return
+        self._done.add(root)
+        members = [s for s in self._members[root] if s.received]
+        if not members or not self.rows:
+            return
+        if len(members) == 1:
+            self._add_norms(members[0].rule.norm_sq(members[0], self))
+        else:
+            self._add_norms(self._shared_norm_sq(members))
+        if self.two_pass:
+            for s in members:
+                s.rule.release(s)
+
+    def _shared_norm_sq(self, members: list[Site]) -> torch.Tensor:
+        """Norm of the summed per-sample gradients of sites sharing parameters, chunk by chunk."""
+        K = self.multiplicity
+        n = self.rows // K
+        keys = {}
+        for s in members:
+            for t in s.targets:
+                keys.setdefault(t.key, t)
+        from .rules import _norms
+
+        largest = max(t.shape.numel() for t in keys.values())
+        step = max(1, _norms.get_memory_budget() // max(1, largest * len(members)))
+        dev = members[0].G.device
+        out = torch.zeros(n, dtype=torch.float64 if members[0].G.dtype == torch.float64 else torch.float32,
+                          device=dev)
+        for start in range(0, n, step):
+            sl = slice(start, min(n, start + step))
+            sums: dict[tuple, torch.Tensor] = {}
+            for s in members:
+                for t, g in zip(s.targets, s.rule.per_sample_grads(s, self, sl)):
+                    sums[t.key] = sums[t.key] + g if t.key in sums else g
+            for g in sums.values():
+                out[sl] += g.reshape(g.shape[0], -1).to(out.dtype).square().sum(dim=1)
+        return out
+
+    def finish(self) -> torch.Tensor:
+        """After backward: complete components whose sites did not all receive gradients.
+
+        Returns the raw per-sample squared norms (B,) (zeros for an empty batch or no trainable site).
+        """
+        if not self.sealed and self.sites:
+            self._seal()
+        for root in list(self._members):
+            self._finish_component(root)
+        if self.sq_norms is None:
+            n = (self.rows or 0) // self.multiplicity
+            self.sq_norms = torch.zeros(n)
+        return self.sq_norms
+
+    ROW_TENSORS = ("A", "x", "gw", "gb")
+
+    def drop_rows(self, bad_rows: torch.Tensor) -> None:
+        """Zero the saved rows of samples that are dropped (non-finite), so NaN * 0 cannot leak in."""
+        for site in self.sites:
+            if site.G is not None:
+                site.G = site.G.masked_fill(bad_rows.view(-1, *([1] * (site.G.dim() - 1))), 0)
+            for k in self.ROW_TENSORS:
+                t = site.saved.get(k)
+                if t is not None and t.is_floating_point():
+                    site.saved[k] = t.masked_fill(bad_rows.view(-1, *([1] * (t.dim() - 1))), 0)
+
+    def clipped_sums(self, row_scale: torch.Tensor, accumulate) -> None:
+        """For every site that received a gradient: ``accumulate(target, sum_r row_scale[r] * grad_r)``."""
+        for site in self.sites:
+            if not site.received:
+                continue
+            for t, g in zip(site.targets, site.rule.clipped_grads(site, self, row_scale)):
+                accumulate(t, g)
+            site.rule.release(site)
+
+
+def _overlaps(a: tuple, b: tuple) -> bool:
+    if a[1] is None or b[1] is None:
+        return True
+    return a[1] < b[2] and b[1] < a[2]

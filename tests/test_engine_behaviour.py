@@ -1,0 +1,316 @@
+"""Engine behaviour beyond exactness: no B x P allocation, noise statistics and split invariance,
+Poisson loading, bad input, checkpoints."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import dpfast
+from dpfast import PrivacyEngine
+from dpfast.errors import (BatchLayoutError, DPError, NonFiniteGradientError, PrivacyLeakError,
+                           UnsupportedModuleError)
+
+
+def small_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.SiLU(),
+                         nn.Conv2d(16, 16, 3, padding=1), nn.SiLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 10))
+
+
+def private(model, *, sigma=0.0, C=1.0, K=1, B=8, loader=None, mode="bk", **kw):
+    engine = PrivacyEngine(accountant="rdp", seed=123)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    m, o, l = engine.make_private(module=model, optimizer=opt, data_loader=loader, noise_multiplier=sigma,
+                                  max_grad_norm=C, multiplicity=K, expected_batch_size=None if loader else B,
+                                  mode=mode, backend="torch", **kw)
+    return engine, m, o, l
+
+
+class MaxAlloc(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if torch.is_tensor(t):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_no_B_by_P_tensor_during_a_bk_step():
+    model = small_cnn()
+    P = sum(p.numel() for p in model.parameters())
+    B = 16
+    dpfast.rules._norms.set_memory_budget(P // 4)  # force chunking: a layer's per-sample grads of all B
+    try:                                            # samples would be larger than the budget
+        _, m, o, _ = private(model, B=B, C=0.1)
+        x = torch.randn(B, 1, 8, 8)
+        with MaxAlloc() as mode:
+            o.zero_grad()
+            m(x).square().mean(1).mean().backward()
+            o.step()
+    finally:
+        dpfast.rules._norms.set_memory_budget(dpfast.rules._norms.DEFAULT_MEMORY_BUDGET)
+    assert mode.largest < B * P / 4, f"largest tensor {mode.largest} vs B*P={B * P}"
+
+
+def _released(model, x, *, sigma, B_expected, chunks, seed=7):
+    """Released gradient of one logical batch processed in ``chunks`` physical pieces."""
+    m = copy.deepcopy(model)
+    before = [p.detach().clone() for p in m.parameters()]
+    engine = PrivacyEngine(accountant="rdp", seed=seed)
+    m, o, _ = engine.make_private(module=m, optimizer=torch.optim.SGD(m.parameters(), lr=1.0),
+                                  noise_multiplier=sigma, max_grad_norm=1.0, expected_batch_size=B_expected,
+                                  backend="torch")
+    pieces = torch.tensor_split(x, chunks)
+    for k, piece in enumerate(pieces):
+        o._announce_chunk(len(piece), k == len(pieces) - 1)
+        o.zero_grad()
+        m(piece).square().mean(1).sum().backward()  # "sum" per chunk: same scale whatever the split
+        took = o.step()
+        assert took == (k == len(pieces) - 1)
+    return torch.cat([(b - p.detach()).flatten() for b, p in zip(before, m.parameters())])
+
+
+def test_noise_is_identical_whatever_the_physical_split():
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    x = torch.randn(10, 6)
+    whole = _released(model, x, sigma=0.7, B_expected=10, chunks=1)
+    split = _released(model, x, sigma=0.7, B_expected=10, chunks=3)
+    torch.testing.assert_close(whole, split, rtol=1e-5, atol=1e-6)
+    other_seed = _released(model, x, sigma=0.7, B_expected=10, chunks=1, seed=8)
+    assert not torch.allclose(whole, other_seed)
+
+
+def test_noise_mean_and_variance():
+    # Noise on P coordinates with no data: each is N(0, (sigma*C/B)^2). For P = 200k draws, the sample
+    # mean and variance are within 6 standard errors with probability > 1 - 4e-9 each.
+    model = nn.Linear(1000, 200)
+    sigma, C, B = 1.3, 0.5, 20
+    _, m, o, _ = private(model, sigma=sigma, C=C, B=B)
+    before = torch.cat([p.detach().flatten().clone() for p in m.parameters()])
+    o._announce_chunk(0, True)
+    o.zero_grad()
+    assert o.step()
+    noise = (before - torch.cat([p.detach().flatten() for p in m.parameters()])).double()
+    std = sigma * C / B
+    n = noise.numel()
+    assert abs(noise.mean().item()) < 6 * std / math.sqrt(n)
+    var_se = std ** 2 * math.sqrt(2 / (n - 1))
+    assert abs(noise.var().item() - std ** 2) < 6 * var_se
+
+
+def _loader(n=200, batch=20):
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g))
+    return DataLoader(ds, batch_size=batch)
+
+
+def test_poisson_batch_sizes_and_physical_chunks():
+    engine, m, o, loader = private(small_cnn(), loader=_loader(), sigma=1.0, max_physical_batch_size=7)
+    assert len(loader) == 10 and engine.sample_rate == pytest.approx(0.1)
+    sizes, logical = [], 0
+    current = 0
+    for x, y in loader:
+        assert len(x) <= 7
+        current += len(x)
+        o.zero_grad()
+        if len(x):
+            nn.functional.cross_entropy(m(x), y, reduction="none").mean().backward()
+        if o.step():
+            sizes.append(current)
+            current = 0
+    assert len(sizes) == 10 and o.steps == 10
+    # the union of the chunks is exactly the Poisson batch of each step
+    expected = [len(loader.batch_indices(s)) for s in range(10)]
+    assert sizes == expected
+
+
+def test_poisson_membership_frequency():
+    # 2000 samples x 50 steps at q=0.05: the membership count is Binomial(100000, 0.05); within 6 sd
+    # with probability > 1 - 2e-9.
+    from dpfast.data import DPDataLoader
+
+    ds = TensorDataset(torch.zeros(2000, 1))
+    dl = DPDataLoader(ds, sample_rate=0.05, seed=3, steps_per_epoch=20)
+    count = sum(len(dl.batch_indices(s)) for s in range(50))
+    n, q = 2000 * 50, 0.05
+    assert abs(count - n * q) < 6 * math.sqrt(n * q * (1 - q))
+
+
+def test_empty_batch_takes_a_noise_only_step():
+    ds = TensorDataset(torch.randn(50, 1, 8, 8), torch.randint(0, 10, (50,)))
+    engine, m, o, loader = private(small_cnn(), loader=DataLoader(ds, batch_size=1), sigma=1.0)
+    empties = 0
+    for x, y in loader:  # q = 0.02: about a third of the steps are empty
+        o.zero_grad()
+        if len(x) == 0:
+            empties += 1
+            assert x.shape == (0, 1, 8, 8)
+        out = m(x)
+        nn.functional.cross_entropy(out, y, reduction="none").sum().backward()
+        assert o.step()
+    assert empties > 0 and o.steps == len(loader)
+
+
+def test_multi_rank_sharding_is_the_single_process_batch():
+    from dpfast.data import DPDataLoader
+
+    ds = TensorDataset(torch.zeros(500, 1))
+    one = DPDataLoader(ds, sample_rate=0.1, seed=11, steps_per_epoch=10)
+    ranks = [DPDataLoader(ds, sample_rate=0.1, seed=11, steps_per_epoch=10, rank=r, world_size=3)
+             for r in range(3)]
+    for s in range(5):
+        union = torch.cat([r.batch_indices(s) for r in ranks]).sort().values
+        assert torch.equal(union, one.batch_indices(s))
+
+
+# --------------------------------------------------------------------------- bad input
+def test_batchnorm_is_refused_and_fix_module_repairs_it():
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+    with pytest.raises(UnsupportedModuleError, match="fix_module"):
+        private(model)
+    fixed = dpfast.fix_module(model)
+    assert isinstance(fixed[1], nn.GroupNorm) and fixed[1].num_channels == 8
+    private(fixed)
+
+
+def test_unsupported_trainable_layer_names_module_and_fix():
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gain = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return x * self.gain
+
+    model = nn.Sequential(nn.Linear(3, 3), Scale())
+    with pytest.raises(UnsupportedModuleError, match=r"'1' \(Scale\).*gain.*requires_grad_\(False\)"):
+        private(model)
+    model[1].gain.requires_grad_(False)
+    private(model)
+
+
+def test_subclass_overriding_forward_is_refused():
+    class Weird(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    with pytest.raises(UnsupportedModuleError, match="overrides forward"):
+        private(nn.Sequential(Weird(2, 2)))
+
+
+def test_rows_not_divisible_by_K_and_wrong_row_count():
+    _, m, o, _ = private(nn.Linear(3, 1), K=4, B=2)
+    with pytest.raises(BatchLayoutError, match="multiple of multiplicity"):
+        m(torch.randn(6, 3))
+    _, m, o, _ = private(nn.Linear(3, 1), K=2, B=2)
+    o._announce_chunk(3, True)
+    m(torch.randn(4, 3)).sum().backward()  # 4 rows but 3 samples x K=2 = 6 expected
+    with pytest.raises(BatchLayoutError, match="6 rows"):
+        o.step()
+
+
+def test_nonfinite_loss_is_refused_and_nothing_changes():
+    model = nn.Linear(3, 1)
+    _, m, o, _ = private(model, B=2)
+    before = [p.detach().clone() for p in m.parameters()]
+    x = torch.tensor([[1.0, 2.0, 3.0], [float("nan"), 0.0, 0.0]])
+    m(x).sum().backward()
+    with pytest.raises(NonFiniteGradientError, match=r"samples \[1\]"):
+        o.step()
+    assert all(torch.equal(b, p) for b, p in zip(before, m.parameters()))
+    assert o.steps == 0
+    # nonfinite="zero" drops the sample instead
+    _, m, o, _ = private(nn.Linear(3, 1), B=2, nonfinite="zero")
+    m(x).sum().backward()
+    with pytest.warns(UserWarning, match="non-finite"):
+        assert o.step()
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_parameter_used_outside_its_module_is_a_privacy_leak():
+    class Leaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.lin(x) + x @ self.lin.weight  # second use bypasses the rule
+
+    _, m, o, _ = private(Leaky(), B=2)
+    m(torch.randn(2, 3)).sum().backward()
+    with pytest.raises(PrivacyLeakError, match="lin.weight"):
+        o.step()
+
+
+def test_input_without_batch_rows_first_is_refused():
+    class Broadcast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 3)
+            self.pos = nn.Linear(1, 3)
+
+        def forward(self, x):
+            return self.a(x) + self.pos(torch.ones(1, 1))  # shared by all samples
+
+    _, m, o, _ = private(Broadcast(), B=4)
+    with pytest.raises(BatchLayoutError, match="'pos'"):
+        m(torch.randn(4, 3))
+
+
+def test_second_forward_after_backward_is_refused():
+    _, m, o, _ = private(nn.Linear(3, 1), B=2)
+    m(torch.randn(2, 3)).sum().backward()
+    with pytest.raises(DPError, match="called again"):
+        m(torch.randn(2, 3))
+
+
+def test_bad_arguments_get_clear_errors():
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    e = PrivacyEngine(accountant="rdp")
+    for kw, msg in [({"noise_multiplier": -1.0}, "noise_multiplier"), ({"max_grad_norm": 0.0}, "max_grad_norm"),
+                    ({"multiplicity": 0}, "multiplicity"), ({"loss_reduction": "avg"}, "loss_reduction"),
+                    ({"mode": "ghost"}, "mode"), ({"backend": "cuda"}, "backend")]:
+        args = dict(module=model, optimizer=opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4)
+        args.update(kw)
+        with pytest.raises(ValueError, match=msg):
+            e.make_private(**args)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def test_checkpoint_resume_reproduces_the_uninterrupted_run():
+    def run(stop_after=None, resume=None):
+        torch.manual_seed(0)
+        model = small_cnn()
+        engine = PrivacyEngine(accountant="rdp", seed=99)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        m, o, loader = engine.make_private(module=model, optimizer=opt, data_loader=_loader(), noise_multiplier=1.0,
+                                           max_grad_norm=1.0, max_physical_batch_size=8, backend="torch")
+        if resume is not None:
+            m.load_state_dict(resume["model"])
+            o.load_state_dict(resume["opt"])
+            engine.load_state_dict(resume["engine"])
+        for x, y in loader:
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y, reduction="none").mean().backward()
+            if o.step() and stop_after is not None and o.steps == stop_after:
+                return {"model": copy.deepcopy(m.state_dict()), "opt": copy.deepcopy(o.state_dict()),
+                        "engine": copy.deepcopy(engine.state_dict())}
+        return m.state_dict(), engine.get_epsilon(1e-5)
+
+    full, eps_full = run()
+    ckpt = run(stop_after=4)
+    resumed, eps_resumed = run(resume=ckpt)
+    for k in full:
+        torch.testing.assert_close(full[k], resumed[k], rtol=0, atol=0)
+    assert eps_full == pytest.approx(eps_resumed)
