@@ -1,12 +1,47 @@
 """torch.distributed support: each rank clips its own samples; one all-reduce of the clipped sums per
 logical step; every rank then adds the same noise (keyed on seed/step/element, never on the rank), so
-the noise is added exactly once and all ranks hold identical parameters."""
+the noise is added exactly once and all ranks hold identical parameters.
+
+What has to agree across ranks, and who makes it agree (all at ``make_private``):
+
+* the parameters: DDP broadcasts rank 0's at construction; for a model that is not DDP-wrapped
+  :meth:`DistributedContext.broadcast_module_` does the same;
+* the seed (Poisson membership and noise): :meth:`DistributedContext.agree_seed` adopts rank 0's
+  OS-drawn seed, and refuses explicit seeds that differ between ranks;
+* the collective count: exactly one all-reduce per logical step on every rank, whatever the number
+  of physical chunks a rank's share of the batch splits into. A rank whose step is refused (e.g. a
+  non-finite gradient in its last chunk) still takes part, with a failure flag in the same buffer,
+  so the step is refused on every rank instead of the ranks falling out of step.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .errors import BatchLayoutError, DPError, NonFiniteGradientError, PrivacyLeakError
+
+# A refused step's error class travels to the other ranks as a code (index + 1; anything else: DPError),
+# so that every rank raises the same class: a loop that catches NonFiniteGradientError and goes on
+# behaves as it does on one process.
+_FAILURES = (NonFiniteGradientError, PrivacyLeakError, BatchLayoutError, DPError)
+
+
+def failure_code(exc: BaseException) -> int:
+    for i, cls in enumerate(_FAILURES):
+        if type(exc) is cls:
+            return i + 1
+    return len(_FAILURES)
+
+
+def refused_step_error(failed: dict[int, int], step: int) -> DPError:
+    """The error every healthy rank raises when ranks ``failed`` ({rank: code}) refused ``step``."""
+    codes = set(failed.values())
+    cls = _FAILURES[codes.pop() - 1] if len(codes) == 1 else DPError
+    return cls(f"logical step {step} was refused on every rank because rank(s) {sorted(failed)} refused "
+               f"their share of the batch ({cls.__name__}; the error is shown on those ranks); no parameter "
+               "changed and no privacy was spent")
 
 
 def unwrap_ddp(module: nn.Module):
@@ -15,32 +50,108 @@ def unwrap_ddp(module: nn.Module):
     ddp_cls = getattr(torch.nn.parallel, "DistributedDataParallel", None)
     if ddp_cls is not None and isinstance(module, ddp_cls):
         module.require_backward_grad_sync = False
+        # No collective in DDP's forward either: its buffer broadcast runs while this flag is set (it
+        # starts True, so on the first forward), and Poisson batches give ranks different numbers of
+        # physical chunks, hence of forwards; an unmatched broadcast would hang. Parameters and
+        # buffers were broadcast from rank 0 when DDP was constructed.
+        module.require_forward_param_sync = False
         return module.module, module
     return module, None
 
 
+def _comm_device(group) -> torch.device:
+    """Where tensors for a collective on ``group`` must live (NCCL: the current CUDA device)."""
+    backend = str(torch.distributed.get_backend(group)).lower()
+    if "nccl" in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 @dataclass
 class DistributedContext:
-    rank: int
-    world_size: int
-    group: object = None
+    rank: int          # rank within ``group``
+    world_size: int    # size of ``group``
+    group: object = None  # None: the default (WORLD) group
 
     @classmethod
     def detect(cls, ddp=None):
+        """The context of an initialised process group with more than one rank, else None. A DDP
+        wrapper's own process group is used when it has one (rank and size are taken within it)."""
         dist = torch.distributed
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if not (dist.is_available() and dist.is_initialized()):
             return None
-        return cls(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                   group=getattr(ddp, "process_group", None))
+        group = getattr(ddp, "process_group", None)
+        world = dist.get_world_size(group)
+        if world == 1:
+            return None
+        return cls(rank=dist.get_rank(group), world_size=world, group=group)
 
-    def all_reduce_(self, tensors: list[torch.Tensor]) -> None:
-        """Sum the clipped sums over ranks with ONE collective (flattened into one buffer)."""
-        if not tensors:
-            return
-        flat = torch.cat([t.reshape(-1) for t in tensors])
+    @property
+    def src(self) -> int:
+        """Global rank of this group's rank 0 (the source of broadcasts)."""
+        if self.group is None:
+            return 0
+        return torch.distributed.get_global_rank(self.group, 0)
+
+    def all_reduce_(self, tensors: list[torch.Tensor], failed: int = 0) -> dict[int, int]:
+        """Sum the clipped sums over ranks with ONE collective (flattened into one buffer), in place.
+
+        A failure flag rides in the same buffer: a rank whose logical batch was refused passes
+        ``failed=failure_code(exc)`` (and zeros). Returns {rank: code} of the ranks that flagged a
+        failure; the caller refuses the step on every rank when it is not empty.
+        """
+        if tensors:
+            dtype = tensors[0].dtype
+            for t in tensors[1:]:
+                dtype = torch.promote_types(dtype, t.dtype)
+            device = tensors[0].device
+        else:
+            dtype, device = torch.float32, _comm_device(self.group)
+        flags = torch.zeros(self.world_size, dtype=dtype, device=device)
+        flags[self.rank] = float(failed)
+        flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors] + [flags])
         torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM, group=self.group)
         off = 0
         for t in tensors:
             n = t.numel()
             t.copy_(flat[off:off + n].view_as(t))
             off += n
+        return {r: int(f) for r, f in enumerate(flat[off:].tolist()) if f != 0}
+
+    def agree_seed(self, seed: int, given: bool) -> int:
+        """The seed every rank uses. Membership and noise are keyed on it, so ranks must agree: an
+        OS-drawn seed (``given=False``) is replaced by rank 0's; explicit seeds must be equal."""
+        # seeds are in [0, 2**64): carried as two's-complement int64
+        mine = torch.tensor([seed - (1 << 64) if seed >= (1 << 63) else seed], dtype=torch.int64,
+                            device=_comm_device(self.group))
+        gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
+        torch.distributed.all_gather(gathered, mine, group=self.group)
+        seeds = [int(t.item()) % (1 << 64) for t in gathered]
+        if given and len(set(seeds)) > 1:
+            raise DPError(f"PrivacyEngine(seed=...) differs between ranks ({len(set(seeds))} distinct seeds); "
+                          "Poisson sampling and the noise are keyed on the seed, so every rank must pass "
+                          "the same one (or none: rank 0's random seed is then used by all)")
+        return seeds[0]
+
+    def broadcast_module_(self, module: nn.Module) -> None:
+        """Copy rank 0's parameters and buffers to every rank (what DDP does at construction), one
+        collective per (device, dtype)."""
+        groups: dict[tuple, list[torch.Tensor]] = {}
+        for t in list(module.parameters()) + list(module.buffers()):
+            groups.setdefault((t.device, t.dtype), []).append(t)
+        with torch.no_grad():
+            for (_, dtype), ts in groups.items():
+                flat = torch.cat([t.detach().reshape(-1) for t in ts])
+                if dtype == torch.bool:  # gloo has no bool collectives
+                    flat = flat.to(torch.uint8)
+                torch.distributed.broadcast(flat, src=self.src, group=self.group)
+                off = 0
+                for t in ts:
+                    t.copy_(flat[off:off + t.numel()].view_as(t))
+                    off += t.numel()
+
+
+def world_size_of(module: nn.Module) -> int:
+    """Ranks that share the data set when training ``module`` (1 outside a distributed run)."""
+    ctx = DistributedContext.detect(unwrap_ddp(module)[1])
+    return ctx.world_size if ctx is not None else 1

@@ -31,6 +31,7 @@ class PrivacyEngine:
         self.accountant = Accountant.create(accountant)
         self.accountant_kind = accountant
         self.seed = int.from_bytes(os.urandom(8), "little") if seed is None else int(seed) % (1 << 64)
+        self._seed_given = seed is not None  # distributed: an OS-drawn seed is replaced by rank 0's
         self.optimizer: DPOptimizer | None = None
         self.loader: DPDataLoader | None = None
         self.private_module: PrivateModule | None = None
@@ -83,6 +84,12 @@ class PrivacyEngine:
                     raise DPError("the optimizer holds a trainable parameter that is not part of the module "
                                   f"(shape {tuple(p.shape)}); dpfast can only clip gradients of the module's "
                                   "parameters")
+        if self.distributed is not None:
+            # Distributed: membership and noise are keyed on the seed, and every rank applies the same
+            # update, so all ranks need rank 0's seed and parameters (DDP already broadcast the latter).
+            self.seed = self.distributed.agree_seed(self.seed, given=self._seed_given)
+            if ddp is None:
+                self.distributed.broadcast_module_(module)
 
         pm = PrivateModule(module, multiplicity=multiplicity, mode=mode, backend=backend,
                            norm_method=norm_method)
@@ -132,6 +139,7 @@ class PrivacyEngine:
         """Like make_private, with the smallest noise multiplier whose epsilon after ``epochs`` (or
         ``steps``) logical steps is at most ``target_epsilon`` (upper bound of the accountant)."""
         from .accounting import calibrate_noise_multiplier
+        from .distributed import world_size_of
 
         if "noise_multiplier" in kwargs:
             raise TypeError("make_private_with_epsilon chooses noise_multiplier itself; do not pass it")
@@ -139,7 +147,8 @@ class PrivacyEngine:
             raise ValueError("pass exactly one of epochs or steps")
         n = len(data_loader.dataset)
         batch_size = data_loader.batch_size
-        q = min(1.0, batch_size / n)
+        # distributed: the loader's batch_size is per rank (as in make_private); q is the global rate
+        q = min(1.0, batch_size * world_size_of(module) / n)
         if steps is None:
             steps = int(math.ceil(epochs * max(1, round(1 / q))))
         sigma = calibrate_noise_multiplier(target_epsilon, target_delta, q, steps=steps,
@@ -183,6 +192,7 @@ class PrivacyEngine:
             raise ValueError("checkpoint was made with another seed: build the engine with "
                              "PrivacyEngine(seed=...) from the checkpoint, or load before make_private")
         self.seed = sd["seed"]
+        self._seed_given = True
         self.accountant.load_state_dict(sd["accountant"])
         if self.optimizer is not None:
             self.optimizer.steps = int(sd["steps"])

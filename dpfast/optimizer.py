@@ -108,9 +108,17 @@ class DPOptimizer(torch.optim.Optimizer):
         self._chunk_pending = False
         try:
             self._accumulate_chunk(samples)
-        except Exception:
+        except Exception as exc:
             self._acc.clear()       # the logical batch is refused as a whole
             self.private_module.tape.reset()
+            if is_last and self.distributed is not None:
+                # distributed: still take part in this step's one collective, flagging the refusal, so
+                # the other ranks refuse it too rather than wait for us or fall out of step
+                from .distributed import failure_code
+
+                zeros = [self._acc_for(p) for p in self.params]
+                self.distributed.all_reduce_(zeros, failed=failure_code(exc))
+                self._acc.clear()
             raise
         if not is_last:
             return False
@@ -199,7 +207,12 @@ class DPOptimizer(torch.optim.Optimizer):
     def _finalize_logical_batch(self) -> None:
         accs = [self._acc_for(p) for p in self.params]
         if self.distributed is not None:
-            self.distributed.all_reduce_(accs)
+            failed = self.distributed.all_reduce_(accs)
+            if failed:  # another rank refused its share of this logical batch: refuse it here too
+                from .distributed import refused_step_error
+
+                self._acc.clear()
+                raise refused_step_error(failed, self.steps)
         if self.loss_reduction == "mean":
             if not self.expected_batch_size:
                 raise DPError("expected batch size unknown: pass a data_loader or expected_batch_size to "
