@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The main job: install dpfast into .venv and train a small DP diffusion model on Fashion-MNIST
+# (Debian's dataset-fashion-mnist), printing the privacy spent. Output in runs/demo/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+  echo "installing Debian's dataset-fashion-mnist (needs root)..." >&2
+  ${SUDO:-$( [ "$(id -u)" = 0 ] || echo sudo )} apt-get install -y -q dataset-fashion-mnist
+fi
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q torch==2.13.0
+.venv/bin/pip install -q .
+exec .venv/bin/dpfast train --preset demo --out runs/demo "$@"

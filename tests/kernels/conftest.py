@@ -1,0 +1,47 @@
+"""Kernel tests run on a GPU natively and on CPU through the Triton interpreter.
+
+Each test module starts with `pytest.importorskip("triton")`, so without Triton they are all
+skipped with that reason (a conftest cannot skip a directory while it is being imported).
+"""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# The kernel tests import `kernels` by its short name; alias it to dpfast.kernels (the installed
+# wheel's copy, or the source tree's when run from a checkout) so the kernels tested are the ones
+# the engine uses. Only tests/ goes on sys.path (for tests/helpers.py): putting the repository root
+# there would shadow the installed dpfast with the uncompiled source tree.
+_HERE = Path(__file__).resolve().parent
+if str(_HERE.parent) not in sys.path:
+    sys.path.insert(0, str(_HERE.parent))
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib  # noqa: E402
+
+from dpfast._kernels import load_kernels  # noqa: E402
+
+_k = load_kernels()
+if _k is not None:
+    sys.modules.setdefault("kernels", _k)
+    for _name in ("linear_norm", "ghost_norm", "conv_norm", "ops"):
+        try:
+            sys.modules.setdefault(f"kernels.{_name}", importlib.import_module(f"{_k.__name__}.{_name}"))
+        except ImportError:  # no Triton: the test modules skip themselves
+            pass
+
+
+def pytest_configure(config):
+    # Triton picks interpreter-or-compiler when a kernel is decorated, so this must run before
+    # any test module imports `kernels`.  (is_available() does not create a CUDA context.)
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.fixture
+def device():
+    """Where kernel inputs live: the GPU if there is one, else CPU under the interpreter."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
