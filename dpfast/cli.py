@@ -9,7 +9,7 @@ import sys
 _COMMAND_MODULES = [
     ("dpfast.accounting.cli", "epsilon, calibrate"),
     ("dpfast.diffusion.cli", "train, sample, evaluate"),
-    ("benchmarks.cli", "bench"),
+    ("dpfast._bench:cli", "bench"),
 ]
 
 
@@ -21,7 +21,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod_name, provides in _COMMAND_MODULES:
         try:
-            mod = importlib.import_module(mod_name)
+            if mod_name == "dpfast._bench:cli":
+                from ._bench import load_benchmarks
+
+                mod = importlib.import_module(load_benchmarks().__name__ + ".cli")
+            else:
+                mod = importlib.import_module(mod_name)
         except ImportError as e:
             p = sub.add_parser(provides.split(",")[0], help=f"(unavailable: {e})")
             p.set_defaults(_unavailable=f"{provides} unavailable: {e}")

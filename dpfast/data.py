@@ -100,7 +100,7 @@ class DPDataLoader:
             if not idx:
                 batch = _empty_like_batch(self.collate_fn, self.dataset)
             if self.optimizer is not None:
-                self.optimizer._announce_chunk(len(idx), is_last)
+                self.optimizer._announce_chunk(len(idx), is_last, step)
             if is_last:
                 # advanced before the yield: a loop that stops (checkpoint, time budget) right after the
                 # optimizer.step() of this chunk must resume at the next logical step

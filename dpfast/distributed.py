@@ -41,7 +41,7 @@ def refused_step_error(failed: dict[int, int], step: int) -> DPError:
     cls = _FAILURES[codes.pop() - 1] if len(codes) == 1 else DPError
     return cls(f"logical step {step} was refused on every rank because rank(s) {sorted(failed)} refused "
                f"their share of the batch ({cls.__name__}; the error is shown on those ranks); no parameter "
-               "changed and no privacy was spent")
+               "changed")
 
 
 def unwrap_ddp(module: nn.Module):
@@ -50,9 +50,9 @@ def unwrap_ddp(module: nn.Module):
     ddp_cls = getattr(torch.nn.parallel, "DistributedDataParallel", None)
     if ddp_cls is not None and isinstance(module, ddp_cls):
         module.require_backward_grad_sync = False
-        # No collective in DDP's forward either: its buffer broadcast runs while this flag is set (it
-        # starts True, so on the first forward), and Poisson batches give ranks different numbers of
-        # physical chunks, hence of forwards; an unmatched broadcast would hang. Parameters and
+        # No collective in DDP's forward either: it broadcasts buffers while this flag is set (it starts
+        # True: the first forward), and ranks run different numbers of forwards (Poisson batches split
+        # into different numbers of chunks), so DDP's forward must never communicate. Parameters and
         # buffers were broadcast from rank 0 when DDP was constructed.
         module.require_forward_param_sync = False
         return module.module, module
@@ -93,12 +93,14 @@ class DistributedContext:
             return 0
         return torch.distributed.get_global_rank(self.group, 0)
 
-    def all_reduce_(self, tensors: list[torch.Tensor], failed: int = 0) -> dict[int, int]:
+    def all_reduce_(self, tensors: list[torch.Tensor], failed: int = 0,
+                    step: int | None = None) -> dict[int, int]:
         """Sum the clipped sums over ranks with ONE collective (flattened into one buffer), in place.
 
         A failure flag rides in the same buffer: a rank whose logical batch was refused passes
         ``failed=failure_code(exc)`` (and zeros). Returns {rank: code} of the ranks that flagged a
-        failure; the caller refuses the step on every rank when it is not empty.
+        failure; the caller refuses the step on every rank when it is not empty. ``step`` only names
+        the logical step in the error raised when the collective itself fails (timeout, dead rank).
         """
         if tensors:
             dtype = tensors[0].dtype
@@ -110,7 +112,17 @@ class DistributedContext:
         flags = torch.zeros(self.world_size, dtype=dtype, device=device)
         flags[self.rank] = float(failed)
         flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors] + [flags])
-        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM, group=self.group)
+        try:
+            torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM, group=self.group)
+        except RuntimeError as e:
+            # Not a DPError: a loop that catches dpfast's step refusals must not swallow this one.
+            what = "the gradient all-reduce" + (f" of logical step {step}" if step is not None else "")
+            raise RuntimeError(
+                f"rank {self.rank}/{self.world_size}: {what} failed ({e}). Another rank probably crashed, "
+                "hung, or is at another step (every rank must call optimizer.step() for every batch its "
+                "loader yields); see the other ranks' errors. The process group's timeout "
+                "(init_process_group(timeout=...), dpfast.launch.init_distributed_from_env(timeout_s=...)) "
+                "bounds how long a rank waits.") from e
         off = 0
         for t in tensors:
             n = t.numel()
@@ -119,18 +131,22 @@ class DistributedContext:
         return {r: int(f) for r, f in enumerate(flat[off:].tolist()) if f != 0}
 
     def agree_seed(self, seed: int, given: bool) -> int:
-        """The seed every rank uses. Membership and noise are keyed on it, so ranks must agree: an
-        OS-drawn seed (``given=False``) is replaced by rank 0's; explicit seeds must be equal."""
+        """The seed every rank uses. Membership and noise are keyed on it, so ranks must agree: when no
+        rank chose its seed (``given=False`` everywhere: drawn from the OS), rank 0's is used by all;
+        otherwise every rank must have been given the same one. Raises on every rank, or on none."""
         # seeds are in [0, 2**64): carried as two's-complement int64
-        mine = torch.tensor([seed - (1 << 64) if seed >= (1 << 63) else seed], dtype=torch.int64,
+        mine = torch.tensor([seed - (1 << 64) if seed >= (1 << 63) else seed, int(given)], dtype=torch.int64,
                             device=_comm_device(self.group))
         gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
         torch.distributed.all_gather(gathered, mine, group=self.group)
-        seeds = [int(t.item()) % (1 << 64) for t in gathered]
-        if given and len(set(seeds)) > 1:
-            raise DPError(f"PrivacyEngine(seed=...) differs between ranks ({len(set(seeds))} distinct seeds); "
-                          "Poisson sampling and the noise are keyed on the seed, so every rank must pass "
-                          "the same one (or none: rank 0's random seed is then used by all)")
+        seeds = [int(t[0].item()) % (1 << 64) for t in gathered]
+        givens = [bool(t[1].item()) for t in gathered]
+        if any(givens) and not (all(givens) and len(set(seeds)) == 1):
+            raise DPError(f"the PrivacyEngine seed differs between ranks ({len(set(seeds))} distinct seeds; "
+                          f"given explicitly on ranks {[r for r, g in enumerate(givens) if g]}). Poisson "
+                          "sampling and the noise are keyed on the seed: pass the same seed on every rank "
+                          "(PrivacyEngine(seed=...) or the same checkpoint), or none (rank 0's random seed "
+                          "is then used by all)")
         return seeds[0]
 
     def broadcast_module_(self, module: nn.Module) -> None:

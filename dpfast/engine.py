@@ -124,6 +124,9 @@ class PrivacyEngine:
                           "noisy sum can be divided by it")
         self.noise_multiplier = float(noise_multiplier)
         self.sample_rate = sample_rate
+        if noise_multiplier == 0:
+            warnings.warn("noise_multiplier=0: gradients are clipped but not noised, so training is NOT "
+                          "differentially private; get_epsilon() will report infinity", stacklevel=2)
         dp_opt = DPOptimizer(optimizer, pm, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                              expected_batch_size=expected_batch_size, loss_reduction=loss_reduction,
                              seed=self.seed, on_logical_step=self._on_logical_step, nonfinite=nonfinite,
@@ -160,6 +163,9 @@ class PrivacyEngine:
     def _on_logical_step(self) -> None:
         if self.sample_rate is None:
             return
+        if self.noise_multiplier == 0:
+            self._no_privacy = True  # no noise: no guarantee; get_epsilon reports infinity
+            return
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, steps=1)
 
     @property
@@ -171,6 +177,8 @@ class PrivacyEngine:
         if self.optimizer is not None and self.optimizer.steps and self.sample_rate is None:
             raise DPError("the sampling rate is unknown (no data_loader and no sample_rate given to "
                           "make_private), so the privacy spent cannot be accounted")
+        if getattr(self, "_no_privacy", False):
+            return math.inf
         return self.accountant.get_epsilon(delta)
 
     # ------------------------------------------------------------------ checkpoints
@@ -183,6 +191,7 @@ class PrivacyEngine:
             "steps": self.steps,
             "accountant": self.accountant.state_dict(),
             "sampler": self.loader.state_dict() if self.loader is not None else None,
+            "no_privacy": getattr(self, "_no_privacy", False),
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -194,6 +203,7 @@ class PrivacyEngine:
         self.seed = sd["seed"]
         self._seed_given = True
         self.accountant.load_state_dict(sd["accountant"])
+        self._no_privacy = bool(sd.get("no_privacy", False))
         if self.optimizer is not None:
             self.optimizer.steps = int(sd["steps"])
             self.optimizer.seed = self.seed

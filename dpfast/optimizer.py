@@ -44,7 +44,9 @@ class DPOptimizer(torch.optim.Optimizer):
         self._acc: dict[int, torch.Tensor] = {}
         self._chunk: tuple[int, bool] | None = None  # announced by the DPDataLoader: (samples, is_last)
         self._chunk_pending = False
-        self.steps = 0                 # logical steps taken (the noise counter)
+        self.steps = 0                 # logical steps released (noise added, parameters updated)
+        self._logical_index: int | None = None  # the sampler's step index, when a DPDataLoader drives us
+        self._refused: BaseException | None = None  # an earlier chunk of this logical batch failed
         self.last_norms: torch.Tensor | None = None
         self.stats = {"samples": 0, "clipped": 0, "chunks": 0}
 
@@ -80,12 +82,16 @@ class DPOptimizer(torch.optim.Optimizer):
                 f"inner={self.original_optimizer!r})")
 
     # ----------------------------------------------------------- the loader's handshake
-    def _announce_chunk(self, samples: int, is_last: bool) -> None:
+    def _announce_chunk(self, samples: int, is_last: bool, step: int | None = None) -> None:
+        """The loader's handshake: the next step() covers ``samples`` samples of logical step ``step``
+        (the sampler's step index, which then also keys the noise), and ``is_last`` ends that batch."""
         if self._chunk_pending:
             raise DPError("the data loader produced a new batch but optimizer.step() was not called for the "
                           "previous one: call optimizer.step() once for every batch the private loader yields")
         self._chunk = (samples, is_last)
         self._chunk_pending = True
+        if step is not None:
+            self._logical_index = int(step)
 
     # ----------------------------------------------------------- the step
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -107,8 +113,18 @@ class DPOptimizer(torch.optim.Optimizer):
         samples, is_last = self._chunk if self._chunk_pending else (None, True)
         self._chunk_pending = False
         try:
+            if self._refused is not None:
+                # an earlier chunk of this logical batch was refused: the whole batch is refused, the
+                # same outcome whatever the physical split (and the same on every rank)
+                self.private_module.tape.reset()
+                if not is_last:
+                    return False
+                earlier, self._refused = self._refused, None
+                raise DPError(f"the logical batch was refused because an earlier chunk failed: {earlier}")
             self._accumulate_chunk(samples)
         except Exception as exc:
+            if not is_last:
+                self._refused = exc
             self._acc.clear()       # the logical batch is refused as a whole
             self.private_module.tape.reset()
             if is_last and self.distributed is not None:
@@ -117,7 +133,7 @@ class DPOptimizer(torch.optim.Optimizer):
                 from .distributed import failure_code
 
                 zeros = [self._acc_for(p) for p in self.params]
-                self.distributed.all_reduce_(zeros, failed=failure_code(exc))
+                self.distributed.all_reduce_(zeros, failed=failure_code(exc), step=self.steps)
                 self._acc.clear()
             raise
         if not is_last:
@@ -127,6 +143,12 @@ class DPOptimizer(torch.optim.Optimizer):
         for p in self.params:
             p.grad = None  # the released gradient has been used; keep p.grad free for the leak check
         return True
+
+    @property
+    def noise_step(self) -> int:
+        """The step index keying this logical batch's noise: the sampler's step when a DPDataLoader
+        drives the optimizer (so a refused batch never shifts later keys), else the count of steps."""
+        return self._logical_index if self._logical_index is not None else self.steps
 
     def _name(self, p) -> str:
         return self._names.get(id(p), f"parameter of shape {tuple(p.shape)}")
@@ -207,7 +229,7 @@ class DPOptimizer(torch.optim.Optimizer):
     def _finalize_logical_batch(self) -> None:
         accs = [self._acc_for(p) for p in self.params]
         if self.distributed is not None:
-            failed = self.distributed.all_reduce_(accs)
+            failed = self.distributed.all_reduce_(accs, step=self.steps)
             if failed:  # another rank refused its share of this logical batch: refuse it here too
                 from .distributed import refused_step_error
 
@@ -224,11 +246,11 @@ class DPOptimizer(torch.optim.Optimizer):
         f32 = [i for i, a in enumerate(accs) if a.dtype == torch.float32]
         if f32:
             finalize_([accs[i] for i in f32], [accs[i] for i in f32], noise_std=std, scale=scale,
-                      seed=self.seed, step=self.steps, offsets=[self._offsets[i] for i in f32])
+                      seed=self.seed, step=self.noise_step, offsets=[self._offsets[i] for i in f32])
         for i, a in enumerate(accs):
             if a.dtype == torch.float64:  # fp64 models (exactness tests): the same stream, in fp64
                 if std:
-                    z = normal_f64(a.numel(), seed=self.seed, step=self.steps, offset=self._offsets[i])
+                    z = normal_f64(a.numel(), seed=self.seed, step=self.noise_step, offset=self._offsets[i])
                     a.add_(torch.from_numpy(z).view_as(a).to(a.device), alpha=std)
                 a.mul_(scale)
         for p, a in zip(self.params, accs):
