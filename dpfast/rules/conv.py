@@ -99,13 +99,10 @@ class ConvRule(Rule):
         if len(k) == 1:  # conv1d as a conv2d of height 1
             x, G = x.unsqueeze(2), G.unsqueeze(2)
             k, stride, padding, dilation = (1, *k), (1, *stride), (0, *padding), (1, *dilation)
-        kk = k[0] * k[1]
-        if transposed:
-            src, other = G, x
-            d_g, p_g = weight.shape[1] * kk, weight.shape[0] // groups
-        else:
-            src, other = x, G
-            d_g, p_g = weight.shape[1] * kk, weight.shape[0] // groups
+        # weight (Cout, Cin/g, kh, kw), or (Cin, Cout/g, kh, kw) when transposed: either way dim 1 times
+        # the kernel area is the patch length d_g, and dim 0 / groups the other side p_g
+        d_g, p_g = weight.shape[1] * k[0] * k[1], weight.shape[0] // groups
+        src, other = (G, x) if transposed else (x, G)
         return src, other, (k, stride, padding, dilation), d_g, p_g, groups
 
     def _unfolded(self, site, tape, rows: slice):
