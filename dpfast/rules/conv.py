@@ -145,6 +145,9 @@ class ConvRule(Rule):
                                              dilation, groups, tape.backend, method)
             if fast is not None:
                 out += fast.to(out.dtype)
+            elif method == "direct":
+                for samples, grads in self._per_sample_weight_grads(site, tape):
+                    out[samples] += grads.flatten(1).square().sum(dim=1)
             else:
                 for samples, rows in self._sample_chunks(site, tape):
                     U, O, b, g = self._unfolded(site, tape, rows)
@@ -153,14 +156,38 @@ class ConvRule(Rule):
             out += _norms.per_sample_sum_sq(_norms.to_acc(G).flatten(2).sum(dim=2), K)
         return out
 
+    def _per_sample_weight_grads(self, site, tape, samples: slice | None = None):
+        """Yield (sample slice, (b, *weight.shape) per-sample weight gradients) chunk by chunk.
+
+        The "batch as groups" trick: one grouped weight-gradient call over a chunk of rows, with each
+        row its own group, is each row's weight gradient; a sample's K rows are then summed. It runs
+        in the convolution library (no unfold), at about the cost of the layer's weight gradient."""
+        x, G, weight = site.saved["x"], site.G, site.saved["weight"]
+        stride, padding, dilation, transposed, output_padding, groups = site.saved["cfg"]
+        K = tape.multiplicity
+        B = G.shape[0] // K
+        samples = samples or slice(0, B)
+        per_sample = K * weight.numel()
+        step = max(1, _norms.get_memory_budget() // max(1, per_sample))
+        acc = torch.float64 if G.dtype == torch.float64 else torch.float32
+        for start in range(samples.start, samples.stop, step):
+            stop = min(samples.stop, start + step)
+            r = (stop - start) * K
+            xs, Gs = x[start * K:stop * K], G[start * K:stop * K]
+            shape = (r * weight.shape[0], *weight.shape[1:])
+            gw = _conv_bwd(Gs.reshape(1, -1, *Gs.shape[2:]), xs.reshape(1, -1, *xs.shape[2:]),
+                           xs.new_empty(1).expand(shape), None, stride, padding, dilation, transposed,
+                           output_padding, r * groups, [False, True, False])[1]
+            gw = gw.to(acc).reshape(stop - start, K, *weight.shape).sum(dim=1)
+            yield slice(start - samples.start, stop - samples.start), gw
+
     def per_sample_grads(self, site, tape, sl):
         K = tape.multiplicity
         rows = slice(sl.start * K, sl.stop * K)
         out = []
         if site.saved["has_w"]:
-            U, O, b, g = self._unfolded(site, tape, rows)
-            M = torch.bmm(_norms.to_acc(O).transpose(1, 2), _norms.to_acc(U))  # (b*g, p_g, d_g)
-            out.append(M.reshape(b, *site.saved["weight"].shape))
+            parts = [g for _, g in self._per_sample_weight_grads(site, tape, sl)]
+            out.append(torch.cat(parts) if len(parts) > 1 else parts[0])
         if site.saved["has_b"]:
             Gb = _norms.to_acc(site.G[rows]).flatten(2).sum(dim=2)
             out.append(Gb.reshape(-1, K, Gb.shape[-1]).sum(dim=1))
