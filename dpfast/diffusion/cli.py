@@ -1,0 +1,209 @@
+"""`dpfast train`, `dpfast sample`, `dpfast evaluate`.
+
+    dpfast train --preset demo --out runs/demo                 # CPU, a few minutes, real DP
+    dpfast train --preset dpdm-fmnist-eps10 --out runs/eps10 --time-budget 540   # resumable chunks
+    dpfast sample --model runs/demo --num 10000 --out runs/demo/samples.npz
+    dpfast evaluate --samples runs/demo/samples.npz --out runs/demo/eval.json
+
+Every TrainConfig field is a `train` option (--batch-size, --multiplicity, --target-epsilon, ...);
+run `dpfast train --help` for the list. The lead's dpfast/cli.py calls add_commands(subparsers);
+`python -m dpfast.diffusion.cli` runs the same commands on their own.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from .presets import PRESETS, TrainConfig, get_preset
+
+
+# ----------------------------------------------------------------------------- option parsing
+def _none_or(kind):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null", "") else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _int_tuple(text: str) -> tuple:
+    return tuple(int(t) for t in text.replace(" ", "").split(",") if t)
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field, typed from its annotation. An option left out is absent from
+    the namespace (argparse.SUPPRESS), so "not given" and "none" stay distinct."""
+    group = parser.add_argument_group("configuration (overrides the preset)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        ann = str(f.type)
+        default = f.default
+        if ann == "bool":
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS,
+                               help=f"(base default: {default})")
+            continue
+        if ann == "tuple":
+            kind, shown = _int_tuple, "ints"
+        else:
+            base = ann.split("|")[0].strip()
+            kind = {"int": int, "float": float, "str": str}[base]
+            shown = base
+            if "None" in ann:
+                kind, shown = _none_or(kind), f"{base} or none"
+        group.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS,
+                           metavar=shown.split()[0].upper(),
+                           help=f"({shown}; base default {default!r})")
+
+
+def config_from_args(args) -> TrainConfig:
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                 if hasattr(args, f.name)}
+    if args.config:
+        cfg = TrainConfig.from_dict(json.loads(Path(args.config).read_text()))
+        return cfg.replace(**overrides)
+    return get_preset(args.preset, **overrides)
+
+
+def _set_threads(n: int) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_train(args) -> int:
+    from .data import DatasetNotFoundError
+    from .trainer import train
+
+    cfg = config_from_args(args)
+    if args.print_config:
+        print(cfg.dumps())
+        return 0
+    try:
+        result = train(cfg, args.out, progress=not args.no_progress)
+    except DatasetNotFoundError as e:
+        print(f"dpfast train: {e}", file=sys.stderr)
+        return 2
+    # a stop by signal exits as the shell would report the signal (128 + its number)
+    return {"SIGINT": 130, "SIGTERM": 143}.get(result["reason"], 0)
+
+
+def cmd_sample(args) -> int:
+    import numpy as np
+    import torch
+
+    from .samplers import sample_images
+    from .trainer import atomic_write_bytes, load_denoiser, resolve_device, save_grid
+
+    _set_threads(args.threads)
+    device = resolve_device(args.device)
+    denoiser, meta = load_denoiser(args.model, device)
+    k = meta["num_classes"]
+    if k == 0:
+        labels = None
+    elif args.labels == "balanced":
+        labels = torch.arange(args.num) % k
+    elif args.labels == "random":
+        labels = torch.randint(0, k, (args.num,), generator=torch.Generator().manual_seed(args.seed))
+    else:
+        labels = torch.full((args.num,), int(args.labels), dtype=torch.long)
+    extra = {"S_churn": args.churn} if args.sampler == "edm" else {"stochastic": args.stochastic}
+    cfg = meta["config"]
+    images = sample_images(denoiser, args.num, meta["image_shape"], labels=labels, sampler=args.sampler,
+                           num_steps=args.steps, guidance=cfg.guidance if args.guidance is None else args.guidance,
+                           batch_size=args.batch_size, seed=args.seed, device=device, **extra)
+    as_uint8 = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"images": as_uint8}
+    if labels is not None:
+        arrays["labels"] = labels.numpy()
+    atomic_write_bytes(out, lambda f: np.savez_compressed(f, **arrays))
+    print(f"wrote {args.num} samples {tuple(as_uint8.shape[1:])} (uint8, N x C x H x W"
+          f"{', with labels' if labels is not None else ''}) from step {meta['step']} to {out}")
+    if args.grid:
+        n = min(args.num, 100)
+        save_grid(images[:n], Path(args.grid), nrow=10)
+        print(f"grid of the first {n}: {args.grid}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate
+    from .trainer import atomic_write_json
+
+    _set_threads(args.threads)
+    report = evaluate(args.samples, data_dir=args.data_dir, epochs=args.epochs,
+                      feature_epochs=args.feature_epochs, feature_cache=args.feature_cache,
+                      accuracy_metric=not args.no_accuracy, fid=not args.no_fid, seed=args.seed)
+    if args.out:
+        atomic_write_json(report, Path(args.out))
+        print(f"report: {args.out}")
+    else:
+        print(json.dumps(report, indent=2))
+    return 0
+
+
+# ----------------------------------------------------------------------------- registration
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="train a diffusion model with DP-SGD (resumes when --out holds a checkpoint)",
+        description="Train an EDM/DDPM++ diffusion model with DP-SGD. Presets: "
+                    + ", ".join(sorted(PRESETS)) + ". Re-running on the same --out resumes exactly.")
+    p.add_argument("--preset", default="demo", choices=sorted(PRESETS))
+    p.add_argument("--config", help="a config.json (e.g. from an earlier run) instead of a preset")
+    p.add_argument("--out", required=True, help="output directory (checkpoint, samples, privacy report)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    _add_config_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser("sample", help="draw labelled samples from a trained model into a .npz")
+    p.add_argument("--model", required=True, help="run directory, model.pt or checkpoint.pt")
+    p.add_argument("--num", type=int, default=10000)
+    p.add_argument("--out", required=True, help="output .npz (images uint8 N x C x H x W, labels)")
+    p.add_argument("--labels", default="balanced", help="balanced | random | a class index")
+    p.add_argument("--sampler", choices=("ddim", "edm"), default="ddim")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (ddim 50, edm 18)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale w")
+    p.add_argument("--churn", type=float, default=0.0, help="EDM sampler S_churn (0: deterministic)")
+    p.add_argument("--stochastic", action="store_true", help="DDIM: stochastic (Euler-Maruyama) steps")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--grid", help="also write a PNG grid of the first 100 samples")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default)")
+    p.set_defaults(func=cmd_sample)
+
+    p = subparsers.add_parser(
+        "evaluate", help="downstream CNN accuracy and classifier-feature FID of samples",
+        description="Downstream accuracy: a CNN trained on the synthetic samples (model selection on a "
+                    "synthetic validation split), tested once on the real test set. FID: in the feature "
+                    "space of a CNN trained on the real training set, against the real test set; this "
+                    "is NOT Inception FID.")
+    p.add_argument("--samples", required=True, help=".npz from `dpfast sample`")
+    p.add_argument("--data-dir", default=None, help="real data (default: Fashion-MNIST from Debian)")
+    p.add_argument("--epochs", type=int, default=20, help="epochs of the downstream CNN")
+    p.add_argument("--feature-epochs", type=int, default=10, help="epochs of the FID feature CNN")
+    p.add_argument("--feature-cache", default=None, help="where the feature CNN is cached")
+    p.add_argument("--no-accuracy", action="store_true")
+    p.add_argument("--no-fid", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the report JSON here (default: print it)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default)")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dpfast.diffusion.cli")
+    add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Training configurations: one dataclass, DPDM's recipe as its defaults, and named presets.
+
+DPDM on (Fashion-)MNIST (Dockhorn et al., configs/fmnist_28/train_eps_*.yaml): DDPM++ with nf=32,
+ch_mult (1, 2, 2), 2 res blocks, attention at 7x7, dropout 0; EDM preconditioning and loss with
+ln sigma ~ N(-1.2, 1.2^2); noise multiplicity K=32; label dropout 0.1 for classifier-free guidance;
+Adam lr 3e-4, no weight decay; EMA 0.999; C=1; expected batch 4096; 300 epochs; delta=1e-5; sigma
+calibrated for the target epsilon; DDIM sampling with 50 steps and no guidance.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, fields
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data_dir: str | None = None            # None: Fashion-MNIST from Debian's dataset-fashion-mnist
+    subset: int | None = None              # train on the first N images only (DP protects those N)
+    resolution: int | None = None          # average-pool images down to this size (integer factor)
+    # model (DDPM++)
+    nf: int = 32
+    ch_mult: tuple = (1, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple = (7,)
+    dropout: float = 0.0
+    embedding_type: str = "positional"
+    class_conditional: bool = True
+    # diffusion loss (EDM with DPDM's sigma sampling)
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    sigma_data: float = math.sqrt(1.0 / 3.0)
+    label_dropout: float = 0.1
+    multiplicity: int = 32                 # K rows per sample, each with its own noise (and augmentation)
+    augment: str = "none"                  # none | flip | crop | flip+crop, per row
+    crop_padding: int = 2
+    # optimisation
+    batch_size: int = 4096                 # expected logical batch (Poisson sampling, q = batch_size / N)
+    epochs: float = 300.0                  # steps = ceil(epochs / q): expected passes over the data
+    steps: int | None = None               # overrides epochs when set
+    lr: float = 3e-4
+    ema_decay: float = 0.999
+    max_physical_batch_size: int = 64      # samples per forward/backward chunk: 64 x K=32 = 2048 rows,
+                                           # ~25 GB of saved activations for DPDM's U-Net in fp32
+    # privacy
+    private: bool = True
+    target_epsilon: float | None = 10.0
+    delta: float = 1e-5
+    noise_multiplier: float | None = None  # None: calibrated by the accountant for target_epsilon
+    max_grad_norm: float = 1.0
+    accountant: str = "prv"
+    mode: str = "bk"                       # engine mode: bk | two-pass
+    backend: str = "auto"                  # engine backend: torch | triton | auto
+    # randomness
+    seed: int = 0                          # model init, diffusion noise, sample grids (public)
+    noise_seed: int | None = None          # engine seed (Poisson sampling + DP noise): None = from the
+                                           # OS; pin it only for tests, a known seed voids the privacy
+    # sampling (grids during training; `dpfast sample` has its own options)
+    sampler: str = "ddim"
+    sample_steps: int = 50
+    guidance: float = 0.0
+    grid_every: int = 500                  # logical steps between sample grids (0: only at the end)
+    grid_size: int = 10                    # grid_size x grid_size images; one row per class
+    # run control (may change when a run is resumed)
+    device: str = "auto"
+    threads: int | None = None             # intra-op CPU threads; None or 0: PyTorch's default
+    checkpoint_every: int = 100            # logical steps between checkpoints
+    checkpoint_seconds: float = 300.0      # ... and at most this many seconds between checkpoints
+    max_steps: int | None = None           # stop at this logical step (total across resumes)
+    time_budget: float | None = None       # seconds for this invocation (setup included), then
+                                           # checkpoint, write samples + report, and exit
+    epsilon_every_seconds: float = 30.0    # how often the progress bar recomputes epsilon
+
+    def to_dict(self) -> dict:
+        return {f.name: list(v) if isinstance(v, tuple) else v
+                for f, v in ((f, getattr(self, f.name)) for f in fields(self))}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ValueError(f"unknown config fields {unknown}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# Fields that may differ when a run is resumed; every other field must match the checkpoint.
+RUN_CONTROL_FIELDS = ("device", "threads", "checkpoint_every", "checkpoint_seconds", "max_steps",
+                      "time_budget", "epsilon_every_seconds", "grid_every", "grid_size", "sampler",
+                      "sample_steps", "guidance", "max_physical_batch_size", "backend", "data_dir")
+
+
+def _dpdm(eps: float) -> TrainConfig:
+    return TrainConfig(target_epsilon=eps)
+
+
+PRESETS: dict[str, TrainConfig] = {
+    # CPU, a few minutes on 2 cores: all of Fashion-MNIST average-pooled to 14x14 (each row ~4x
+    # cheaper than 28x28), a 180k-parameter U-Net, 200 DP-SGD steps at eps=10, delta=1e-5. Using the
+    # full data set (q = 128/60000) amplifies privacy, so the noise stays moderate at eps=10; what
+    # limits sample quality here is the compute. One thread: these ops are too small to gain from
+    # more, and on a shared machine OpenMP threads that wait for each other are several times slower
+    # (--threads 0 keeps PyTorch's default).
+    "demo": TrainConfig(resolution=14, nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+                        multiplicity=1, batch_size=128, steps=200, lr=2e-3, ema_decay=0.99,
+                        max_physical_batch_size=256, target_epsilon=10.0, sample_steps=25,
+                        grid_every=0, checkpoint_every=50, device="cpu", threads=1),
+    "dpdm-fmnist-eps10": _dpdm(10.0),
+    "dpdm-fmnist-eps1": _dpdm(1.0),
+    "dpdm-fmnist-eps0.2": _dpdm(0.2),
+}
+
+
+def get_preset(name: str, **overrides) -> TrainConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    cfg = PRESETS[name]
+    bad = sorted(set(overrides) - {f.name for f in fields(TrainConfig)})
+    if bad:
+        raise ValueError(f"unknown config fields {bad}")
+    return cfg.replace(**overrides)

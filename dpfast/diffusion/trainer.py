@@ -1,0 +1,549 @@
+"""The diffusion training job behind `dpfast train`: DP-SGD (or non-private) training of an EDM
+denoiser with checkpoints that resume exactly, sample grids, and a privacy report.
+
+Layout of an output directory:
+    config.json           the resolved TrainConfig
+    checkpoint.pt         model, EMA, optimizer, engine (accountant, Poisson sampler position, noise
+                          seed and step), the loss's noise generator and the global RNG; written
+                          atomically (temp file + os.replace), so a killed run loses at most one interval.
+                          It holds the engine's noise seed: keep it as secret as the data.
+    model.pt              EMA weights + what `dpfast sample` needs (no secrets), at the end of the run
+    privacy_report.json   epsilon spent so far, delta, adjacency, sigma, q, steps, accountant
+    samples/step_*.png    sample grids during training; samples.png at the end
+
+Running the same command again on the same --out resumes from checkpoint.pt. A resumed run is
+bit-for-bit the run that was never interrupted (on CPU; on GPU up to kernel nondeterminism).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from .augment import make_augment
+from .data import ImageDataset, load_dataset
+from .edm import EDMPrecond, edm_loss_rows
+from .ema import EMA
+from .presets import RUN_CONTROL_FIELDS, TrainConfig
+from .samplers import sample_images
+from .unet import DDPMpp, count_parameters
+
+
+# ----------------------------------------------------------------------------- small helpers
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def atomic_write_bytes(path: Path, write, secret: bool = False) -> None:
+    """Calls write(file) on a temp file in path's directory, then renames it over path, so a reader
+    (or a run killed mid-write) sees either the old file or the new one, never half of one.
+    A secret file stays readable by its owner only (mkstemp's 0600); others get 0644."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if not secret:
+        os.chmod(tmp, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_torch_save(obj, path: Path, secret: bool = False) -> None:
+    atomic_write_bytes(path, lambda f: torch.save(obj, f), secret)
+
+
+def atomic_write_json(obj, path: Path) -> None:
+    atomic_write_bytes(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
+    """images: (N, C, H, W) in [-1, 1] -> a PNG grid with nrow images per row and a 2-pixel border.
+    Images under 28 pixels are enlarged (nearest neighbour) so that a grid stays easy to look at."""
+    from PIL import Image
+
+    scale = max(1, 28 // images.shape[-1])
+    if scale > 1:
+        images = images.repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2)
+    n, c, h, w = images.shape
+    rows = math.ceil(n / nrow)
+    pad = 2
+    grid = torch.full((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), -1.0)
+    for i, img in enumerate(images):
+        top, left = pad + (i // nrow) * (h + pad), pad + (i % nrow) * (w + pad)
+        grid[:, top:top + h, left:left + w] = img
+    arr = ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    arr = arr[0].numpy() if c == 1 else arr.permute(1, 2, 0).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, lambda f: Image.fromarray(arr).save(f, format="PNG"))
+
+
+def build_denoiser(cfg: TrainConfig, image_shape, num_classes: int) -> EDMPrecond:
+    c, h, w = image_shape
+    if h != w:
+        raise ValueError(f"the U-Net needs square images, got {h}x{w}")
+    net = DDPMpp(image_size=h, in_channels=c, num_classes=num_classes if cfg.class_conditional else 0,
+                 nf=cfg.nf, ch_mult=tuple(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks,
+                 attn_resolutions=tuple(cfg.attn_resolutions), dropout=cfg.dropout,
+                 embedding_type=cfg.embedding_type)
+    return EDMPrecond(net, sigma_data=cfg.sigma_data)
+
+
+def total_steps_of(cfg: TrainConfig, dataset_size: int) -> int:
+    """Logical steps of the run: cfg.steps, or epochs / q (expected passes over the data under
+    Poisson sampling, the accountant's definition)."""
+    if cfg.steps is not None:
+        return int(cfg.steps)
+    from dpfast.accounting.calibrate import steps_from_epochs
+
+    return steps_from_epochs(cfg.epochs, sample_rate_of(cfg, dataset_size))
+
+
+def sample_rate_of(cfg: TrainConfig, dataset_size: int) -> float:
+    return min(1.0, cfg.batch_size / dataset_size)
+
+
+def grid_labels(cfg: TrainConfig, num_classes: int) -> torch.Tensor | None:
+    if num_classes == 0 or not cfg.class_conditional:
+        return None
+    n = cfg.grid_size * cfg.grid_size
+    return (torch.arange(n) // cfg.grid_size) % num_classes  # one row per class
+
+
+def _check_resumable(saved: TrainConfig, cfg: TrainConfig) -> TrainConfig:
+    """The resumed run keeps the checkpoint's config; only run-control fields may change."""
+    diffs = [f"{k}: {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in saved.to_dict()
+             if k not in RUN_CONTROL_FIELDS and getattr(saved, k) != getattr(cfg, k)]
+    if diffs:
+        raise ValueError("the output directory holds a run with a different configuration ("
+                         + "; ".join(diffs) + "). Use another --out, or the same settings to resume it.")
+    return saved.replace(**{k: getattr(cfg, k) for k in RUN_CONTROL_FIELDS})
+
+
+class _StopOnSignal:
+    """SIGINT / SIGTERM during training ask for a stop at the next logical-step boundary, so the
+    final checkpoint is consistent (a signal in the middle of a step would leave a half-consumed
+    Poisson batch). A second signal acts as usual (KeyboardInterrupt / termination)."""
+
+    def __init__(self):
+        self.received = None
+        self._old = {}
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be installed from the main thread
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        signal.signal(signum, self._old[signum])  # the next one is not caught
+
+    def restore(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+
+# ----------------------------------------------------------------------------- the trainer
+class Trainer:
+    def __init__(self, cfg: TrainConfig, out_dir: str | os.PathLike, dataset: ImageDataset | None = None,
+                 progress: bool = True, log=print):
+        self.started = time.monotonic()  # --time-budget counts from here (setup included)
+        from dpfast.launch import init_distributed_from_env
+
+        # under torchrun: one process per GPU (gloo on CPU); otherwise a no-op with rank 0 of 1
+        self.dist = init_distributed_from_env()
+        self.is_main = self.dist.rank == 0
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.ckpt_path = self.out / "checkpoint.pt"
+        self.log = log if self.is_main else (lambda *a, **k: None)
+        self.progress = progress and self.is_main
+        self.resume_state = None
+        if self.ckpt_path.exists():
+            self.resume_state = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+            cfg = _check_resumable(TrainConfig.from_dict(self.resume_state["config"]), cfg)
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = resolve_device(cfg.device)
+        if self.dist.world_size > 1:
+            if not cfg.private:
+                raise ValueError("multi-process training is supported for private runs only")
+            if self.device.type == "cuda":
+                self.device = self.dist.device  # this rank's GPU (LOCAL_RANK)
+
+        if dataset is None:
+            dataset = load_dataset(cfg.data_dir, "train")
+        if cfg.subset is not None:
+            dataset = dataset.subset(cfg.subset)
+        if cfg.resolution is not None:
+            dataset = dataset.downsample(cfg.resolution)
+        self.dataset = dataset
+        self.num_classes = dataset.num_classes if cfg.class_conditional else 0
+        self.q = sample_rate_of(cfg, len(dataset))
+        self.total_steps = total_steps_of(cfg, len(dataset))
+
+        torch.manual_seed(cfg.seed)
+        self.denoiser = build_denoiser(cfg, dataset.image_shape, self.num_classes).to(self.device)
+        # A plain copy for sampling with EMA weights, made before the engine touches the model.
+        self.sample_model = copy.deepcopy(self.denoiser).eval()
+        self.ema = EMA(self.denoiser, cfg.ema_decay)
+        # the diffusion noise, noise levels, label dropout and augmentations of this rank's rows: one
+        # stream per rank (a shared stream would give every rank's samples the same noise)
+        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1 + 1_000_003 * self.dist.rank)
+        self.augment = make_augment(cfg.augment, cfg.crop_padding, self.gen)
+        base_opt = torch.optim.Adam(self.denoiser.parameters(), lr=cfg.lr)
+        self.step = 0
+        self.elapsed = 0.0  # training seconds over all invocations
+        self.engine = None
+        if cfg.private:
+            self._make_private(base_opt)
+        else:
+            self.optimizer = base_opt
+        if self.resume_state is not None:
+            self._load(self.resume_state)
+
+    # -- setup
+    def _make_private(self, base_opt) -> None:
+        from torch.utils.data import DataLoader
+
+        from dpfast import PrivacyEngine
+
+        cfg = self.cfg
+        saved = self.resume_state
+        if saved is not None:
+            sigma, seed = saved["noise_multiplier"], saved["engine"]["seed"]
+        else:
+            seed = cfg.noise_seed
+            sigma = cfg.noise_multiplier
+            if sigma is None:
+                if cfg.target_epsilon is None:
+                    raise ValueError("a private run needs target_epsilon or noise_multiplier")
+                from dpfast.accounting import calibrate_noise_multiplier
+
+                sigma = calibrate_noise_multiplier(cfg.target_epsilon, cfg.delta, self.q,
+                                                   steps=self.total_steps, accountant=cfg.accountant)
+        # The engine's seed keys the Poisson sampler and the DP noise. It is drawn from the OS unless
+        # the config pins it (tests): a public seed would let anyone subtract the noise.
+        self.engine = PrivacyEngine(accountant=cfg.accountant, seed=seed)
+        loader = DataLoader(self.dataset, batch_size=cfg.batch_size,
+                            pin_memory=self.device.type == "cuda")
+        self.model, self.optimizer, self.loader = self.engine.make_private(
+            module=self.denoiser, optimizer=base_opt, data_loader=loader, noise_multiplier=sigma,
+            max_grad_norm=cfg.max_grad_norm, multiplicity=cfg.multiplicity, poisson_sampling=True,
+            max_physical_batch_size=cfg.max_physical_batch_size, loss_reduction="mean",
+            mode=cfg.mode, backend=cfg.backend, sample_rate=self.q)
+        self.noise_multiplier = float(sigma)
+
+    def _load(self, state: dict) -> None:
+        self.denoiser.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.engine is not None:
+            self.engine.load_state_dict(state["engine"])
+        rng = state["loss_rng"]
+        if isinstance(rng, list):  # one state per rank (a multi-process run)
+            if len(rng) == self.dist.world_size:
+                self.gen.set_state(rng[self.dist.rank])
+            else:
+                warnings.warn(f"resuming a {len(rng)}-process run on {self.dist.world_size} processes: the "
+                              "diffusion-noise streams restart (the DP sampler and noise are unaffected)")
+        else:
+            self.gen.set_state(rng)
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        self.step = state["step"]
+        self.elapsed = state["elapsed"]
+
+    # -- outputs
+    def _loss_rng_state(self):
+        if self.dist.world_size == 1:
+            return self.gen.get_state()
+        states = [None] * self.dist.world_size
+        torch.distributed.all_gather_object(states, self.gen.get_state().cpu())
+        return states
+
+    def save_checkpoint(self) -> None:
+        """Written by rank 0 only (all ranks hold the same model, optimizer and engine state); every
+        rank waits until it is complete."""
+        loss_rng = self._loss_rng_state()
+        if not self.is_main:
+            self._barrier()
+            return
+        state = {"config": self.cfg.to_dict(), "step": self.step, "elapsed": self.elapsed,
+                 "image_shape": list(self.dataset.image_shape),
+                 "model": self.denoiser.state_dict(), "ema": self.ema.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "loss_rng": loss_rng,
+                 "torch_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+                 "engine": self.engine.state_dict() if self.engine is not None else None,
+                 "noise_multiplier": getattr(self, "noise_multiplier", None)}
+        atomic_torch_save(state, self.ckpt_path, secret=True)  # holds the engine's noise seed
+        self._barrier()
+
+    def _barrier(self) -> None:
+        if self.dist.world_size > 1:
+            torch.distributed.barrier()
+
+    def _agree(self, stop: bool) -> bool:
+        """A stop decided by one rank (time budget, signal) is taken by all, at the same step."""
+        if self.dist.world_size == 1:
+            return stop
+        flag = torch.tensor([1.0 if stop else 0.0], device=self.device if self.device.type == "cuda" else "cpu")
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def ema_model(self) -> EDMPrecond:
+        return self.ema.copy_to(self.sample_model)
+
+    def save_model(self) -> Path:
+        path = self.out / "model.pt"
+        atomic_torch_save({"config": self.cfg.to_dict(), "step": self.step,
+                           "image_shape": list(self.dataset.image_shape), "num_classes": self.num_classes,
+                           "ema": self.ema_model().state_dict()}, path)
+        return path
+
+    def save_grid(self, name: str) -> Path:
+        cfg = self.cfg
+        n = cfg.grid_size * cfg.grid_size
+        images = sample_images(self.ema_model(), n, self.dataset.image_shape,
+                               labels=grid_labels(cfg, self.num_classes), sampler=cfg.sampler,
+                               num_steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed,
+                               device=self.device)
+        path = self.out / name
+        save_grid(images, path, nrow=cfg.grid_size)
+        return path
+
+    def privacy_report(self) -> dict:
+        cfg = self.cfg
+        common = {"steps": self.step, "planned_steps": self.total_steps, "sample_rate": self.q,
+                  "expected_batch_size": self.q * len(self.dataset), "dataset_size": len(self.dataset),
+                  "epochs": self.step * self.q, "multiplicity": cfg.multiplicity,
+                  "complete": self.step >= self.total_steps}
+        if self.engine is None:
+            return {"private": False, "epsilon": None, "note": "trained without differential privacy",
+                    **common}
+        rep = self.engine.accountant.report(cfg.delta).to_dict()
+        return {"private": True, "epsilon": rep["epsilon"], "delta": cfg.delta,
+                "adjacency": f"{rep['adjacency']} (Poisson sampling)",
+                "noise_multiplier": self.noise_multiplier, "max_grad_norm": cfg.max_grad_norm,
+                "target_epsilon": cfg.target_epsilon if cfg.noise_multiplier is None else None,
+                "accountant": rep["accountant"], "epsilon_lower": rep["epsilon_lower"],
+                "epsilon_estimate": rep["epsilon_estimate"], "history": rep["history"],
+                "accountant_note": rep["note"], **common}
+
+    def write_report(self) -> dict:
+        report = self.privacy_report()
+        if not self.is_main:
+            return report
+        atomic_write_json(report, self.out / "privacy_report.json")
+        return report
+
+    # -- training
+    def _chunk_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Forward/backward of one physical chunk; returns (sum of row losses, rows)."""
+        cfg = self.cfg
+        if len(x) == 0:  # an empty Poisson batch: nothing to compute; optimizer.step() still runs
+            return torch.zeros((), device=self.device), 0
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True) if self.num_classes else None
+        model = self.model if self.engine is not None else self.denoiser
+        rows = edm_loss_rows(model, x, y, multiplicity=cfg.multiplicity, p_mean=cfg.p_mean,
+                             p_std=cfg.p_std, label_dropout=cfg.label_dropout, augment=self.augment,
+                             generator=self.gen, num_classes=self.num_classes,
+                             sigma_data=cfg.sigma_data)
+        if self.engine is not None:
+            rows.mean().backward()  # the engine undoes the mean to get per-sample gradients
+        else:  # the same estimator as DP-SGD without clipping and noise: sum / (K * B_expected)
+            (rows.sum() / (cfg.multiplicity * self.q * len(self.dataset))).backward()
+        return rows.detach().sum(), rows.numel()
+
+    def _private_steps(self):
+        """Yields (loss sum, rows) after each logical step."""
+        while True:
+            loss, rows = 0.0, 0
+            for x, y in self.loader:
+                self.optimizer.zero_grad()
+                l, r = self._chunk_loss(x, y)
+                loss, rows = loss + l, rows + r
+                if self.optimizer.step():
+                    yield loss, rows
+                    loss, rows = 0.0, 0
+
+    def _nonprivate_steps(self):
+        """Poisson batches from the same counter-based sampler the engine uses, without DP."""
+        from dpfast.random import poisson_mask
+
+        cfg = self.cfg
+        seed = self.cfg.seed + 2
+        while True:
+            idx = poisson_mask(len(self.dataset), self.q, seed=seed, step=self.step).nonzero().flatten()
+            self.optimizer.zero_grad()
+            loss, rows = 0.0, 0
+            size = cfg.max_physical_batch_size
+            for start in range(0, len(idx), size):
+                items = [self.dataset[int(i)] for i in idx[start:start + size]]
+                x = torch.stack([it[0] for it in items])
+                y = torch.stack([it[1] for it in items])
+                l, r = self._chunk_loss(x, y)
+                loss, rows = loss + l, rows + r
+            self.optimizer.step()
+            yield loss, rows
+
+    def _stop_step(self) -> int:
+        max_steps = self.cfg.max_steps
+        return self.total_steps if max_steps is None else min(self.total_steps, max_steps)
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        stop_at = self._stop_step()
+        self.log(self.describe())
+        if self.resume_state is not None:
+            self.log(f"resuming from step {self.step} of {self.total_steps} ({self.ckpt_path})")
+        atomic_write_json(cfg.to_dict(), self.out / "config.json")
+        start = self.started
+        last_ckpt = last_eps_time = time.monotonic()
+        eps = self.engine.get_epsilon(cfg.delta) if self.engine is not None else math.inf
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=stop_at, initial=self.step, unit="step", dynamic_ncols=True,
+                       mininterval=1.0, file=sys.stderr)
+        reason = "done"
+        first_step, train_seconds = self.step, 0.0
+        smooth = None
+        step_started = time.monotonic()
+        step_time = 0.0
+        steps = self._private_steps() if self.engine is not None else self._nonprivate_steps()
+        stop_signal = _StopOnSignal()
+        try:
+            while self.step < stop_at:
+                over_budget = (cfg.time_budget is not None
+                               and time.monotonic() - start + step_time > cfg.time_budget)
+                if self._agree(over_budget or stop_signal.received is not None):
+                    reason = f"{stop_signal.received}" if stop_signal.received else "time budget"
+                    break
+                loss, rows = next(steps)
+                self.ema.update(self.denoiser)
+                self.step += 1
+                now = time.monotonic()
+                step_time = now - step_started
+                self.elapsed += step_time
+                train_seconds += step_time
+                step_started = now
+                if rows:  # for the operator's eyes only: this loss is not privatised, so it is
+                    value = float(loss) / rows  # shown in the progress bar and never written out
+                    smooth = value if smooth is None else 0.9 * smooth + 0.1 * value
+                if self.engine is not None and now - last_eps_time >= cfg.epsilon_every_seconds:
+                    eps, last_eps_time = self.engine.get_epsilon(cfg.delta), now
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{smooth:.4f}" if smooth is not None else "-",
+                                    eps=f"{eps:.3g}", refresh=False)
+                if cfg.grid_every and self.step % cfg.grid_every == 0 and self.step < stop_at and self.is_main:
+                    self.save_grid(f"samples/step_{self.step:07d}.png")
+                if (self.step % cfg.checkpoint_every == 0 or now - last_ckpt >= cfg.checkpoint_seconds):
+                    self.save_checkpoint()
+                    self.write_report()
+                    last_ckpt = time.monotonic()
+                    step_started = last_ckpt  # do not count writing as training time
+        finally:
+            stop_signal.restore()
+            if bar is not None:
+                bar.close()
+            steps.close()
+        if self.step >= stop_at and self.step < self.total_steps:
+            reason = "max steps"
+        done_now = self.step - first_step
+        rate = f" ({done_now / train_seconds:.3g} steps/s)" if train_seconds > 0 else ""
+        self.log(f"trained {done_now} steps in {train_seconds:.1f} s{rate}, "
+                 f"{time.monotonic() - start:.1f} s since start")
+        return self._finish(reason)
+
+    def _finish(self, reason: str) -> dict:
+        self.save_checkpoint()
+        if not self.is_main:  # rank 0 writes the model, samples and report
+            self._barrier()
+            return {"status": "done", "reason": reason, "steps": self.step, "report": None,
+                    "train_seconds": self.elapsed}
+        model_path = self.save_model()
+        grid_path = self.save_grid("samples.png")
+        report = self.write_report()
+        done = self.step >= self.total_steps
+        if self.engine is not None:
+            eps_line = (f"epsilon spent: {report['epsilon']:.4g} at delta={self.cfg.delta:g} "
+                        f"({report['accountant']} accountant, {report['adjacency']}; sigma="
+                        f"{self.noise_multiplier:.4g}, q={self.q:.4g}, {self.step} steps)")
+        else:
+            eps_line = "no privacy: trained without DP (--no-private)"
+        status = "finished" if done else f"stopped ({reason}) at step {self.step}/{self.total_steps}; " \
+                                         f"run the same command again to resume"
+        self.log(f"{status}. {eps_line}")
+        self.log(f"samples: {grid_path}  model: {model_path}  privacy report: {self.out / 'privacy_report.json'}")
+        self._barrier()
+        return {"status": status, "reason": reason, "steps": self.step, "report": report,
+                "train_seconds": self.elapsed}
+
+    def describe(self) -> str:
+        cfg = self.cfg
+        n = len(self.dataset)
+        head = (f"DDPM++ U-Net, {count_parameters(self.denoiser):,} parameters; {n} training images "
+                f"{self.dataset.image_shape}, {self.num_classes} classes; expected batch {cfg.batch_size} "
+                f"(q={self.q:.4g}) x multiplicity {cfg.multiplicity}; {self.total_steps} steps; device "
+                f"{self.device}")
+        if self.engine is None:
+            return head + "; NOT private"
+        target = (f"target epsilon {cfg.target_epsilon:g}" if cfg.noise_multiplier is None
+                  else "noise multiplier given")
+        return head + (f"; DP-SGD: sigma={self.noise_multiplier:.4g} ({target}, delta={cfg.delta:g}), "
+                       f"C={cfg.max_grad_norm:g}, {cfg.accountant} accountant")
+
+
+def train(cfg: TrainConfig, out_dir, **kwargs) -> dict:
+    return Trainer(cfg, out_dir, **kwargs).train()
+
+
+def load_denoiser(path: str | os.PathLike, device="cpu") -> tuple[EDMPrecond, dict]:
+    """The EMA denoiser of a run: `path` is a run directory, its model.pt, or its checkpoint.pt.
+    Returns (denoiser in eval mode, {"config", "image_shape", "num_classes", "step"})."""
+    path = Path(path)
+    if path.is_dir():  # the newer of model.pt (end of an invocation) and checkpoint.pt
+        found = [p for p in (path / "model.pt", path / "checkpoint.pt") if p.exists()]
+        path = max(found, key=lambda p: p.stat().st_mtime) if found else path / "model.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"no model at {path}: give a run directory of `dpfast train`, or its "
+                                "model.pt / checkpoint.pt")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = TrainConfig.from_dict(state["config"])
+    image_shape = tuple(state["image_shape"])
+    if "shadow" not in state["ema"]:                          # model.pt: EMA weights and buffers
+        weights = state["ema"]
+    else:                                                     # checkpoint.pt: EMA over the buffers
+        weights = dict(state["model"], **state["ema"]["shadow"])
+    emb = weights.get("net.label_embed.weight")
+    num_classes = 0 if emb is None else emb.shape[0] - 1
+    denoiser = build_denoiser(cfg, image_shape, num_classes)
+    denoiser.load_state_dict(weights)
+    meta = {"config": cfg, "image_shape": image_shape, "num_classes": num_classes,
+            "step": state["step"]}
+    return denoiser.to(device).eval(), meta
+

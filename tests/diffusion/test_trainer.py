@@ -1,0 +1,192 @@
+"""End-to-end private training on a tiny IDX data set: checkpoints, exact resume, reports, CLI."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dpfast.diffusion.presets import PRESETS, TrainConfig, get_preset
+
+from .test_data import write_mnist_dir
+
+pytest.importorskip("dpfast.engine", reason="dpfast.engine (the DP engine) is not available yet")
+
+# 8x8 images, a U-Net with attention at 4x4; Poisson batches of ~12 of 48 samples, K=2 rows each, in
+# physical chunks of 5 samples, so logical steps span several chunks (and may have empty ones).
+TINY = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), multiplicity=2,
+            batch_size=12, steps=6, lr=1e-3, ema_decay=0.9, max_physical_batch_size=5,
+            target_epsilon=None, noise_multiplier=1.0, accountant="rdp", backend="torch",
+            noise_seed=1234, seed=0, device="cpu", sample_steps=3, grid_size=2, grid_every=0,
+            checkpoint_every=2, epsilon_every_seconds=0.0)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_mnist_dir(tmp_path_factory.mktemp("data") / "idx", n=48, size=8, classes=3)
+
+
+def run(cfg, out):
+    from dpfast.diffusion.trainer import Trainer
+
+    return Trainer(cfg, out, progress=False, log=lambda *a: None).train()
+
+
+def final_state(out):
+    return torch.load(out / "checkpoint.pt", weights_only=False)
+
+
+def assert_same_run(a, b):
+    for part in ("model",):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), k
+    for k in a["ema"]["shadow"]:
+        assert torch.equal(a["ema"]["shadow"][k], b["ema"]["shadow"][k]), k
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    for i in sa:
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(sa[i][k], sb[i][k]), (i, k)
+    assert a["engine"]["accountant"] == b["engine"]["accountant"]
+    assert a["engine"]["sampler"] == b["engine"]["sampler"]
+    assert torch.equal(a["loss_rng"], b["loss_rng"])
+
+
+def test_stopped_and_crashed_runs_resume_bit_for_bit(data_dir, tmp_path, monkeypatch):
+    cfg = TrainConfig(data_dir=str(data_dir), **TINY)
+    full = tmp_path / "full"
+    result = run(cfg, full)
+    assert result["steps"] == 6 and result["reason"] == "done"
+
+    # stopped by --max-steps, then resumed by the same command without it
+    part = tmp_path / "part"
+    assert run(cfg.replace(max_steps=3), part)["steps"] == 3
+    assert run(cfg, part)["steps"] == 6
+    assert_same_run(final_state(full), final_state(part))
+
+    # killed after step 5 (no final checkpoint): the step-4 checkpoint is what survives
+    from dpfast.diffusion import trainer as trainer_mod
+
+    crashed = tmp_path / "crashed"
+    real_update = trainer_mod.EMA.update
+
+    def update_then_crash(self, module):
+        real_update(self, module)
+        if self.num_updates == 5:
+            raise RuntimeError("simulated kill")
+
+    monkeypatch.setattr(trainer_mod.EMA, "update", update_then_crash)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run(cfg, crashed)
+    monkeypatch.setattr(trainer_mod.EMA, "update", real_update)
+    assert final_state(crashed)["step"] == 4
+    assert run(cfg, crashed)["steps"] == 6
+    assert_same_run(final_state(full), final_state(crashed))
+
+
+def test_outputs_and_privacy_report(data_dir, tmp_path):
+    out = tmp_path / "run"
+    cfg = TrainConfig(data_dir=str(data_dir), **dict(TINY, steps=3))
+    run(cfg, out)
+    report = json.loads((out / "privacy_report.json").read_text())
+    assert report["private"] and report["complete"]
+    assert report["steps"] == 3 and report["noise_multiplier"] == 1.0
+    assert report["sample_rate"] == pytest.approx(12 / 48) and report["delta"] == 1e-5
+    assert report["adjacency"].startswith("add/remove-one") and report["accountant"] == "rdp"
+    from dpfast.accounting import compute_epsilon
+
+    assert report["epsilon"] == pytest.approx(compute_epsilon(1.0, 0.25, 3, 1e-5, "rdp"))
+    assert (out / "samples.png").exists() and (out / "model.pt").exists()
+    assert json.loads((out / "config.json").read_text())["nf"] == 8
+    # a different configuration is refused, a run-control change is accepted
+    with pytest.raises(ValueError, match="different configuration"):
+        run(cfg.replace(lr=0.1), out)
+    assert run(cfg.replace(max_steps=3, device="cpu"), out)["steps"] == 3
+
+
+def test_calibrated_sigma_meets_the_target(data_dir, tmp_path):
+    cfg = TrainConfig(data_dir=str(data_dir), **dict(TINY, steps=2, noise_multiplier=None,
+                                                      target_epsilon=8.0, accountant="prv"))
+    report = run(cfg, tmp_path / "cal")["report"]
+    assert report["target_epsilon"] == 8.0
+    assert report["epsilon"] <= 8.0 * 1.01  # after all planned steps the spend is at the target
+    assert report["epsilon"] >= 8.0 * 0.95
+
+
+def test_time_budget_checkpoints_and_stops(data_dir, tmp_path):
+    cfg = TrainConfig(data_dir=str(data_dir), **dict(TINY, time_budget=0.0))
+    result = run(cfg, tmp_path / "tb")
+    assert result["reason"] == "time budget" and result["steps"] == 0
+    assert final_state(tmp_path / "tb")["step"] == 0
+
+
+def test_cli_train_sample_evaluate(data_dir, tmp_path):
+    from dpfast.diffusion.cli import main
+
+    out = tmp_path / "cli"
+    args = ["train", "--preset", "demo", "--out", str(out), "--data-dir", str(data_dir), "--no-progress",
+            "--resolution", "none", "--nf", "8", "--ch-mult", "1,2", "--attn-resolutions", "", "--batch-size", "12",
+            "--steps", "2", "--multiplicity", "2", "--noise-multiplier", "1.0", "--accountant", "rdp",
+            "--backend", "torch", "--sample-steps", "2", "--grid-size", "2", "--augment", "flip+crop"]
+    assert main(args) == 0
+    assert json.loads((out / "privacy_report.json").read_text())["steps"] == 2
+    samples = tmp_path / "s.npz"
+    assert main(["sample", "--model", str(out), "--num", "30", "--out", str(samples), "--steps", "2",
+                 "--device", "cpu"]) == 0
+    with np.load(samples) as f:
+        assert f["images"].shape == (30, 1, 8, 8) and f["images"].dtype == np.uint8
+        assert f["labels"].tolist() == [i % 3 for i in range(30)]
+    rep = tmp_path / "eval.json"
+    assert main(["evaluate", "--samples", str(samples), "--data-dir", str(data_dir), "--epochs", "1",
+                 "--feature-epochs", "1", "--feature-cache", str(tmp_path / "feat.pt"),
+                 "--out", str(rep)]) == 0
+    report = json.loads(rep.read_text())
+    assert 0 <= report["downstream"]["test_accuracy"] <= 1
+    assert report["downstream"]["validation_samples"] == 3
+    assert "NOT Inception" in report["fid"]["note"] and np.isfinite(report["fid"]["value"])
+
+
+def test_presets():
+    eps = {name: get_preset(name).target_epsilon for name in PRESETS if name.startswith("dpdm")}
+    assert eps == {"dpdm-fmnist-eps10": 10.0, "dpdm-fmnist-eps1": 1.0, "dpdm-fmnist-eps0.2": 0.2}
+    dpdm = get_preset("dpdm-fmnist-eps1", max_steps=10)
+    assert (dpdm.batch_size, dpdm.multiplicity, dpdm.epochs, dpdm.max_grad_norm, dpdm.lr, dpdm.ema_decay,
+            dpdm.delta, dpdm.nf, dpdm.ch_mult, dpdm.attn_resolutions) == (
+        4096, 32, 300.0, 1.0, 3e-4, 0.999, 1e-5, 32, (1, 2, 2), (7,))
+    assert dpdm.max_steps == 10
+    with pytest.raises(ValueError, match="unknown preset"):
+        get_preset("nope")
+    with pytest.raises(ValueError, match="unknown config fields"):
+        get_preset("demo", learning_rate=1.0)
+    assert TrainConfig.from_dict(dpdm.to_dict()) == dpdm
+
+
+def test_non_private_baseline(data_dir, tmp_path):
+    """--no-private trains on the same kind of Poisson batches without clipping or noise (the
+    baseline of throughput ratios) and says so in the report."""
+    cfg = TrainConfig(data_dir=str(data_dir), **dict(TINY, steps=2, private=False))
+    result = run(cfg, tmp_path / "np")
+    assert result["steps"] == 2
+    report = json.loads((tmp_path / "np" / "privacy_report.json").read_text())
+    assert report["private"] is False and report["epsilon"] is None
+
+
+def test_train_under_torchrun_two_processes(data_dir, tmp_path):
+    """`dpfast train` under torchrun (2 gloo processes): one set of outputs written by rank 0, and the
+    same privacy accounting as a single-process run (the global sampling rate)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    args = ["--nf", "8", "--ch-mult", "1,2", "--num-res-blocks", "1", "--resolution", "8",
+            "--batch-size", "12", "--steps", "3", "--max-physical-batch-size", "5", "--noise-multiplier", "1.0",
+            "--accountant", "rdp", "--sample-steps", "2", "--grid-size", "2", "--device", "cpu"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dpfast",
+           "train", "--preset", "demo", "--out", str(out), "--data-dir", str(data_dir), "--no-progress", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, start_new_session=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("finished.") == 1  # rank 0 alone reports
+    report = json.loads((out / "privacy_report.json").read_text())
+    assert report["steps"] == 3 and report["sample_rate"] == pytest.approx(12 / 48)
+    state = final_state(out)
+    assert isinstance(state["loss_rng"], list) and len(state["loss_rng"]) == 2
