@@ -6,6 +6,9 @@ replaced by an instance attribute, and :meth:`PrivateModule.remove` puts them ba
 """
 from __future__ import annotations
 
+import types
+import weakref
+
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
@@ -15,6 +18,20 @@ from .rules import SUPPORTED, find_rule
 from .tape import Tape
 
 _BATCHNORM = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
+
+# module -> its PrivateModule. Kept outside the modules so that copy.deepcopy(model) (an EMA copy, say)
+# yields a plain, non-private model that computes with its own weights, never the original's tape.
+_REGISTRY: "weakref.WeakKeyDictionary[nn.Module, PrivateModule]" = weakref.WeakKeyDictionary()
+
+
+def _private_forward(module, *args, **kwargs):
+    """Installed as each private layer's ``forward`` (bound to the layer, so a deep copy rebinds it)."""
+    orig = type(module).forward.__get__(module, type(module))
+    pm = _REGISTRY.get(module)
+    if pm is None or pm.replaying or not torch.is_grad_enabled():
+        return orig(*args, **kwargs)
+    rule, name = module._dpfast_rule
+    return rule.forward(pm.tape, module, name, orig, *args, **kwargs)
 
 
 def check_module(module: nn.Module) -> list[str]:
@@ -62,7 +79,7 @@ class PrivateModule:
 
     def __init__(self, module: nn.Module, *, multiplicity: int, mode: str, backend: str,
                  norm_method: str = "auto"):
-        if getattr(module, "_dpfast_private", None) is not None:
+        if _REGISTRY.get(module) is not None:
             raise DPError("this module is already private (make_private was called on it before); "
                           "call dpfast.remove_private(module) first or build a fresh model")
         self.module = module
@@ -75,29 +92,38 @@ class PrivateModule:
         self._out_leaves: list = []
         self.layer_names: list[str] = []
         _walk(module, "", self.layer_names, install=self._install)
-        self._hooks = [module.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
-                       module.register_forward_hook(self._post_forward, with_kwargs=True)]
-        module._dpfast_private = self
+        ref = weakref.ref(self)
+
+        # plain functions, not bound methods: a deep copy of the model shares them, and they ignore
+        # any module but this one
+        def pre(mod, args, kwargs):
+            pm = ref()
+            return pm._pre_forward(mod, args, kwargs) if pm is not None and mod is pm.module else None
+
+        def post(mod, args, kwargs, output):
+            pm = ref()
+            return pm._post_forward(mod, args, kwargs, output) if pm is not None and mod is pm.module else None
+
+        self._hooks = [module.register_forward_pre_hook(pre, with_kwargs=True),
+                       module.register_forward_hook(post, with_kwargs=True)]
+        _REGISTRY[module] = self
 
     # -------------------------------------------------------------- install
     def _install(self, module: nn.Module, name: str, rule) -> None:
-        orig = module.forward
-
-        def forward(*args, **kwargs):
-            if self.replaying or not torch.is_grad_enabled():
-                return orig(*args, **kwargs)
-            return rule.forward(self.tape, module, name, orig, *args, **kwargs)
-
-        module.forward = forward
+        module._dpfast_rule = (rule, name)
+        module.forward = types.MethodType(_private_forward, module)
+        _REGISTRY[module] = self
         self._installed.append(module)
 
     def remove(self) -> None:
         for m in self._installed:
             del m.forward  # the instance attribute; the class forward shows through again
+            del m._dpfast_rule
+            _REGISTRY.pop(m, None)
         for h in self._hooks:
             h.remove()
         self._installed.clear()
-        self.module._dpfast_private = None
+        _REGISTRY.pop(self.module, None)
 
     # -------------------------------------------------------------- top-level forward
     def _pre_forward(self, module, args, kwargs):
@@ -166,7 +192,7 @@ class PrivateModule:
 
 def remove_private(module: nn.Module) -> nn.Module:
     """Undo make_private on a module: original forwards back, hooks removed."""
-    pm = getattr(module, "_dpfast_private", None)
+    pm = _REGISTRY.get(module)
     if pm is not None:
         pm.remove()
     return module

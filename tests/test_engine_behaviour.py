@@ -314,3 +314,23 @@ def test_checkpoint_resume_reproduces_the_uninterrupted_run():
     for k in full:
         torch.testing.assert_close(full[k], resumed[k], rtol=0, atol=0)
     assert eps_full == pytest.approx(eps_resumed)
+
+
+def test_deepcopy_of_a_private_model_is_a_plain_model_with_its_own_weights():
+    # EMA code deep-copies the model after make_private; the copy must compute with its own weights
+    # and must never record into the original's tape.
+    _, m, o, _ = private(small_cnn(), B=4)
+    ema = copy.deepcopy(m)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.mul_(0.5)
+    x = torch.randn(4, 1, 8, 8)
+    dpfast.remove_private(copy.deepcopy(m))  # harmless on a copy
+    ref = small_cnn()
+    ref.load_state_dict(ema.state_dict())
+    torch.testing.assert_close(ema(x), ref(x))
+    m(x).square().mean(1).mean().backward()
+    ema(x).sum().backward()          # grad-enabled use of the copy between backward and step
+    assert o.step()
+    dpfast.remove_private(m)
+    assert "forward" not in vars(m[0])
