@@ -334,3 +334,23 @@ def test_deepcopy_of_a_private_model_is_a_plain_model_with_its_own_weights():
     assert o.step()
     dpfast.remove_private(m)
     assert "forward" not in vars(m[0])
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_make_private_with_epsilon_meets_the_target_after_the_planned_epochs(accountant):
+    ds = TensorDataset(torch.randn(100, 3), torch.randn(100, 1))
+    engine = PrivacyEngine(accountant=accountant, seed=1)
+    model = nn.Linear(3, 1)
+    m, o, loader = engine.make_private_with_epsilon(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(ds, batch_size=10), target_epsilon=3.0, target_delta=1e-5, epochs=2,
+        max_grad_norm=1.0)
+    assert engine.noise_multiplier > 0
+    for _ in range(2):
+        for x, y in loader:
+            o.zero_grad()
+            (m(x) - y).square().flatten(1).mean(1).mean().backward()
+            o.step()
+    assert o.steps == 20
+    eps = engine.get_epsilon(1e-5)
+    assert 0.9 * 3.0 < eps <= 3.0
