@@ -101,7 +101,7 @@ class Tape:
     def _seal(self) -> None:
         """Group sites that share a parameter into components (union-find over target keys)."""
         self.sealed = True
-        owner: dict[tuple, int] = {}
+        owners: dict[int, list[tuple[tuple, int]]] = {}  # parameter id -> [(target key, site index)]
         parent = list(range(len(self.sites)))
 
         def find(i: int) -> int:
@@ -112,11 +112,11 @@ class Tape:
 
         for i, site in enumerate(self.sites):
             for t in site.targets:
-                pid = id(t.param)
-                for key, j in list(owner.items()):
-                    if key[0] == pid and _overlaps(key, t.key):
+                seen = owners.setdefault(id(t.param), [])
+                for key, j in seen:
+                    if _overlaps(key, t.key):
                         parent[find(i)] = find(j)
-                owner.setdefault(t.key, i)
+                seen.append((t.key, i))
         for i, site in enumerate(self.sites):
             root = find(i)
             self._component[id(site)] = root
