@@ -34,7 +34,7 @@ class _Plan:
             size = loader.max_physical_batch_size or max(1, len(idx))
             parts = [idx[i:i + size] for i in range(0, len(idx), size)] or [idx[:0]]
             for k, part in enumerate(parts):
-                self.chunks.append((s, part.tolist(), k == len(parts) - 1))
+                self.chunks.append((s, part.tolist(), k == len(parts) - 1, k == 0))
 
 
 class _ChunkSampler:
@@ -42,7 +42,7 @@ class _ChunkSampler:
         self.plan = plan
 
     def __iter__(self):
-        return (idx for _, idx, _ in self.plan.chunks)
+        return (idx for _, idx, _, _ in self.plan.chunks)
 
     def __len__(self):
         return len(self.plan.chunks)
@@ -96,11 +96,11 @@ class DPDataLoader:
         loader = DataLoader(self.dataset, batch_sampler=_ChunkSampler(plan), collate_fn=self._collate_samples,
                             num_workers=self.num_workers, pin_memory=self.pin_memory,
                             worker_init_fn=self.worker_init_fn)
-        for (step, idx, is_last), batch in zip(plan.chunks, loader):
+        for (step, idx, is_last, is_first), batch in zip(plan.chunks, loader):
             if not idx:
                 batch = _empty_like_batch(self.collate_fn, self.dataset)
             if self.optimizer is not None:
-                self.optimizer._announce_chunk(len(idx), is_last, step)
+                self.optimizer._announce_chunk(len(idx), is_last, step, is_first)
             if is_last:
                 # advanced before the yield: a loop that stops (checkpoint, time budget) right after the
                 # optimizer.step() of this chunk must resume at the next logical step

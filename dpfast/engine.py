@@ -134,6 +134,10 @@ class PrivacyEngine:
         if loader is not None:
             loader.optimizer = dp_opt
         self.optimizer, self.loader, self.private_module = dp_opt, loader, pm
+        pending = getattr(self, "_pending_state", None)
+        if pending is not None:  # load_state_dict ran before make_private: resume where it left off
+            self._pending_state = None
+            self._apply_progress(pending)
         return (ddp if ddp is not None else module), dp_opt, loader
 
     def make_private_with_epsilon(self, *, module, optimizer, data_loader, target_epsilon: float,
@@ -204,9 +208,14 @@ class PrivacyEngine:
         self._seed_given = True
         self.accountant.load_state_dict(sd["accountant"])
         self._no_privacy = bool(sd.get("no_privacy", False))
-        if self.optimizer is not None:
-            self.optimizer.steps = int(sd["steps"])
-            self.optimizer.seed = self.seed
+        if self.optimizer is None:
+            self._pending_state = sd  # applied by make_private: steps and sampler position
+            return
+        self._apply_progress(sd)
+
+    def _apply_progress(self, sd: dict) -> None:
+        self.optimizer.steps = int(sd["steps"])
+        self.optimizer.seed = self.seed
         if self.loader is not None and sd["sampler"] is not None:
             self.loader.load_state_dict(sd["sampler"])
 

@@ -34,6 +34,11 @@ class DPOptimizer(torch.optim.Optimizer):
         self.distributed = distributed
         self._on_logical_step = on_logical_step
         self.params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        self._param_ids = {id(p) for p in self.params}
+        # every parameter the inner optimizer or the module holds, trainable or not: any gradient that
+        # appears on one of them came from outside the per-sample rules and must stop the step
+        self._watched = list({id(p): p for p in [*(p for g in optimizer.param_groups for p in g["params"]),
+                                                 *private_module.module.parameters()]}.values())
         self._names = param_names or {}
         self._offsets = []
         off = 0
@@ -82,9 +87,19 @@ class DPOptimizer(torch.optim.Optimizer):
                 f"inner={self.original_optimizer!r})")
 
     # ----------------------------------------------------------- the loader's handshake
-    def _announce_chunk(self, samples: int, is_last: bool, step: int | None = None) -> None:
+    def _announce_chunk(self, samples: int, is_last: bool, step: int | None = None,
+                        is_first: bool = False) -> None:
         """The loader's handshake: the next step() covers ``samples`` samples of logical step ``step``
         (the sampler's step index, which then also keys the noise), and ``is_last`` ends that batch."""
+        if is_first and (self._acc or self._refused is not None or self._chunk_pending):
+            # a new logical batch starts (or the loop broke off and the loader re-drew the same one):
+            # what was accumulated of an unfinished batch must not count again
+            warnings.warn("discarding an unfinished logical batch (the loop left the data loader before "
+                          "its last chunk); nothing of it was released", stacklevel=3)
+            self._acc.clear()
+            self._refused = None
+            self._chunk_pending = False
+            self.private_module.tape.reset()
         if self._chunk_pending:
             raise DPError("the data loader produced a new batch but optimizer.step() was not called for the "
                           "previous one: call optimizer.step() once for every batch the private loader yields")
@@ -95,7 +110,7 @@ class DPOptimizer(torch.optim.Optimizer):
 
     # ----------------------------------------------------------- the step
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params:
+        for p in self._watched:
             p.grad = None
         tape = self.private_module.tape
         if any(s.received for s in tape.sites):
@@ -140,7 +155,7 @@ class DPOptimizer(torch.optim.Optimizer):
             return False
         self._finalize_logical_batch()
         self.original_optimizer.step()
-        for p in self.params:
+        for p in self._watched:
             p.grad = None  # the released gradient has been used; keep p.grad free for the leak check
         return True
 
@@ -156,6 +171,12 @@ class DPOptimizer(torch.optim.Optimizer):
     def _accumulate_chunk(self, samples: int | None) -> None:
         pm = self.private_module
         tape = pm.tape
+        late = [self._name(p) for p in self._watched if p.grad is not None and id(p) not in self._param_ids]
+        if late:
+            raise PrivacyLeakError(
+                f"parameters {late[:5]} were not trainable when make_private ran and received gradients now "
+                "(unfrozen later?); their gradients would skip clipping and noise, so the step is refused. "
+                "Set requires_grad before make_private (freezing later is fine; unfreezing is not)")
         leaked = [self._name(p) for p in self.params if p.grad is not None]
         if leaked:
             raise PrivacyLeakError(
@@ -203,11 +224,11 @@ class DPOptimizer(torch.optim.Optimizer):
         self.stats["clipped"] += int((norms > self.max_grad_norm).sum())
         row_scale = (clip * factor).repeat_interleave(K)
         if pm.mode == "two-pass":
-            pm.replay(row_scale)
-            for p in self.params:
-                if p.grad is not None:
-                    self._acc_for(p).add_(p.grad)
-                    p.grad = None
+            pm.replay(row_scale, self._add)
+            leaked = [self._name(p) for p in self._watched if p.grad is not None]
+            if leaked:
+                raise PrivacyLeakError(f"parameters {leaked[:5]} received gradients outside the per-sample "
+                                       "rules during the two-pass replay; the step is refused")
         else:
             tape.clipped_sums(row_scale, self._add)
         tape.reset()
@@ -254,7 +275,8 @@ class DPOptimizer(torch.optim.Optimizer):
                     a.add_(torch.from_numpy(z).view_as(a).to(a.device), alpha=std)
                 a.mul_(scale)
         for p, a in zip(self.params, accs):
-            p.grad = a if a.dtype == p.dtype else a.to(p.dtype)
+            # a parameter frozen since make_private keeps its noise slot but is not updated
+            p.grad = (a if a.dtype == p.dtype else a.to(p.dtype)) if p.requires_grad else None
         self._acc.clear()
         self.steps += 1
         if self._on_logical_step is not None:

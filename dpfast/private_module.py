@@ -6,6 +6,7 @@ replaced by an instance attribute, and :meth:`PrivateModule.remove` puts them ba
 """
 from __future__ import annotations
 
+import contextlib
 import types
 import weakref
 
@@ -13,11 +14,12 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .errors import BatchLayoutError, DPError, UnsupportedModuleError
+from .errors import BatchLayoutError, DPError, PrivacyLeakError, UnsupportedModuleError
 from .rules import SUPPORTED, find_rule
-from .tape import Tape
+from .tape import Tape, fingerprint
 
 _BATCHNORM = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
+_HALF = (torch.bfloat16, torch.float16)
 
 # module -> its PrivateModule. Kept outside the modules so that copy.deepcopy(model) (an EMA copy, say)
 # yields a plain, non-private model that computes with its own weights, never the original's tape.
@@ -28,10 +30,75 @@ def _private_forward(module, *args, **kwargs):
     """Installed as each private layer's ``forward`` (bound to the layer, so a deep copy rebinds it)."""
     orig = type(module).forward.__get__(module, type(module))
     pm = _REGISTRY.get(module)
-    if pm is None or pm.replaying or not torch.is_grad_enabled():
+    if pm is None or not torch.is_grad_enabled():
         return orig(*args, **kwargs)
     rule, name = module._dpfast_rule
-    return rule.forward(pm.tape, module, name, orig, *args, **kwargs)
+    tape = pm._replay_tape if pm.replaying else pm.tape
+    return rule.forward(tape, module, name, orig, *args, **kwargs)
+
+
+class _ReplayTape:
+    """Two-pass mode, second pass: the forward is re-run and ``row_scale * dL/d(output)`` is
+    backpropagated. Each layer checks that its output gradient is the first pass's scaled by the clip
+    factors (per-row norms), then adds its weight gradient to the clipped sum. A loss that reaches
+    the parameters other than through the returned outputs (a tensor stashed on the module, outputs
+    computed from one another, a different random draw) fails the check instead of releasing a
+    gradient whose per-sample norms were never bounded."""
+
+    def __init__(self, tape: Tape, row_scale: torch.Tensor, accumulate):
+        self.multiplicity, self.backend, self.norm_method = tape.multiplicity, tape.backend, tape.norm_method
+        self.expected = tape.sites
+        self.low_precision = tape.low_precision
+        self.row_scale = row_scale
+        self.accumulate = accumulate
+        self.sites: list = []
+
+    def new_site(self, rule, name, targets, rows, **saved):
+        from .tape import Site
+
+        k = len(self.sites)
+        if k >= len(self.expected) or self.expected[k].name != name:
+            raise PrivacyLeakError(
+                f"two-pass replay: layer {name!r} ran where the first pass ran "
+                f"{self.expected[k].name if k < len(self.expected) else 'nothing'!r}; the forward pass is not "
+                "deterministic, so the replay cannot be trusted: use mode='bk'")
+        site = Site(rule, name, targets, rows, saved)
+        self.sites.append(site)
+        return site
+
+    def record_grad(self, site, G):
+        k = self.sites.index(site)
+        want = self.expected[k].fingerprint
+        if want is None:
+            raise PrivacyLeakError(f"two-pass replay: layer {site.name!r} received a gradient it did not "
+                                   "receive in the first pass; use mode='bk'")
+        got = fingerprint(G)
+        want = want * self.row_scale.to(want.dtype).square()
+        # the replay rounds row_scale * gradient to low precision under autocast, and the rounding
+        # compounds layer by layer (~2% seen at the input of a small U-Net): bf16/fp16 get a loose check,
+        # which still catches a doubled or stray gradient (a doubled one is 300% off in squared norm)
+        rtol = 1e-1 if (self.low_precision or G.dtype in _HALF) else 1e-3
+        tol = rtol * want.abs() + rtol * 1e-3 * want.abs().max() + 1e-30
+        if got.shape != want.shape or not bool(((got - want).abs() <= tol).all()):
+            raise PrivacyLeakError(
+                f"two-pass replay: the output gradient of layer {site.name!r} is not the first pass's scaled "
+                "by the clip factors, so its per-sample norms would not bound the release; the step is "
+                "refused. Two-pass mode needs the loss to depend on the parameters only through the model's "
+                "returned outputs (none computed from another, nothing stashed on the module, one call per "
+                "step); use mode='bk' otherwise")
+        site.received = True
+        site.rule.absorb(site, G.detach())
+        ones = torch.ones(G.shape[0], dtype=torch.float32, device=G.device)
+        for t, g in zip(site.targets, site.rule.clipped_grads(site, self, ones)):
+            self.accumulate(t, g)
+        site.rule.release(site)
+
+    def check_complete(self) -> None:
+        missing = [e.name for e, s in zip(self.expected, self.sites + [None] * len(self.expected))
+                   if e.fingerprint is not None and (s is None or not s.received)]
+        if missing:
+            raise PrivacyLeakError(f"two-pass replay: layers {missing[:5]} received no gradient in the replay "
+                                   "but did in the first pass; the step is refused (use mode='bk')")
 
 
 def check_module(module: nn.Module) -> list[str]:
@@ -86,6 +153,7 @@ class PrivateModule:
         self.mode = mode
         self.tape = Tape(multiplicity, two_pass=(mode == "two-pass"), backend=backend, norm_method=norm_method)
         self.replaying = False
+        self._replay_tape: _ReplayTape | None = None
         self._installed: list[nn.Module] = []
         self._call: tuple | None = None      # (args, kwargs, rng) of the last top-level forward
         self._out_grads: dict[int, torch.Tensor] = {}
@@ -139,7 +207,10 @@ class PrivateModule:
         if self.mode == "two-pass":
             rng = (torch.get_rng_state(),
                    torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
-            self._call = (args, kwargs, rng)
+            # the replay must run under the same autocast state as this forward
+            autocast = [(dt, torch.get_autocast_dtype(dt)) for dt in ("cpu", "cuda")
+                        if torch.is_autocast_enabled(dt)]
+            self._call = (args, kwargs, rng, autocast)
         return None
 
     def _post_forward(self, module, args, kwargs, output):
@@ -156,22 +227,30 @@ class PrivateModule:
             self._out_grads[i] = g.detach()
         return hook
 
-    def replay(self, row_scale: torch.Tensor) -> None:
+    def replay(self, row_scale: torch.Tensor, accumulate) -> None:
         """Two-pass mode: re-run the last forward and backpropagate ``row_scale * dL/d(output)``;
-        the parameters' ``.grad`` then hold the clipped sum."""
-        if self._call is None or not self._out_grads:
+        every layer checks its gradient against the first pass and hands ``accumulate(target, grad)``
+        its share of the clipped sum."""
+        if not any(s.received for s in self.tape.sites):
             return
-        args, kwargs, (cpu_rng, cuda_rng) = self._call
+        if self._call is None or not self._out_grads:
+            raise DPError("two-pass mode found no output tensor of the model that the loss depends on (the "
+                          "outputs must be tensors, or tuples/lists/dicts of tensors); use mode='bk'")
+        args, kwargs, (cpu_rng, cuda_rng), autocast = self._call
         now = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda_rng is not None else None)
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
         self.replaying = True
+        self._replay_tape = replay_tape = _ReplayTape(self.tape, row_scale, accumulate)
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), contextlib.ExitStack() as stack:
+                for device_type, dtype in autocast:
+                    stack.enter_context(torch.autocast(device_type, dtype=dtype))
                 out = self.module(*args, **kwargs)
         finally:
             self.replaying = False
+            self._replay_tape = None
             torch.set_rng_state(now[0])
             if now[1] is not None:
                 torch.cuda.set_rng_state_all(now[1])
@@ -185,9 +264,10 @@ class PrivateModule:
                     f"shape {tuple(t.shape)} for {row_scale.shape[0]} rows")
             outs.append(t)
             grads.append(g * row_scale.to(g.dtype).view(-1, *([1] * (g.dim() - 1))))
-        torch.autograd.backward(outs, grads)
         self._call = None
         self._out_grads.clear()
+        torch.autograd.backward(outs, grads)
+        replay_tape.check_complete()
 
 
 def remove_private(module: nn.Module) -> nn.Module:

@@ -51,6 +51,7 @@ class Site:
     G: torch.Tensor | None = None
     received: bool = False
     epoch: int = 0
+    fingerprint: torch.Tensor | None = None  # two-pass: per-row squared norm of G, checked by the replay
 
 
 class Tape:
@@ -69,6 +70,7 @@ class Tape:
         self.rows: int | None = None
         self.sq_norms: torch.Tensor | None = None
         self.sealed = False          # set at the first backward: no more sites may be added
+        self.low_precision = False   # some output gradient was bf16/fp16 (autocast)
         self._component: dict[int, int] = {}
         self._members: dict[int, list[Site]] = {}
         self._pending: dict[int, int] = {}
@@ -137,6 +139,9 @@ class Tape:
                 f"module {site.name!r} received a second output gradient in one step: call backward "
                 "once per forward (retain_graph and double backward are not supported)")
         site.received = True
+        if self.two_pass:
+            site.fingerprint = fingerprint(G)
+            self.low_precision |= G.dtype in (torch.bfloat16, torch.float16)
         site.rule.absorb(site, G.detach())
         root = self._component[id(site)]
         self._pending[root] -= 1
@@ -224,6 +229,13 @@ class Tape:
             for t, g in zip(site.targets, site.rule.clipped_grads(site, self, row_scale)):
                 accumulate(t, g)
             site.rule.release(site)
+
+
+def fingerprint(G: torch.Tensor) -> torch.Tensor:
+    """Per-row squared norm of an output gradient (R,), in fp32 (fp64 stays fp64)."""
+    G = G.detach()
+    G = G.double() if G.dtype == torch.float64 else G.float()
+    return G.reshape(G.shape[0], -1).square().sum(dim=1)
 
 
 def _overlaps(a: tuple, b: tuple) -> bool:
