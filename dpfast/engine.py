@@ -133,6 +133,7 @@ class PrivacyEngine:
                              distributed=self.distributed, param_names=names)
         if loader is not None:
             loader.optimizer = dp_opt
+            dp_opt.data_loader_attached = True
         self.optimizer, self.loader, self.private_module = dp_opt, loader, pm
         pending = getattr(self, "_pending_state", None)
         if pending is not None:  # load_state_dict ran before make_private: resume where it left off

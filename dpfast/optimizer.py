@@ -51,6 +51,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self._chunk_pending = False
         self.steps = 0                 # logical steps released (noise added, parameters updated)
         self._logical_index: int | None = None  # the sampler's step index, when a DPDataLoader drives us
+        self.data_loader_attached = False       # set by make_private when it returns a DPDataLoader
         self._refused: BaseException | None = None  # an earlier chunk of this logical batch failed
         self.last_norms: torch.Tensor | None = None
         self.stats = {"samples": 0, "clipped": 0, "chunks": 0}
@@ -125,6 +126,11 @@ class DPOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 closure()
+        if self.data_loader_attached and not self._chunk_pending:
+            # each release must use a fresh Poisson batch and a fresh noise key (seed, sampler step);
+            # a second step() on the same batch would reuse the key, and the noise would cancel
+            raise DPError("optimizer.step() was called without a new batch from the private data loader: "
+                          "call it exactly once per batch the loader yields")
         samples, is_last = self._chunk if self._chunk_pending else (None, True)
         self._chunk_pending = False
         try:

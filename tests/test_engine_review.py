@@ -175,3 +175,16 @@ def test_load_state_dict_before_make_private_restores_sampler_and_noise_position
                                     data_loader=DataLoader(ds, batch_size=8), noise_multiplier=1.0,
                                     max_grad_norm=0.01)
     assert dl2.step == 1 and o2.steps == 1 and fresh.seed == engine.seed
+
+
+def test_a_second_step_on_the_same_batch_is_refused_so_noise_keys_never_repeat():
+    ds = TensorDataset(torch.randn(40, 4), torch.randn(40, 1))
+    _, m, o, dl = make(mlp(), data_loader=DataLoader(ds, batch_size=8), expected_batch_size=None,
+                       noise_multiplier=1.0)
+    for x, y in dl:
+        o.zero_grad()
+        (m(x) - y).square().sum(1).mean().backward()
+        assert o.step()
+        with pytest.raises(DPError, match="without a new batch"):
+            o.step()
+        break
