@@ -13,15 +13,28 @@ from __future__ import annotations
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torch.utils._pytree import tree_map
 
 from .random import poisson_mask
 
 
+def _empty_rows(x):
+    """Keep zero rows of a collated batch of one: tensors sliced, per-item lists (captions) emptied."""
+    if torch.is_tensor(x):
+        return x[:0]
+    if isinstance(x, dict):
+        return type(x)((k, _empty_rows(v)) for k, v in x.items())
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+        return type(x)(*(_empty_rows(v) for v in x))
+    if isinstance(x, (list, tuple)):
+        if len(x) == 1 and not isinstance(x[0], (list, tuple, dict)) and not torch.is_tensor(x[0]):
+            return type(x)()  # the batch's one non-tensor item (a caption, a path)
+        return type(x)(_empty_rows(v) for v in x)
+    return x
+
+
 def _empty_like_batch(collate, dataset):
     """An empty batch with the right shapes and dtypes (collate one sample, keep zero rows)."""
-    batch = collate([dataset[0]])
-    return tree_map(lambda t: t[:0] if torch.is_tensor(t) else t, batch)
+    return _empty_rows(collate([dataset[0]]))
 
 
 class _Plan:

@@ -188,6 +188,10 @@ class PrivacyEngine:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
+        if self.steps and self.sample_rate is None and not getattr(self, "_no_privacy", False):
+            raise DPError("cannot checkpoint the privacy state: steps were taken with an unknown sampling "
+                          "rate (no data_loader and no sample_rate given to make_private), so the privacy "
+                          "spent is unknown")
         return {
             "version": 1,
             "seed": self.seed,
@@ -207,8 +211,16 @@ class PrivacyEngine:
                              "PrivacyEngine(seed=...) from the checkpoint, or load before make_private")
         self.seed = sd["seed"]
         self._seed_given = True
+        if self.optimizer is not None and (int(sd["steps"]) < self.optimizer.steps
+                                           or len(sd["accountant"].get("history", [])) and
+                                           sum(n for *_, n in sd["accountant"]["history"]) < self.accountant.steps):
+            raise ValueError(
+                f"this checkpoint is at step {sd['steps']} but this engine has already released "
+                f"{self.optimizer.steps} steps: loading it would forget privacy already spent and reuse noise "
+                "keys. To roll a run back, load the checkpoint into a new PrivacyEngine in a new process")
         self.accountant.load_state_dict(sd["accountant"])
-        self._no_privacy = bool(sd.get("no_privacy", False))
+        # a release without noise can never be undone by loading a private checkpoint
+        self._no_privacy = getattr(self, "_no_privacy", False) or bool(sd.get("no_privacy", False))
         if self.optimizer is None:
             self._pending_state = sd  # applied by make_private: steps and sampler position
             return

@@ -188,3 +188,54 @@ def test_a_second_step_on_the_same_batch_is_refused_so_noise_keys_never_repeat()
         with pytest.raises(DPError, match="without a new batch"):
             o.step()
         break
+
+
+def _steps(engine, m, o, dl, n):
+    taken = 0
+    for x, y in dl:
+        o.zero_grad()
+        (m(x) - y).square().sum(1).mean().backward()
+        taken += o.step()
+        if taken == n:
+            return
+
+
+def test_loading_an_earlier_checkpoint_into_a_running_engine_is_refused():
+    ds = TensorDataset(torch.randn(40, 4), torch.randn(40, 1))
+    engine, m, o, dl = make(mlp(), data_loader=DataLoader(ds, batch_size=8), expected_batch_size=None,
+                            noise_multiplier=1.0)
+    _steps(engine, m, o, dl, 1)
+    early = engine.state_dict()
+    _steps(engine, m, o, dl, 2)
+    with pytest.raises(ValueError, match="already released"):
+        engine.load_state_dict(early)
+
+
+def test_a_release_without_noise_is_never_forgotten():
+    ds = TensorDataset(torch.randn(40, 4), torch.randn(40, 1))
+    private, m, o, dl = make(mlp(), data_loader=DataLoader(ds, batch_size=8), expected_batch_size=None,
+                             noise_multiplier=1.0)
+    _steps(private, m, o, dl, 1)
+    sd = private.state_dict()
+    engine, m, o, dl = make(mlp(), data_loader=DataLoader(ds, batch_size=8), expected_batch_size=None)
+    _steps(engine, m, o, dl, 1)
+    assert engine.get_epsilon(1e-5) == float("inf")
+    sd = dict(sd, seed=engine.seed)
+    engine.load_state_dict(sd)
+    assert engine.get_epsilon(1e-5) == float("inf")
+
+
+def test_no_checkpoint_when_the_sampling_rate_is_unknown():
+    engine, m, o, _ = make(mlp(), noise_multiplier=1.0)  # no data_loader, no sample_rate
+    m(torch.randn(6, 4)).square().sum(1).mean().backward()
+    o.step()
+    with pytest.raises(DPError, match="sampling rate"):
+        engine.state_dict()
+
+
+def test_empty_batch_with_captions_has_no_rows():
+    from dpfast.data import _empty_rows
+
+    batch = torch.utils.data.default_collate([(torch.zeros(3), "a caption", 1)])
+    empty = _empty_rows(batch)
+    assert empty[0].shape == (0, 3) and list(empty[1]) == [] and empty[2].shape == (0,)
