@@ -100,7 +100,7 @@ def test_noise_does_not_depend_on_how_the_vector_is_split(impl):
 
 
 @requires_ext
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(
     sizes=st.lists(st.integers(0, 70), min_size=1, max_size=6),
     base=st.integers(0, 2**40),
