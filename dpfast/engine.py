@@ -38,6 +38,8 @@ class PrivacyEngine:
         self.noise_multiplier: float | None = None
         self.sample_rate: float | None = None
         self.distributed = None
+        self._no_privacy = False        # a step was released without noise: epsilon is infinite
+        self._pending_state = None      # load_state_dict before make_private: applied by make_private
 
     # ------------------------------------------------------------------ make_private
     def make_private(self, *, module: nn.Module, optimizer: torch.optim.Optimizer,
@@ -135,7 +137,7 @@ class PrivacyEngine:
             loader.optimizer = dp_opt
             dp_opt.data_loader_attached = True
         self.optimizer, self.loader, self.private_module = dp_opt, loader, pm
-        pending = getattr(self, "_pending_state", None)
+        pending = self._pending_state
         if pending is not None:  # load_state_dict ran before make_private: resume where it left off
             self._pending_state = None
             self._apply_progress(pending)
@@ -182,13 +184,13 @@ class PrivacyEngine:
         if self.optimizer is not None and self.optimizer.steps and self.sample_rate is None:
             raise DPError("the sampling rate is unknown (no data_loader and no sample_rate given to "
                           "make_private), so the privacy spent cannot be accounted")
-        if getattr(self, "_no_privacy", False):
+        if self._no_privacy:
             return math.inf
         return self.accountant.get_epsilon(delta)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        if self.steps and self.sample_rate is None and not getattr(self, "_no_privacy", False):
+        if self.steps and self.sample_rate is None and not self._no_privacy:
             raise DPError("cannot checkpoint the privacy state: steps were taken with an unknown sampling "
                           "rate (no data_loader and no sample_rate given to make_private), so the privacy "
                           "spent is unknown")
@@ -200,7 +202,7 @@ class PrivacyEngine:
             "steps": self.steps,
             "accountant": self.accountant.state_dict(),
             "sampler": self.loader.state_dict() if self.loader is not None else None,
-            "no_privacy": getattr(self, "_no_privacy", False),
+            "no_privacy": self._no_privacy,
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -211,20 +213,29 @@ class PrivacyEngine:
                              "PrivacyEngine(seed=...) from the checkpoint, or load before make_private")
         self.seed = sd["seed"]
         self._seed_given = True
-        if self.optimizer is not None and (int(sd["steps"]) < self.optimizer.steps
-                                           or len(sd["accountant"].get("history", [])) and
-                                           sum(n for *_, n in sd["accountant"]["history"]) < self.accountant.steps):
-            raise ValueError(
-                f"this checkpoint is at step {sd['steps']} but this engine has already released "
-                f"{self.optimizer.steps} steps: loading it would forget privacy already spent and reuse noise "
-                "keys. To roll a run back, load the checkpoint into a new PrivacyEngine in a new process")
+        self._refuse_if_behind(sd)
         self.accountant.load_state_dict(sd["accountant"])
         # a release without noise can never be undone by loading a private checkpoint
-        self._no_privacy = getattr(self, "_no_privacy", False) or bool(sd.get("no_privacy", False))
+        self._no_privacy = self._no_privacy or bool(sd.get("no_privacy", False))
         if self.optimizer is None:
             self._pending_state = sd  # applied by make_private: steps and sampler position
             return
         self._apply_progress(sd)
+
+    def _refuse_if_behind(self, sd: dict) -> None:
+        """A checkpoint behind what this engine already released would forget spent privacy and make
+        the next releases reuse (seed, step) noise keys: refuse it."""
+        spent = sum(int(n) for *_, n in sd["accountant"].get("history", []))
+        behind = [spent < self.accountant.steps]
+        if self.optimizer is not None:
+            behind.append(int(sd["steps"]) < self.optimizer.steps)
+        if self.loader is not None and sd.get("sampler") is not None:
+            behind.append(int(sd["sampler"]["step"]) < self.loader.step)
+        if any(behind):
+            raise ValueError(
+                f"this checkpoint is at step {sd['steps']} but this engine has already released "
+                f"{self.steps} steps: loading it would forget privacy already spent and reuse noise keys. "
+                "To roll a run back, load the checkpoint into a new PrivacyEngine in a new process")
 
     def _apply_progress(self, sd: dict) -> None:
         self.optimizer.steps = int(sd["steps"])

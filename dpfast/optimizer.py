@@ -227,7 +227,8 @@ class DPOptimizer(torch.optim.Optimizer):
         clip = torch.where(bad, torch.zeros_like(clip), clip)
         self.last_norms = norms.detach()
         self.stats["samples"] += norms.numel()
-        self.stats["clipped"] += int((norms > self.max_grad_norm).sum())
+        # kept on the device: reading it here would add a GPU sync to every chunk
+        self.stats["clipped"] = self.stats["clipped"] + (norms > self.max_grad_norm).sum()
         row_scale = (clip * factor).repeat_interleave(K)
         if pm.mode == "two-pass":
             pm.replay(row_scale, self._add)
@@ -290,6 +291,6 @@ class DPOptimizer(torch.optim.Optimizer):
 
     def clip_fraction(self) -> float:
         """Fraction of samples clipped since the last reset of ``stats``."""
-        return self.stats["clipped"] / max(1, self.stats["samples"])
+        return int(self.stats["clipped"]) / max(1, self.stats["samples"])
 
 

@@ -158,15 +158,21 @@ def test_leaving_the_loader_mid_batch_does_not_count_chunks_twice():
     torch.testing.assert_close(_loader_run(True), _loader_run(False), rtol=1e-6, atol=1e-8)
 
 
+def _steps(engine, m, o, dl, n):
+    taken = 0
+    for x, y in dl:
+        o.zero_grad()
+        (m(x) - y).square().sum(1).mean().backward()
+        taken += o.step()
+        if taken == n:
+            return
+
+
 def test_load_state_dict_before_make_private_restores_sampler_and_noise_position():
     ds = TensorDataset(torch.randn(40, 4), torch.randn(40, 1))
     engine, m, o, dl = make(mlp(), data_loader=DataLoader(ds, batch_size=8), expected_batch_size=None,
                             noise_multiplier=1.0)
-    for x, y in dl:
-        o.zero_grad()
-        (m(x) - y).square().sum(1).mean().backward()
-        if o.step():
-            break
+    _steps(engine, m, o, dl, 1)
     sd = engine.state_dict()
     fresh = PrivacyEngine(accountant="rdp")
     fresh.load_state_dict(sd)  # before make_private, as the resume path naturally does
@@ -188,16 +194,6 @@ def test_a_second_step_on_the_same_batch_is_refused_so_noise_keys_never_repeat()
         with pytest.raises(DPError, match="without a new batch"):
             o.step()
         break
-
-
-def _steps(engine, m, o, dl, n):
-    taken = 0
-    for x, y in dl:
-        o.zero_grad()
-        (m(x) - y).square().sum(1).mean().backward()
-        taken += o.step()
-        if taken == n:
-            return
 
 
 def test_loading_an_earlier_checkpoint_into_a_running_engine_is_refused():
