@@ -29,7 +29,9 @@ CONV_CASES = {"3x3-32x32-c128": (64, 128, 32, 32, 128, 3, 1, 1, 1),
               "3x3-4x4-c256": (64, 256, 4, 4, 256, 3, 1, 1, 1),
               "down-s2-32x32-c128": (64, 128, 32, 32, 128, 3, 2, 1, 1),
               "nin-1x1-16x16-c256": (64, 256, 16, 16, 256, 1, 1, 0, 1)}
-# ghost norm pays off where T is small: attention at low resolution
+# ghost norms pay off where T is small: the low-resolution levels
+CONV_GHOST_CASES = {"3x3-4x4-c256": (64, 256, 4, 4, 256, 3, 1, 1, 1),
+                    "3x3-8x8-c256": (64, 256, 8, 8, 256, 3, 1, 1, 1)}
 GHOST_CASES = {"qkv-4x4": (64, 16, 256, 256, 1), "qkv-8x8": (64, 64, 256, 256, 1),
                "qkv-16x16": (64, 256, 256, 256, 1)}
 IMPLS = ("kernel", "ref", "wgrad")
@@ -129,8 +131,25 @@ def test_ghost_norm(benchmark, case, impl, dtype_name):
         mod = _kernels("ghost_norm")
         op = mod.ghost_norm if impl == "kernel" else mod.ghost_norm_ref
         fn = functools.partial(op, A, G, K)
-        flops = 2.0 * (R // K) * (K * T) ** 2 * (d + p) / 2  # upper-triangle Grams, as kernels.ghost_cost
+        flops = 2.0 * (R // K) * (K * T) ** 2 * (d + p) / 2  # upper-triangle Grams
     _run(benchmark, fn, flops, f"ghost_norm {case} {dtype_name}", impl, dtype_name, device)
+
+
+def _conv_inputs(case, dtype, device):
+    R, cin, H, W, cout, k, s, pad, K = case
+    R, cin, cout = _shrink(R, device, floor=2 * K), _shrink(cin, device), _shrink(cout, device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(R, cin, H, W, device=device, dtype=dtype, generator=gen)
+    Ho, Wo = (H + 2 * pad - k) // s + 1, (W + 2 * pad - k) // s + 1
+    G = torch.randn(R, cout, Ho, Wo, device=device, dtype=dtype, generator=gen)
+    return x, G, (k, s, pad, K)
+
+
+def _conv_wgrad(x, G, k, s, pad):
+    weight = torch.empty(G.shape[1], x.shape[1], k, k, device=x.device, dtype=x.dtype)
+    # The cuDNN weight-gradient call the non-private backward makes for this conv.
+    return lambda: torch.ops.aten.convolution_backward(
+        G, x, weight, None, [s, s], [pad, pad], [1, 1], False, [0, 0], 1, [False, True, False])
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
@@ -139,20 +158,31 @@ def test_ghost_norm(benchmark, case, impl, dtype_name):
 def test_conv2d_direct_norm(benchmark, case, impl, dtype_name):
     device, dtype = _device(), DTYPES[dtype_name]
     _check(impl, dtype, device)
-    R, cin, H, W, cout, k, s, pad, K = CONV_CASES[case]
-    R, cin, cout = _shrink(R, device, floor=2 * K), _shrink(cin, device), _shrink(cout, device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(R, cin, H, W, device=device, dtype=dtype, generator=gen)
-    Ho, Wo = (H + 2 * pad - k) // s + 1, (W + 2 * pad - k) // s + 1
-    G = torch.randn(R, cout, Ho, Wo, device=device, dtype=dtype, generator=gen)
+    x, G, (k, s, pad, K) = _conv_inputs(CONV_CASES[case], dtype, device)
+    (R, cin), (cout, Ho, Wo) = x.shape[:2], G.shape[1:]
     flops = 2.0 * R * Ho * Wo * cin * k * k * cout
     if impl == "wgrad":
-        weight = torch.empty(cout, cin, k, k, device=device, dtype=dtype)
-        # The cuDNN weight-gradient call the non-private backward makes for this conv.
-        fn = lambda: torch.ops.aten.convolution_backward(  # noqa: E731
-            G, x, weight, None, [s, s], [pad, pad], [1, 1], False, [0, 0], 1, [False, True, False])
+        fn = _conv_wgrad(x, G, k, s, pad)
     else:
         mod = _kernels("conv_norm")
         op = mod.conv2d_direct_norm if impl == "kernel" else mod.conv2d_direct_norm_ref
         fn = functools.partial(op, x, G, k, K, stride=(s, s), padding=(pad, pad))
     _run(benchmark, fn, flops, f"conv2d_direct_norm {case} {dtype_name}", impl, dtype_name, device)
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", list(CONV_GHOST_CASES))
+def test_conv2d_ghost_norm(benchmark, case, impl, dtype_name):
+    device, dtype = _device(), DTYPES[dtype_name]
+    _check(impl, dtype, device)
+    x, G, (k, s, pad, K) = _conv_inputs(CONV_GHOST_CASES[case], dtype, device)
+    (R, cin), (cout, Ho, Wo) = x.shape[:2], G.shape[1:]
+    if impl == "wgrad":
+        fn, flops = _conv_wgrad(x, G, k, s, pad), 2.0 * R * Ho * Wo * cin * k * k * cout
+    else:
+        mod = _kernels("conv_norm")
+        op = mod.conv2d_ghost_norm if impl == "kernel" else mod.conv2d_ghost_norm_ref
+        fn = functools.partial(op, x, G, k, K, stride=(s, s), padding=(pad, pad))
+        flops = 2.0 * (R // K) * (K * Ho * Wo) ** 2 * (cin * k * k + cout) / 2  # upper triangle
+    _run(benchmark, fn, flops, f"conv2d_ghost_norm {case} {dtype_name}", impl, dtype_name, device)

@@ -1,4 +1,5 @@
-"""The ``dpfast`` command: ``epsilon``, ``calibrate``, ``train``, ``sample``, ``evaluate``, ``bench``."""
+"""The ``dpfast`` command: ``epsilon``, ``calibrate``, ``train``, ``sample``, ``evaluate``, ``bench``,
+``check-kernels``."""
 from __future__ import annotations
 
 import argparse
@@ -32,10 +33,29 @@ def build_parser() -> argparse.ArgumentParser:
             p.set_defaults(_unavailable=f"{provides} unavailable: {e}")
             continue
         mod.add_commands(sub)
+    # listed for --help; main() hands its arguments to the tool's own parser
+    sub.add_parser("check-kernels",
+                   help="compile the Triton norm kernels for a GPU architecture (no GPU needed)")
     return parser
 
 
+def _check_kernels(argv) -> int:
+    """`python -m dpfast.kernels.compile_check`, with its own options (`dpfast check-kernels -h`).
+    Imported only when run: Triton is heavy and optional."""
+    from ._kernels import load_kernels
+
+    kernels = load_kernels()
+    if kernels is None or not kernels.HAS_TRITON:
+        print("dpfast check-kernels: needs Triton (`pip install triton`)", file=sys.stderr)
+        return 2
+    mod = importlib.import_module(kernels.__name__ + ".compile_check")
+    return mod.main(argv, prog="dpfast check-kernels")
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["check-kernels"]:
+        return _check_kernels(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "_unavailable", None):

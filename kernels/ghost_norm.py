@@ -9,13 +9,14 @@ import triton
 import triton.language as tl
 
 from .linear_norm import (_check_inputs, _dot_precision, _interpretable, _min_block, _n_tiles,
-                          _prune_blocks, _tuning)
+                          TuningSpace)
 
-_GHOST_CONFIGS = [
-    triton.Config({"BLOCK_T": bt, "BLOCK_F": bf}, num_warps=w, num_stages=s)
-    for bt, bf, w, s in [(32, 32, 4, 4), (64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3),
-                         (128, 64, 8, 3)]
-]
+GHOST_SPACE = TuningSpace(
+    ("BLOCK_T", "BLOCK_F"),
+    tensor_core=[(32, 32, 4, 4), (64, 32, 4, 3), (64, 64, 8, 3), (128, 32, 8, 3)],
+    # two Gram tiles in FMA registers: 8 warps, or they spill
+    fma=[(32, 32, 8, 3), (64, 32, 8, 3)],
+    interp=(16, 16))
 
 
 @triton.jit
@@ -34,9 +35,9 @@ def _gram_tile(X, row_t, tok_t, row_s, tok_s, in_t, in_s, n_f, s_r, s_t, s_f, ac
 
 
 @triton.autotune(
-    configs=_tuning(_GHOST_CONFIGS, BLOCK_T=16, BLOCK_F=16),
-    key=["n_red", "d", "p"],  # not the batch: it changes every step under Poisson sampling
-    prune_configs_by={"early_config_prune": _prune_blocks(BLOCK_T="n_red", BLOCK_F=("d", "p"))},
+    configs=GHOST_SPACE.configs,
+    key=["n_red", "d", "p", "PRECISION"],  # not the batch: it changes every step (Poisson sampling)
+    prune_configs_by={"early_config_prune": GHOST_SPACE.prune(BLOCK_T="n_red", BLOCK_F=("d", "p"))},
 )
 @triton.jit
 def _ghost_norm_kernel(

@@ -14,26 +14,60 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _tuning(gpu_configs, **interp_blocks):
-    # Under the interpreter a single small config skips benchmarking and keeps tests fast;
-    # 16 is the smallest tile tl.dot accepts on a GPU, so the interpreted code is the GPU code.
-    return [triton.Config(interp_blocks, num_warps=4)] if INTERPRET else gpu_configs
+def _configs(names, rows):
+    """triton.Config list from (block sizes..., num_warps, num_stages) rows."""
+    return [triton.Config(dict(zip(names, r[:-2])), num_warps=r[-2], num_stages=r[-1]) for r in rows]
 
 
-def _prune_blocks(**dims):
-    """`early_config_prune` dropping configs whose tile is wider than the padded dim: on a
-    3-channel layer a 128 tile is 97% masked-out work.  `dims` maps a block name to the kernel
-    argument(s) it tiles.  Always keeps at least one config."""
-    def prune(configs, named_args, **kwargs):
-        def size(names):
-            return max(named_args[n] for n in ((names,) if isinstance(names, str) else names))
+def _config_key(c):
+    return tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages
 
-        def fits(c):
-            return all(c.kwargs[blk] <= max(32, triton.next_power_of_2(size(names)))
-                       for blk, names in dims.items())
-        kept = [c for c in configs if fits(c)]
-        return kept or [min(configs, key=lambda c: sum(c.kwargs[b] for b in dims))]
-    return prune
+
+class TuningSpace:
+    """A kernel's autotuning configs, in two families: `tensor_core` for the dots that run on tensor
+    cores (bf16, fp16, fp32 as tf32) and `fma` for fp32 'ieee' dots, which run on the FMA units
+    and hold far more in registers.  Every config of both lists compiles for sm_90 without register
+    spills for each case of `compile_check` (`dpfast check-kernels` re-checks it).
+
+    Under the interpreter a single small config skips benchmarking and keeps tests fast; 16 is the
+    smallest tile tl.dot accepts on a GPU, so the interpreted code is the GPU code."""
+
+    def __init__(self, names, tensor_core, fma, interp):
+        self.tensor_core, self.fma = _configs(names, tensor_core), _configs(names, fma)
+        self.interp = [triton.Config(dict(zip(names, interp)), num_warps=4)]
+
+    @property
+    def configs(self):
+        """What the autotuner is given (the union; `prune` picks the family per launch)."""
+        if INTERPRET:
+            return self.interp
+        keys = {_config_key(c) for c in self.tensor_core}
+        return self.tensor_core + [c for c in self.fma if _config_key(c) not in keys]
+
+    def family(self, dtype, precision):
+        """The configs for inputs of `dtype` with tl.dot input_precision `precision`."""
+        if INTERPRET:
+            return self.interp
+        return self.fma if dtype == torch.float32 and precision == "ieee" else self.tensor_core
+
+    def prune(self, **dims):
+        """`early_config_prune`: the family of this launch's dtype and PRECISION, without tiles
+        wider than the padded dim (on a 3-channel layer a 128 tile is 97% masked-out work).
+        `dims` maps a block name to the kernel argument(s) it tiles.  Keeps at least one config."""
+        def prune(configs, named_args, **kwargs):
+            dtype = next(v.dtype for v in named_args.values() if isinstance(v, torch.Tensor))
+            keys = {_config_key(c) for c in self.family(dtype, kwargs.get("PRECISION"))}
+            configs = [c for c in configs if _config_key(c) in keys] or configs
+
+            def size(names):
+                return max(named_args[n] for n in ((names,) if isinstance(names, str) else names))
+
+            def fits(c):
+                return all(c.kwargs[blk] <= max(32, triton.next_power_of_2(size(names)))
+                           for blk, names in dims.items())
+            kept = [c for c in configs if fits(c)]
+            return kept or [min(configs, key=lambda c: sum(c.kwargs[b] for b in dims))]
+        return prune
 
 
 def _min_block(kernel, name):
@@ -88,20 +122,20 @@ def _dot_precision(dtype, allow_tf32):
     return "tf32" if (allow_tf32 and dtype == torch.float32) else "ieee"
 
 
-_LINEAR_CONFIGS = [
-    triton.Config({"BLOCK_T": bt, "BLOCK_D": bd, "BLOCK_P": bp}, num_warps=w, num_stages=s)
-    for bt, bd, bp, w, s in [
-        (32, 32, 32, 4, 4), (32, 64, 64, 4, 4), (64, 64, 64, 4, 3), (32, 128, 64, 4, 3),
-        (32, 64, 128, 4, 3), (32, 128, 128, 8, 3), (64, 128, 128, 8, 3),
-    ]
-]
+LINEAR_SPACE = TuningSpace(
+    ("BLOCK_T", "BLOCK_D", "BLOCK_P"),
+    tensor_core=[(32, 32, 32, 4, 4), (32, 64, 64, 4, 4), (64, 64, 64, 4, 3), (32, 128, 64, 4, 3),
+                 (32, 64, 128, 4, 3), (32, 128, 128, 8, 3), (64, 128, 64, 8, 3),
+                 (64, 64, 128, 8, 3)],
+    fma=[(32, 32, 32, 4, 4), (32, 64, 64, 4, 4), (64, 64, 64, 4, 3), (32, 128, 128, 8, 3)],
+    interp=(16, 16, 16))
 
 
 # Key leaves out the batch: Poisson sampling changes it every step and must not trigger re-tuning.
 @triton.autotune(
-    configs=_tuning(_LINEAR_CONFIGS, BLOCK_T=16, BLOCK_D=16, BLOCK_P=16),
-    key=["n_red", "d", "p"],
-    prune_configs_by={"early_config_prune": _prune_blocks(BLOCK_D="d", BLOCK_P="p")},
+    configs=LINEAR_SPACE.configs,
+    key=["n_red", "d", "p", "PRECISION"],
+    prune_configs_by={"early_config_prune": LINEAR_SPACE.prune(BLOCK_D="d", BLOCK_P="p")},
 )
 @triton.jit
 def _linear_direct_norm_kernel(

@@ -17,10 +17,11 @@ if not HAS_TRITON:
 # Functions, not modules: the package's `ghost_norm` attribute is the launcher, which shadows
 # the submodule of the same name.
 from .conv_norm import _pair, conv2d_direct_norm as _conv_launcher  # noqa: E402
+from .conv_norm import conv2d_ghost_norm as _conv_ghost_launcher  # noqa: E402
 from .ghost_norm import ghost_norm as _ghost_launcher  # noqa: E402
 from .linear_norm import linear_direct_norm as _linear_launcher  # noqa: E402
 
-__all__ = ["linear_direct_norm", "ghost_norm", "conv2d_direct_norm"]
+__all__ = ["linear_direct_norm", "ghost_norm", "conv2d_direct_norm", "conv2d_ghost_norm"]
 
 
 def _fake_norms(t: torch.Tensor, K: int) -> torch.Tensor:
@@ -62,17 +63,40 @@ linear_direct_norm = _custom_op(
     lambda A, G, K=1, allow_tf32=False: _fake_norms(A, K))
 ghost_norm = _custom_op(
     "ghost_norm", _ghost_norm, lambda A, G, K=1, allow_tf32=False: _fake_norms(A, K))
-_conv_op = _custom_op(
-    "conv2d_direct_norm", _conv2d_direct_norm,
-    lambda x, G, kernel_size, K, stride, padding, dilation, groups, allow_tf32=False:
-        _fake_norms(x, K))
+
+
+def _conv2d_ghost_norm(x: torch.Tensor, G: torch.Tensor, kernel_size: Sequence[int], K: int,
+                       stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                       groups: int, allow_tf32: bool = False) -> torch.Tensor:
+    return _conv_ghost_launcher(x, G, tuple(kernel_size), K, tuple(stride), tuple(padding),
+                                tuple(dilation), groups, allow_tf32=allow_tf32)
+
+
+def _fake_conv(x, G, kernel_size, K, stride, padding, dilation, groups, allow_tf32=False):
+    return _fake_norms(x, K)
+
+
+_conv_op = _custom_op("conv2d_direct_norm", _conv2d_direct_norm, _fake_conv)
+_conv_ghost_op = _custom_op("conv2d_ghost_norm", _conv2d_ghost_norm, _fake_conv)
+
+
+def _conv_call(op, x, G, kernel_size, K, stride, padding, dilation, groups, allow_tf32):
+    # The op schema takes int lists: ints are widened to pairs here.
+    p = lambda v, n: list(_pair(v, n))  # noqa: E731
+    return op(x, G, p(kernel_size, "kernel_size"), K, p(stride, "stride"), p(padding, "padding"),
+              p(dilation, "dilation"), groups, allow_tf32)
 
 
 def conv2d_direct_norm(x: torch.Tensor, G: torch.Tensor, kernel_size, K: int = 1, stride=(1, 1),
                        padding=(0, 0), dilation=(1, 1), groups: int = 1, *,
                        allow_tf32: bool = False) -> torch.Tensor:
-    """`conv_norm.conv2d_direct_norm` through the custom op; ints are widened to pairs because
-    the op schema takes int lists."""
-    p = lambda v, n: list(_pair(v, n))  # noqa: E731
-    return _conv_op(x, G, p(kernel_size, "kernel_size"), K, p(stride, "stride"),
-                    p(padding, "padding"), p(dilation, "dilation"), groups, allow_tf32)
+    """`conv_norm.conv2d_direct_norm` through the custom op."""
+    return _conv_call(_conv_op, x, G, kernel_size, K, stride, padding, dilation, groups, allow_tf32)
+
+
+def conv2d_ghost_norm(x: torch.Tensor, G: torch.Tensor, kernel_size, K: int = 1, stride=(1, 1),
+                      padding=(0, 0), dilation=(1, 1), groups: int = 1, *,
+                      allow_tf32: bool = False) -> torch.Tensor:
+    """`conv_norm.conv2d_ghost_norm` through the custom op."""
+    return _conv_call(_conv_ghost_op, x, G, kernel_size, K, stride, padding, dilation, groups,
+                      allow_tf32)

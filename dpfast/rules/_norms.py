@@ -51,9 +51,55 @@ def ghost_cost(T: int, d: int, p: int) -> float:
     return 2.0 * T * T * (d + p) + T * T
 
 
-def prefer_ghost(T: int, d: int, p: int) -> bool:
-    """The cost model: ghost when it does fewer FLOPs. ``T`` already includes the multiplicity K."""
-    return ghost_cost(T, d, p) < direct_cost(T, d, p)
+# Machine balance (FLOPs per byte of HBM traffic) at which a Triton norm kernel turns compute
+# bound on an H100-class GPU: ~600 TFLOP/s of dense bf16 tensor-core work or ~50 of fp32 FMA, over
+# ~3 TB/s.  Only the ratio of the two kernels' modelled times matters.
+_BALANCE = {"tensor_core": 200.0, "fma": 17.0}
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _tile(n: int, widest: int = 64) -> int:
+    """The tile the kernels' autotuning prunes to for a dimension of size n: a power of two in
+    [32, widest] (`TuningSpace.prune`)."""
+    return min(widest, max(32, 1 << max(0, n - 1).bit_length()))
+
+
+def kernel_cost(method: str, T: int, d: int, p: int, dtype: torch.dtype) -> float:
+    """Modelled time of one sample's norm by the Triton kernel `method` ("direct" or "ghost"),
+    in FLOP-equivalents: max(FLOPs padded to the kernel's tiles, compulsory HBM bytes x machine
+    balance).
+
+    direct: (d x p) output tiles of up to 64, positions streamed in steps of 32.  ghost: the upper
+    triangle of (T/bt)^2 tile pairs, each a bt x bt block of both Grams over the padded features.
+    Padding is what the FLOP model misses at the small sizes where the choice is close (a 3-channel
+    layer fills 3/32 of a tensor-core tile).  Re-reads of A and G across tiles are assumed to hit
+    L2, so both kernels move the same compulsory bytes; where both are memory bound they tie and
+    direct (no T^2 term) is kept.  A model, not a measurement: no GPU has timed it yet."""
+    tensor_core = dtype in (torch.bfloat16, torch.float16)
+    balance = _BALANCE["tensor_core" if tensor_core else "fma"]
+    traffic = T * (d + p) * torch.empty((), dtype=dtype).element_size()
+    if method == "direct":
+        bd, bp = _tile(d), _tile(p)
+        flops = 2.0 * _cdiv(T, 32) * 32 * _cdiv(d, bd) * bd * _cdiv(p, bp) * bp
+    elif method == "ghost":
+        bt = _tile(T)
+        pairs = _cdiv(T, bt) * (_cdiv(T, bt) + 1) / 2
+        flops = pairs * 2.0 * bt * bt * (_cdiv(d, 32) * 32 + _cdiv(p, 32) * 32)
+    else:
+        raise ValueError(f"unknown norm method {method!r}; expected 'direct' or 'ghost'")
+    return max(flops, traffic * balance)
+
+
+def prefer_ghost(T: int, d: int, p: int, kernel_dtype: torch.dtype | None = None) -> bool:
+    """The cost model, ``T`` including the multiplicity K.  For the torch backend
+    (``kernel_dtype=None``) ghost when it does fewer FLOPs; for the Triton kernels on inputs of
+    ``kernel_dtype``, the modelled kernel times (:func:`kernel_cost`)."""
+    if kernel_dtype is None:
+        return ghost_cost(T, d, p) < direct_cost(T, d, p)
+    return kernel_cost("ghost", T, d, p, kernel_dtype) < kernel_cost("direct", T, d, p, kernel_dtype)
 
 
 def _chunks(n: int, per_sample: int):

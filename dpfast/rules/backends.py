@@ -39,21 +39,28 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 def linear_weight_norm_sq(A3, G3, K: int, backend: str, method: str) -> torch.Tensor:
     """A3: (B*K, T, d), G3: (B*K, T, p) -> (B,) squared norms of each sample's ``sum g a^T``."""
     T, d, p = K * A3.shape[1], A3.shape[2], G3.shape[2]
+    kernel = resolve_backend(backend, A3.device) == "triton" and A3.dtype != torch.float64
     if method == "auto":
-        method = "ghost" if _norms.prefer_ghost(T, d, p) else "direct"
-    if resolve_backend(backend, A3.device) == "triton" and A3.dtype != torch.float64:
+        method = "ghost" if _norms.prefer_ghost(T, d, p, A3.dtype if kernel else None) else "direct"
+    if kernel:
         k = _kernels()
         fn = k.ops.ghost_norm if method == "ghost" else k.ops.linear_direct_norm
         return fn(A3.contiguous(), G3.contiguous(), K)
     return _norms.linear_norm_sq(_norms.group_rows(A3, K), _norms.group_rows(G3, K), method)
 
 
-def conv2d_weight_norm_sq(x, G, kernel_size, K, stride, padding, dilation, groups, backend, method):
-    """Triton implicit-GEMM direct norm of a (non-transposed) conv2d weight; None if not applicable."""
-    if method == "ghost" or x.dtype == torch.float64:
-        return None
-    if resolve_backend(backend, x.device) != "triton":
-        return None
+def conv2d_kernel_applies(x, transposed: bool, kernel_size, backend: str) -> bool:
+    """Whether a conv's weight norm runs on the Triton implicit-GEMM kernels (non-transposed 2-D
+    convs in fp32/bf16/fp16 on the triton backend); the torch rule handles the rest."""
+    return (not transposed and len(kernel_size) == 2 and x.dtype != torch.float64
+            and resolve_backend(backend, x.device) == "triton")
+
+
+def conv2d_weight_norm_sq(x, G, kernel_size, K, stride, padding, dilation, groups, method):
+    """Triton implicit-GEMM norm of a conv2d weight where `conv2d_kernel_applies`; ``method``
+    already resolved to "direct" or "ghost"."""
+    if method not in ("direct", "ghost"):
+        raise ValueError(f"conv norm method must be resolved to 'direct' or 'ghost', got {method!r}")
     k = _kernels()
-    return k.ops.conv2d_direct_norm(x, G, tuple(kernel_size), K, tuple(stride), tuple(padding),
-                                    tuple(dilation), groups)
+    fn = k.ops.conv2d_ghost_norm if method == "ghost" else k.ops.conv2d_direct_norm
+    return fn(x, G, tuple(kernel_size), K, tuple(stride), tuple(padding), tuple(dilation), groups)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _norms
-from .backends import conv2d_weight_norm_sq
+from .backends import conv2d_kernel_applies, conv2d_weight_norm_sq
 from .base import Rule, Target, autocast_cast, scale_rows, trainable
 
 _conv_bwd = torch.ops.aten.convolution_backward.default
@@ -136,13 +136,14 @@ class ConvRule(Rule):
             stride, padding, dilation, transposed, _, groups = site.saved["cfg"]
             src, other, _, d_g, p_g, _ = self._layout(site)
             T = K * other[0, 0].numel()
+            x, ks = site.saved["x"], site.saved["kernel_size"]
+            kernel = conv2d_kernel_applies(x, transposed, ks, tape.backend)
             method = tape.norm_method
             if method == "auto":
-                method = "ghost" if _norms.prefer_ghost(T, d_g, p_g) else "direct"
+                method = "ghost" if _norms.prefer_ghost(T, d_g, p_g, x.dtype if kernel else None) else "direct"
             fast = None
-            if not transposed and len(site.saved["kernel_size"]) == 2:
-                fast = conv2d_weight_norm_sq(site.saved["x"], G, site.saved["kernel_size"], K, stride, padding,
-                                             dilation, groups, tape.backend, method)
+            if kernel:
+                fast = conv2d_weight_norm_sq(x, G, ks, K, stride, padding, dilation, groups, method)
             if fast is not None:
                 out += fast.to(out.dtype)
             elif method == "direct":

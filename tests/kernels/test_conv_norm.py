@@ -1,4 +1,4 @@
-"""kernels/conv_norm.py: implicit-GEMM direct per-sample norm of a Conv2d weight gradient."""
+"""kernels/conv_norm.py: implicit-GEMM direct and ghost per-sample norms of a Conv2d weight gradient."""
 import pytest
 
 pytest.importorskip("triton")
@@ -11,7 +11,11 @@ from helpers import requires_cuda  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 
 from kernels import ops  # noqa: E402
-from kernels.conv_norm import conv2d_direct_norm, conv2d_direct_norm_ref  # noqa: E402
+from kernels.conv_norm import (conv2d_direct_norm, conv2d_direct_norm_ref,  # noqa: E402
+                               conv2d_ghost_norm, conv2d_ghost_norm_ref)
+
+LAUNCHERS = {"direct": conv2d_direct_norm, "ghost": conv2d_ghost_norm}
+REFS = {"direct": conv2d_direct_norm_ref, "ghost": conv2d_ghost_norm_ref}
 
 # (atol, rtol) against an fp64 reference on the same (rounded) inputs.
 TOL = {torch.float64: (1e-12, 1e-10), torch.float32: (1e-5, 2e-5)}
@@ -58,8 +62,8 @@ def oracle(x, G, kernel_size, K, stride, padding, dilation, groups):
     return grads.square().sum((1, 2, 3, 4))
 
 
-def check_kernel(x, G, kw):
-    out = conv2d_direct_norm(x, G, **kw)
+def check_kernel(x, G, kw, method="direct"):
+    out = LAUNCHERS[method](x, G, **kw)
     assert out.dtype == torch.float32 and out.shape == (x.shape[0] // kw["K"],)
     atol, rtol = TOL[torch.float32]
     torch.testing.assert_close(out.double().cpu(),
@@ -67,17 +71,25 @@ def check_kernel(x, G, kw):
                                atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("method", REFS)
 @pytest.mark.parametrize("case", CASES)
-def test_ref_matches_vmap_oracle(case):
+def test_ref_matches_vmap_oracle(case, method):
     x, G, kw = make(*case, dtype=torch.float64)
     atol, rtol = TOL[torch.float64]
-    torch.testing.assert_close(conv2d_direct_norm_ref(x, G, **kw), oracle(x, G, **kw),
-                               atol=atol, rtol=rtol)
+    torch.testing.assert_close(REFS[method](x, G, **kw), oracle(x, G, **kw), atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("method", LAUNCHERS)
 @pytest.mark.parametrize("case", CASES)
-def test_kernel_matches_ref(case, device):
-    check_kernel(*make(*case, device=device))
+def test_kernel_matches_ref(case, method, device):
+    check_kernel(*make(*case, device=device), method)
+
+
+def test_ghost_kernel_spans_several_position_tiles(device):
+    # K*Ho*Wo = 3*7*7 = 147 positions: 10 tiles of 16 under the interpreter, so off-diagonal
+    # (doubled) and skipped lower-triangle tiles are both exercised, with a partial last tile.
+    check_kernel(*make(2, 3, 4, 5, 7, 7, (3, 3), (1, 1), (1, 1), (1, 1), 1, True, device=device),
+                 "ghost")
 
 
 @st.composite
@@ -96,17 +108,18 @@ def conv_cases(draw):
 # derandomize: the same 10 shapes on every run (a seeded test, not a flaky one).
 @settings(max_examples=10, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])  # `device` is stateless
-@given(case=conv_cases())
-def test_kernel_matches_ref_on_random_shapes(case, device):
-    check_kernel(*make(*case, device=device))
+@given(case=conv_cases(), method=st.sampled_from(sorted(LAUNCHERS)))
+def test_kernel_matches_ref_on_random_shapes(case, method, device):
+    check_kernel(*make(*case, device=device), method)
 
 
-def test_int_arguments_and_empty_batch(device):
+@pytest.mark.parametrize("method", LAUNCHERS)
+def test_int_arguments_and_empty_batch(method, device):
+    fn = LAUNCHERS[method]
     x, G, _ = make(1, 2, 4, 2, 6, 6, (3, 3), (2, 2), (1, 1), (1, 1), 2, False, device=device)
     kw = dict(K=2, stride=2, padding=1, dilation=1, groups=2)
-    torch.testing.assert_close(conv2d_direct_norm(x, G, 3, **kw),
-                               conv2d_direct_norm(x, G, (3, 3), **{**kw, "stride": (2, 2)}))
-    assert conv2d_direct_norm(x[:0], G[:0], 3, **kw).shape == (0,)
+    torch.testing.assert_close(fn(x, G, 3, **kw), fn(x, G, (3, 3), **{**kw, "stride": (2, 2)}))
+    assert fn(x[:0], G[:0], 3, **kw).shape == (0,)
 
 
 @pytest.mark.parametrize("G_shape, kw, match", [
@@ -115,15 +128,17 @@ def test_int_arguments_and_empty_batch(device):
     ((2, 4, 4, 4), dict(padding="same"), "resolve 'same' to ints"),
     ((2, 4, 4, 4), dict(K=3), "multiple of the multiplicity"),
 ])
-def test_bad_inputs_name_the_tensor(G_shape, kw, match, device):
+@pytest.mark.parametrize("method", LAUNCHERS)
+def test_bad_inputs_name_the_tensor(G_shape, kw, match, method, device):
     with pytest.raises(ValueError, match=match):
-        conv2d_direct_norm(torch.zeros(2, 4, 6, 6, device=device),
-                           torch.zeros(G_shape, device=device), 3, **kw)
+        LAUNCHERS[method](torch.zeros(2, 4, 6, 6, device=device),
+                          torch.zeros(G_shape, device=device), 3, **kw)
 
 
 @requires_cuda
+@pytest.mark.parametrize("method", LAUNCHERS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_vs_fp64(dtype):
+def test_low_precision_vs_fp64(dtype, method):
     x, G, kw = make(4, 2, 32, 48, 16, 16, (3, 3), (1, 1), (1, 1), (1, 1), 2, True,
                     dtype=dtype, device="cuda")
     ref = conv2d_direct_norm_ref(x.double(), G.double(), **kw)
@@ -131,14 +146,16 @@ def test_low_precision_vs_fp64(dtype):
     cols = F.unfold(x, 3, padding=1).reshape(4, 2, 2, 144, 256)
     M = torch.einsum("bkgjl,bkgcl->bgcj", cols, G.reshape(4, 2, 2, 24, 256))
     torch_err = (M.double().square().sum((1, 2, 3)) - ref).abs().max().item()
-    err = (conv2d_direct_norm(x, G, **kw).double() - ref).abs().max().item()
+    err = (LAUNCHERS[method](x, G, **kw).double() - ref).abs().max().item()
     assert err <= LOWP_FACTOR * torch_err + TOL[torch.float32][1] * ref.abs().max().item()
 
 
-def test_custom_op_matches_launcher_and_fakes(device):
+@pytest.mark.parametrize("method", LAUNCHERS)
+def test_custom_op_matches_launcher_and_fakes(method, device):
+    op = getattr(ops, f"conv2d_{method}_norm")
     x, G, kw = make(*CASES[0], device=device)
-    assert torch.equal(ops.conv2d_direct_norm(x, G, **kw), conv2d_direct_norm(x, G, **kw))
+    assert torch.equal(op(x, G, **kw), LAUNCHERS[method](x, G, **kw))
     with FakeTensorMode():
-        fake = ops.conv2d_direct_norm(torch.empty(6, 4, 9, 8), torch.empty(6, 6, 5, 4), 3, K=3,
+        fake = op(torch.empty(6, 4, 9, 8), torch.empty(6, 6, 5, 4), 3, K=3,
                                       stride=2, padding=1, groups=2)
     assert fake.shape == (2,) and fake.dtype == torch.float32

@@ -12,7 +12,7 @@ import torch.nn.functional as F  # noqa: E402
 from helpers import requires_cuda  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 
-from kernels import direct_cost, ghost_cost, ops  # noqa: E402
+from kernels import ops  # noqa: E402
 from kernels.linear_norm import linear_direct_norm, linear_direct_norm_ref  # noqa: E402
 
 # (atol, rtol) against an fp64 reference on the same (rounded) inputs.  fp64 is the spec-vs-oracle
@@ -135,16 +135,10 @@ def test_custom_op_matches_launcher_and_fakes(device):
     assert fake.shape == (2,) and fake.dtype == torch.float32
 
 
-def test_cost_model_prefers_direct_for_long_sequences():
-    # Top U-Net level (32x32 -> T=1024 positions, 128 channels): direct; 4x4 level: ghost.
-    assert direct_cost(8, 1024, 128, 128) < ghost_cost(8, 1024, 128, 128)
-    assert ghost_cost(8, 16, 256, 256) < direct_cost(8, 16, 256, 256)
-
-
 def test_import_kernels_without_triton():
     # `import dpfast` must work where Triton is missing; the package says so instead of failing.
     code = ("import sys; sys.modules['triton'] = None; import kernels; "
             "assert not kernels.HAS_TRITON and 'triton' in kernels.TRITON_IMPORT_ERROR; "
-            "assert kernels.direct_cost(1, 2, 3, 4) == 48")
+            "assert not hasattr(kernels, 'ops')")
     subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
                    check=True)
