@@ -95,7 +95,7 @@ def _conv2d_direct_norm_kernel(
         acc = tl.dot(g, x, acc, input_precision=PRECISION)
     sq = tl.sum(tl.sum(acc * acc, axis=1), axis=0)
     n_tiles = tl.num_programs(1) * tl.num_programs(2)
-    tl.store(part + i * n_slots + grp * n_tiles + pid_co * tl.num_programs(2) + pid_j, sq)
+    tl.store(part + i.to(tl.int64) * n_slots + grp * n_tiles + pid_co * tl.num_programs(2) + pid_j, sq)
 
 
 # Two gathered patch tiles per step are register-hungry: only these tiles compile without spills
@@ -157,7 +157,7 @@ def _conv2d_ghost_norm_kernel(
     weight = 1.0 + (pid_s > pid_t).to(tl.float32)
     val = tl.sum(tl.sum(gram_x * gram_g, axis=1), axis=0) * weight
     n_tiles = tl.num_programs(1) * tl.num_programs(2)
-    tl.store(part + i * n_slots + grp * n_tiles + pid_t * tl.num_programs(2) + pid_s, val)
+    tl.store(part + i.to(tl.int64) * n_slots + grp * n_tiles + pid_t * tl.num_programs(2) + pid_s, val)
 
 
 def _pair(v, name):

@@ -64,7 +64,7 @@ def _ghost_norm_kernel(
                         zero, PRECISION, BLOCK_F)
     weight = 1.0 + (pid_s > pid_t).to(tl.float32)
     val = tl.sum(tl.sum(gram_a * gram_g, axis=1), axis=0) * weight
-    tl.store(part + i * n_slots + pid_t * tl.num_programs(2) + pid_s, val)
+    tl.store(part + i.to(tl.int64) * n_slots + pid_t * tl.num_programs(2) + pid_s, val)
 
 
 def ghost_norm(A: torch.Tensor, G: torch.Tensor, K: int = 1, *,

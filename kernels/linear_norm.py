@@ -163,7 +163,8 @@ def _linear_direct_norm_kernel(
                     mask=in_r[:, None] & (offs_p[None, :] < p), other=0.0)
         acc = tl.dot(tl.trans(a), g, acc, input_precision=PRECISION)
     sq = tl.sum(tl.sum(acc * acc, axis=1), axis=0)
-    tl.store(part + i * n_slots + pid_d * tl.num_programs(2) + pid_p, sq)
+    # int64: B * n_slots passes 2^31 for large batches of long sequences
+    tl.store(part + i.to(tl.int64) * n_slots + pid_d * tl.num_programs(2) + pid_p, sq)
 
 
 def linear_direct_norm(A: torch.Tensor, G: torch.Tensor, K: int = 1, *,

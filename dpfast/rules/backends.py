@@ -45,7 +45,7 @@ def linear_weight_norm_sq(A3, G3, K: int, backend: str, method: str) -> torch.Te
     if kernel:
         k = _kernels()
         fn = k.ops.ghost_norm if method == "ghost" else k.ops.linear_direct_norm
-        return fn(A3.contiguous(), G3.contiguous(), K)
+        return fn(A3, G3, K)  # any strides: no copy of a transposed token view
     return _norms.linear_norm_sq(_norms.group_rows(A3, K), _norms.group_rows(G3, K), method)
 
 
