@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from ._precision import exact_fp32
 from .errors import BatchLayoutError, DPError, PrivacyLeakError, UnsupportedModuleError
 from .rules import SUPPORTED, find_rule
 from .tape import Tape, fingerprint
@@ -89,7 +90,9 @@ class _ReplayTape:
         site.received = True
         site.rule.absorb(site, G.detach())
         ones = torch.ones(G.shape[0], dtype=torch.float32, device=G.device)
-        for t, g in zip(site.targets, site.rule.clipped_grads(site, self, ones)):
+        with exact_fp32():
+            grads = site.rule.clipped_grads(site, self, ones)
+        for t, g in zip(site.targets, grads):
             self.accumulate(t, g)
         site.rule.release(site)
 
@@ -233,6 +236,12 @@ class PrivateModule:
         its share of the clipped sum."""
         if not any(s.received for s in self.tape.sites):
             return
+        if self.tape.low_precision:
+            raise PrivacyLeakError(
+                "two-pass mode under bf16/fp16 autocast is refused: its second backward carries the "
+                "clip-scaled gradients through the model in low precision, and their rounding (1-2% per "
+                "row after a few layers) lets a sample's contribution exceed max_grad_norm, which the "
+                "noise does not cover. Use mode='bk' (the default): it clips and sums in fp32")
         if self._call is None or not self._out_grads:
             raise DPError("two-pass mode found no output tensor of the model that the loss depends on (the "
                           "outputs must be tensors, or tuples/lists/dicts of tensors); use mode='bk'")

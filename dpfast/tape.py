@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ._precision import exact_fp32
 from .errors import BatchLayoutError, DPError, UnsupportedModuleError
 
 
@@ -161,7 +162,7 @@ class Tape:
         if not members or not self.rows:
             return
         # named for profilers (the benchmark harness reports the norm share of a step from it)
-        with torch.profiler.record_function("dpfast::norm"):
+        with torch.profiler.record_function("dpfast::norm"), exact_fp32():
             if len(members) == 1:
                 self._add_norms(members[0].rule.norm_sq(members[0], self))
             else:
@@ -226,7 +227,9 @@ class Tape:
         for site in self.sites:
             if not site.received:
                 continue
-            for t, g in zip(site.targets, site.rule.clipped_grads(site, self, row_scale)):
+            with exact_fp32():
+                grads = site.rule.clipped_grads(site, self, row_scale)
+            for t, g in zip(site.targets, grads):
                 accumulate(t, g)
             site.rule.release(site)
 

@@ -6,8 +6,9 @@ import inside this package is relative.  Importing this package never fails: wit
 then uses its ``torch`` backend).  The engine chooses direct or ghost per layer with the modelled
 kernel cost of ``dpfast.rules._norms.kernel_cost``.
 
-Every launcher returns, per *sample*, the squared Frobenius norm of the weight gradient, fp32, (B,).
-Rows are sample-major with multiplicity K (rows i*K .. i*K+K-1 are sample i, summed).
+Every norm launcher returns, per *sample*, the squared Frobenius norm of the weight gradient, fp32,
+(B,). Rows are sample-major with multiplicity K (rows i*K .. i*K+K-1 are sample i, summed).
+The clipped weight-gradient launchers (`clipped_wgrad.py`) return sum_r s[r] * grad_r in fp32.
 """
 import os
 
@@ -29,9 +30,12 @@ if HAS_TRITON:
     from .conv_norm import (conv2d_direct_norm, conv2d_direct_norm_ref, conv2d_ghost_norm,
                             conv2d_ghost_norm_ref)
     from .ghost_norm import ghost_norm, ghost_norm_ref
+    from .clipped_wgrad import (conv2d_clipped_wgrad, conv2d_clipped_wgrad_ref, linear_clipped_wgrad,
+                                linear_clipped_wgrad_ref)
     from .linear_norm import linear_direct_norm, linear_direct_norm_ref
     from . import ops  # torch.ops.dpfast.* custom ops: what the engine calls (kernels.ops.*)
 
     __all__ += ["ops", "linear_direct_norm", "linear_direct_norm_ref", "conv2d_direct_norm",
                 "conv2d_direct_norm_ref", "conv2d_ghost_norm", "conv2d_ghost_norm_ref", "ghost_norm",
-                "ghost_norm_ref"]
+                "ghost_norm_ref", "linear_clipped_wgrad", "linear_clipped_wgrad_ref",
+                "conv2d_clipped_wgrad", "conv2d_clipped_wgrad_ref"]

@@ -35,6 +35,9 @@ from . import HAS_TRITON, INTERPRET, TRITON_IMPORT_ERROR
 
 # Dynamic shared memory a block may opt into, bytes (CUDA programming guide, compute capabilities).
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+# kernels that take only some input precisions (the fused clipped gradients: bf16/fp16)
+_KERNEL_PRECISIONS = {"linear_clipped_wgrad": ("bf16", "fp16"),
+                      "conv2d_clipped_wgrad": ("bf16", "fp16")}
 _INTERPRETED = ("TRITON_INTERPRET=1 is set: interpreted kernels cannot be compiled; run it again "
                 "with TRITON_INTERPRET unset")
 # (dtype, PRECISION) pairs the launchers can produce: fp32 is "ieee" unless allow_tf32.
@@ -73,7 +76,14 @@ def _cases():
     from .linear_norm import LINEAR_SPACE
     from .linear_norm import _linear_direct_norm_kernel as linear_k
 
+    from .clipped_wgrad import _conv2d_clipped_wgrad_kernel as conv_wgrad_k
+    from .clipped_wgrad import _linear_clipped_wgrad_kernel as linear_wgrad_k
+
     linear_k, ghost_k = (linear_k, LINEAR_SPACE), (ghost_k, GHOST_SPACE)
+    from .clipped_wgrad import CONV_WGRAD_SPACE, LINEAR_WGRAD_SPACE
+
+    linear_wgrad_k = (linear_wgrad_k, LINEAR_WGRAD_SPACE)
+    conv_wgrad_k = (conv_wgrad_k, CONV_WGRAD_SPACE)
     conv_k, conv_ghost_k = (conv_k, CONV_SPACE), (conv_ghost_k, CONV_GHOST_SPACE)
 
     def tokens(R, T, d, p, K, strided=False):
@@ -102,7 +112,23 @@ def _cases():
             return args, geo
         return build
 
+    def wgrad(build):
+        """The clipped-gradient kernels take (.., S, part, R, T or L, ..., rows_per, strides)."""
+        def built(dtype):
+            args, geo = build(dtype)
+            x, G, part = args[:3]
+            S, R = torch.empty(x.shape[0]), x.shape[0]
+            if geo:  # conv: X, G, part, n_red, L, Wo, H, W, K, groups, cin_g, cout_g, J, n_slots, ...
+                return (x, G, S, part, R, *args[4:8], *args[9:13], 4, *args[14:]), geo
+            return (x, G, S, part, R, *args[4:7], 4, *args[9:]), geo  # linear: T, d, p
+        return built
+
     return [
+        ("linear_clipped_wgrad", linear_wgrad_k, "qkv-16x16", wgrad(tokens(64, 256, 256, 256, 1))),
+        ("linear_clipped_wgrad", linear_wgrad_k, "odd-strided", wgrad(tokens(12, 49, 33, 35, 1, True))),
+        ("conv2d_clipped_wgrad", conv_wgrad_k, "3x3-32x32-c128", wgrad(conv(64, 128, 32, 32, 128, 3, 1, 1, 1, 1, 1, False))),
+        ("conv2d_clipped_wgrad", conv_wgrad_k, "3x3-16x16-c256-nhwc", wgrad(conv(64, 256, 16, 16, 256, 3, 1, 1, 1, 1, 1, True))),
+        ("conv2d_clipped_wgrad", conv_wgrad_k, "odd-d2-g2", wgrad(conv(6, 6, 9, 9, 10, 3, 1, 2, 2, 2, 1, False))),
         ("linear_direct_norm", linear_k, "qkv-16x16", tokens(64, 256, 256, 256, 1)),
         ("linear_direct_norm", linear_k, "qkv-16x16-K4", tokens(64, 256, 256, 256, 4)),
         ("linear_direct_norm", linear_k, "odd-strided-K3", tokens(12, 49, 33, 35, 3, True)),
@@ -192,6 +218,8 @@ def check(arches=(90,), quick=False, progress=None) -> list[Row]:
     for name, (kernel, space), case, build in _cases():
         first = first_case.setdefault(name, case) == case
         for prec, (dtype, precision) in PRECISIONS.items():
+            if prec not in _KERNEL_PRECISIONS.get(name, PRECISIONS):
+                continue
             for ci, cfg in enumerate(space.family(dtype, precision)):
                 if quick and ci > 0 and not (first and prec in ("bf16", "fp32")):
                     continue

@@ -18,10 +18,13 @@ if not HAS_TRITON:
 # the submodule of the same name.
 from .conv_norm import _pair, conv2d_direct_norm as _conv_launcher  # noqa: E402
 from .conv_norm import conv2d_ghost_norm as _conv_ghost_launcher  # noqa: E402
+from .clipped_wgrad import conv2d_clipped_wgrad as _conv_wgrad_launcher  # noqa: E402
+from .clipped_wgrad import linear_clipped_wgrad as _linear_wgrad_launcher  # noqa: E402
 from .ghost_norm import ghost_norm as _ghost_launcher  # noqa: E402
 from .linear_norm import linear_direct_norm as _linear_launcher  # noqa: E402
 
-__all__ = ["linear_direct_norm", "ghost_norm", "conv2d_direct_norm", "conv2d_ghost_norm"]
+__all__ = ["linear_direct_norm", "ghost_norm", "conv2d_direct_norm", "conv2d_ghost_norm",
+           "linear_clipped_wgrad", "conv2d_clipped_wgrad"]
 
 
 def _fake_norms(t: torch.Tensor, K: int) -> torch.Tensor:
@@ -100,3 +103,32 @@ def conv2d_ghost_norm(x: torch.Tensor, G: torch.Tensor, kernel_size, K: int = 1,
     """`conv_norm.conv2d_ghost_norm` through the custom op."""
     return _conv_call(_conv_ghost_op, x, G, kernel_size, K, stride, padding, dilation, groups,
                       allow_tf32)
+
+
+def _linear_clipped_wgrad(A: torch.Tensor, G: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return _linear_wgrad_launcher(A, G, s)
+
+
+def _conv2d_clipped_wgrad(x: torch.Tensor, G: torch.Tensor, s: torch.Tensor,
+                          kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                          dilation: Sequence[int], groups: int) -> torch.Tensor:
+    return _conv_wgrad_launcher(x, G, s, tuple(kernel_size), tuple(stride), tuple(padding),
+                                tuple(dilation), groups)
+
+
+linear_clipped_wgrad = _custom_op(
+    "linear_clipped_wgrad", _linear_clipped_wgrad,
+    lambda A, G, s: A.new_empty((G.shape[-1], A.shape[-1]), dtype=torch.float32))
+_conv_wgrad_op = _custom_op(
+    "conv2d_clipped_wgrad", _conv2d_clipped_wgrad,
+    lambda x, G, s, kernel_size, stride, padding, dilation, groups: x.new_empty(
+        (G.shape[1], x.shape[1] // groups, *kernel_size), dtype=torch.float32))
+
+
+def conv2d_clipped_wgrad(x: torch.Tensor, G: torch.Tensor, s: torch.Tensor, kernel_size,
+                         stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                         groups: int = 1) -> torch.Tensor:
+    """`clipped_wgrad.conv2d_clipped_wgrad` through the custom op."""
+    p = lambda v, n: list(_pair(v, n))  # noqa: E731
+    return _conv_wgrad_op(x, G, s, p(kernel_size, "kernel_size"), p(stride, "stride"),
+                          p(padding, "padding"), p(dilation, "dilation"), groups)

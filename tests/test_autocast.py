@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dpfast import PrivacyEngine
+from dpfast.errors import PrivacyLeakError
 from test_engine_exact import Blocks, _data, rows_fn_for
 
 
@@ -26,7 +27,7 @@ def _step(model, inputs, autocast, mode):
 
 
 @pytest.mark.filterwarnings("ignore:noise_multiplier=0")
-@pytest.mark.parametrize("mode", ["bk", "two-pass"])
+@pytest.mark.parametrize("mode", ["bk"])
 def test_bf16_autocast_step_is_within_bf16_error(mode):
     torch.manual_seed(0)
     model = Blocks().float()
@@ -36,3 +37,12 @@ def test_bf16_autocast_step_is_within_bf16_error(mode):
     # bf16 has 8 bits of mantissa (unit roundoff 2^-9 = 2e-3); a few layers of it give ~5e-3
     assert ((n16 - n32).norm() / n32.norm()).item() < 2e-2
     assert ((u16 - u32).norm() / u32.norm()).item() < 2e-2
+
+
+@pytest.mark.filterwarnings("ignore:noise_multiplier=0")
+def test_two_pass_under_bf16_autocast_is_refused():
+    # its replayed backward rounds the clip-scaled gradients to bf16: contributions could pass C
+    torch.manual_seed(0)
+    inputs = tuple(t.float() if t.is_floating_point() else t for t in _data(4))
+    with pytest.raises(PrivacyLeakError, match="two-pass mode under bf16/fp16 autocast is refused"):
+        _step(Blocks().float(), inputs, True, "two-pass")

@@ -64,3 +64,22 @@ def conv2d_weight_norm_sq(x, G, kernel_size, K, stride, padding, dilation, group
     k = _kernels()
     fn = k.ops.conv2d_ghost_norm if method == "ghost" else k.ops.conv2d_direct_norm
     return fn(x, G, tuple(kernel_size), K, tuple(stride), tuple(padding), tuple(dilation), groups)
+
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def linear_clipped_wgrad(A3, G3, row_scale, backend):
+    """sum_r s[r] G_r^T A_r in fp32 by the fused Triton kernel where it is the fast exact path
+    (bf16/fp16 inputs on the triton backend); None where the torch rule computes it in fp32."""
+    if A3.dtype not in _HALF or resolve_backend(backend, A3.device) != "triton":
+        return None
+    return _kernels().ops.linear_clipped_wgrad(A3, G3, row_scale)
+
+
+def conv2d_clipped_wgrad(x, G, row_scale, kernel_size, stride, padding, dilation, groups, backend):
+    """The conv analogue of `linear_clipped_wgrad` for non-transposed 2-D convs; None otherwise."""
+    if x.dtype not in _HALF or len(kernel_size) != 2 or resolve_backend(backend, x.device) != "triton":
+        return None
+    return _kernels().ops.conv2d_clipped_wgrad(x, G, row_scale, tuple(kernel_size), tuple(stride),
+                                               tuple(padding), tuple(dilation), groups)

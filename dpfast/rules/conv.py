@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _norms
-from .backends import conv2d_kernel_applies, conv2d_weight_norm_sq
+from .backends import conv2d_clipped_wgrad, conv2d_kernel_applies, conv2d_weight_norm_sq
 from .base import Rule, Target, autocast_cast, scale_rows, trainable
 
 _conv_bwd = torch.ops.aten.convolution_backward.default
@@ -174,7 +174,8 @@ class ConvRule(Rule):
         for start in range(samples.start, samples.stop, step):
             stop = min(samples.stop, start + step)
             r = (stop - start) * K
-            xs, Gs = x[start * K:stop * K], G[start * K:stop * K]
+            # in fp32: per-sample gradients rounded to bf16 would give norms (and clip factors) off by 2^-9
+            xs, Gs = x[start * K:stop * K].to(acc), G[start * K:stop * K].to(acc)
             shape = (r * weight.shape[0], *weight.shape[1:])
             gw = _conv_bwd(Gs.reshape(1, -1, *Gs.shape[2:]), xs.reshape(1, -1, *xs.shape[2:]),
                            xs.new_empty(1).expand(shape), None, stride, padding, dilation, transposed,
@@ -198,7 +199,16 @@ class ConvRule(Rule):
         x, G, weight = site.saved["x"], site.G, site.saved["weight"]
         stride, padding, dilation, transposed, output_padding, groups = site.saved["cfg"]
         has_w, has_b = site.saved["has_w"], site.saved["has_b"]
-        Gs = scale_rows(G, s)
-        _, gw, gb = _conv_bwd(Gs, x, weight, [G.shape[1]] if has_b else None, stride, padding, dilation,
-                              transposed, output_padding, groups, [False, has_w, has_b])
+        if has_w and not transposed:  # bf16/fp16 on the triton backend: fused, exact products
+            fused = conv2d_clipped_wgrad(x, G, s, site.saved["kernel_size"], stride, padding, dilation,
+                                         groups, tape.backend)
+            if fused is not None:
+                if not has_b:
+                    return [fused]
+                gb = G.flatten(2).sum(dim=2, dtype=torch.float32)
+                return [fused, (gb * s.to(gb.dtype).view(-1, 1)).sum(dim=0)]
+        Gs = scale_rows(G, s)  # fp32: the sum is never rounded to bf16/fp16 (see scale_rows)
+        w_like = Gs.new_empty(()).expand(weight.shape)  # the call reads only its shape and dtype
+        _, gw, gb = _conv_bwd(Gs, x.to(Gs.dtype), w_like, [G.shape[1]] if has_b else None, stride, padding,
+                              dilation, transposed, output_padding, groups, [False, has_w, has_b])
         return [g for g, want in ((gw, has_w), (gb, has_b)) if want]

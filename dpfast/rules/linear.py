@@ -10,7 +10,7 @@ from torch import nn
 
 from . import _norms
 from .base import Rule, Target, autocast_cast, scale_rows, trainable
-from .backends import linear_weight_norm_sq
+from .backends import linear_clipped_wgrad, linear_weight_norm_sq
 
 
 class _LinearFn(torch.autograd.Function):
@@ -86,11 +86,19 @@ class LinearRule(Rule):
 
     def clipped_grads(self, site, tape, s):
         A3, G3 = self._grouped(site, tape)
-        Gs = scale_rows(G3, s)
         out = []
+        # fp32 whatever the inputs: the sum is never rounded to bf16/fp16 (see scale_rows)
+        fused = linear_clipped_wgrad(A3, G3, s, tape.backend) if site.saved["has_w"] else None
+        if fused is not None:  # bf16/fp16 on the triton backend: exact products, no copy of G
+            out.append(fused)
+            if site.saved["has_b"]:
+                gb = G3.sum(dim=1, dtype=torch.float32)
+                out.append((gb * s.to(gb.dtype).view(-1, 1)).sum(dim=0))
+            return out
+        Gs = scale_rows(G3, s)
         if site.saved["has_w"]:
-            gw = Gs.reshape(-1, Gs.shape[-1]).t().matmul(A3.reshape(-1, A3.shape[-1]))
-            out.append(gw)
+            A2 = _norms.to_acc(A3).reshape(-1, A3.shape[-1])
+            out.append(Gs.reshape(-1, Gs.shape[-1]).t().matmul(A2))
         if site.saved["has_b"]:
             out.append(Gs.sum(dim=(0, 1)))
         return out

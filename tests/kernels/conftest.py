@@ -27,7 +27,7 @@ from dpfast._kernels import load_kernels  # noqa: E402
 _k = load_kernels()
 if _k is not None:
     sys.modules.setdefault("kernels", _k)
-    for _name in ("linear_norm", "ghost_norm", "conv_norm", "ops"):
+    for _name in ("linear_norm", "ghost_norm", "conv_norm", "clipped_wgrad", "ops"):
         try:
             sys.modules.setdefault(f"kernels.{_name}", importlib.import_module(f"{_k.__name__}.{_name}"))
         except ImportError:  # no Triton: the test modules skip themselves
