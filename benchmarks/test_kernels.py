@@ -186,3 +186,53 @@ def test_conv2d_ghost_norm(benchmark, case, impl, dtype_name):
         fn = functools.partial(op, x, G, k, K, stride=(s, s), padding=(pad, pad))
         flops = 2.0 * (R // K) * (K * Ho * Wo) ** 2 * (cin * k * k + cout) / 2  # upper triangle
     _run(benchmark, fn, flops, f"conv2d_ghost_norm {case} {dtype_name}", impl, dtype_name, device)
+
+
+# The fused clipped weight gradient (bf16/fp16 only) against what the torch backend does for the
+# same sum in fp32 ("ref": s*G and the weight-gradient call upcast to fp32, TF32 off) and against the
+# non-private bf16 weight gradient ("wgrad"), on the layers of the ddpm U-Net.
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", ["3x3-32x32-c128", "3x3-16x16-c256", "down-s2-32x32-c128"])
+def test_conv2d_clipped_wgrad(benchmark, case, impl):
+    device, dtype = _device(), torch.bfloat16
+    _check(impl, dtype, device)
+    x, G, (k, s, pad, K) = _conv_inputs(CONV_CASES[case], dtype, device)
+    (R, cin), (cout, Ho, Wo) = x.shape[:2], G.shape[1:]
+    scale = torch.rand(R, device=device)
+    if impl == "wgrad":
+        fn = _conv_wgrad(x, G, k, s, pad)
+    elif impl == "kernel":
+        mod = _kernels("clipped_wgrad")
+        fn = functools.partial(mod.conv2d_clipped_wgrad, x, G, scale, k, stride=(s, s), padding=(pad, pad))
+    else:
+        from dpfast._precision import exact_fp32
+        from dpfast.rules.base import scale_rows
+
+        def fn():
+            with exact_fp32():
+                return _conv_wgrad(x.float(), scale_rows(G, scale), k, s, pad)()
+    _run(benchmark, fn, 2.0 * R * Ho * Wo * cin * k * k * cout, f"conv2d_clipped_wgrad {case} bf16",
+         impl, "bf16", device)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", ["qkv-16x16", "qkv-8x8"])
+def test_linear_clipped_wgrad(benchmark, case, impl):
+    device, dtype = _device(), torch.bfloat16
+    _check(impl, dtype, device)
+    A, G, K = _linear_inputs(LINEAR_CASES[case], dtype, device)
+    (R, T, d), p = A.shape, G.shape[-1]
+    scale = torch.rand(R, device=device)
+    if impl == "wgrad":
+        fn = _linear_wgrad(A, G)
+    elif impl == "kernel":
+        fn = functools.partial(_kernels("clipped_wgrad").linear_clipped_wgrad, A, G, scale)
+    else:
+        from dpfast._precision import exact_fp32
+        from dpfast.rules.base import scale_rows
+
+        def fn():
+            with exact_fp32():
+                return _linear_wgrad(A.float(), scale_rows(G, scale))()
+    _run(benchmark, fn, 2.0 * R * T * d * p, f"linear_clipped_wgrad {case} bf16", impl, "bf16",
+         device)
