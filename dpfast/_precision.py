@@ -1,4 +1,11 @@
-"""Full-precision fp32 for the engine's own arithmetic (norms and clipped sums)."""
+"""Full-precision fp32 for the engine's own arithmetic (per-sample norms and clipped sums).
+
+The training script owns autocast and the TF32 settings; the engine's arithmetic must not inherit
+them: an autocast matmul rounds its output to bf16 and TF32 rounds its inputs to 10 mantissa bits,
+and either error in the clipped sum grows with the batch (it is a fraction of the sum, not of one
+sample's contribution), which the accountant does not see.  `exact_fp32()` turns both off for the
+engine's code and puts the caller's settings back exactly as they were, on exit or on error.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -7,6 +14,30 @@ import inspect
 import torch
 
 __all__ = ["exact_fp32"]
+
+# torch >= 2.9: per-backend `fp32_precision` ("ieee" | "tf32" | "bf16" | "none" = inherit).  Mixing
+# it with the legacy flags (allow_tf32, set_float32_matmul_precision) makes torch raise on the
+# legacy getters, so where the new API exists only it is touched.
+_NEW_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")
+
+
+def _fp32_backends():
+    b = torch.backends
+    objs = [b.cuda.matmul, getattr(b.cudnn, "conv", None), getattr(b.mkldnn, "matmul", None),
+            getattr(b.mkldnn, "conv", None)]
+    return [o for o in objs if o is not None and hasattr(o, "fp32_precision")]
+
+
+@contextlib.contextmanager
+def _ieee_new_api():
+    saved = [(o, o.fp32_precision) for o in _fp32_backends()]
+    try:
+        for o, _ in saved:
+            o.fp32_precision = "ieee"
+        yield
+    finally:
+        for o, value in reversed(saved):
+            o.fp32_precision = value
 
 
 def _cudnn_flags(**want):
@@ -21,11 +52,7 @@ def _cudnn_flags(**want):
 
 
 @contextlib.contextmanager
-def exact_fp32():
-    """fp32 matmuls and convolutions at full precision inside the engine, whatever the training
-    script chose for its own (TF32 through `torch.set_float32_matmul_precision("high")` or cuDNN's
-    default `allow_tf32=True`): TF32 rounds each input to 10 mantissa bits, an error in the clipped
-    sum that grows with the batch like bf16's.  Restores the caller's settings on exit."""
+def _ieee_legacy_api():
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
@@ -33,3 +60,15 @@ def exact_fp32():
             yield
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """No autocast and no TF32/bf16 'fast fp32' inside: the engine's matmuls and convolutions on
+    fp32 tensors run in IEEE fp32 whatever the training script enabled around them."""
+    with contextlib.ExitStack() as stack:
+        for device_type in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        stack.enter_context(_ieee_new_api() if _NEW_API else _ieee_legacy_api())
+        yield

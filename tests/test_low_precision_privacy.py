@@ -25,8 +25,9 @@ def _aligned(shape, gen, align=0.9):
     return align * common + (1 - align) * torch.randn(shape, generator=gen, dtype=torch.float64)
 
 
-def _released_sum(model, x, Gt, backend):
-    """The clipped sum dpfast releases (sigma = 0): SGD(lr=1) moves the parameters by sum / B."""
+def _released_sum(model, x, Gt, backend, scope="forward"):
+    """The clipped sum dpfast releases (sigma = 0): SGD(lr=1) moves the parameters by sum / B.
+    scope: what runs under autocast, the forward only or (a common loop) the whole step."""
     B = x.shape[0]
     engine = PrivacyEngine(accountant="rdp", seed=0)
     m, opt, _ = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
@@ -35,9 +36,13 @@ def _released_sum(model, x, Gt, backend):
     before = [p.detach().clone() for p in m.parameters()]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(x)
-    assert out.dtype == torch.bfloat16
-    (out.float() * Gt).sum().backward()  # dL/d(out) = Gt rounded to bf16
-    opt.step()
+        assert out.dtype == torch.bfloat16
+        if scope == "all":
+            (out.float() * Gt).sum().backward()  # dL/d(out) = Gt rounded to bf16
+            opt.step()
+    if scope == "forward":
+        (out.float() * Gt).sum().backward()
+        opt.step()
     return [(b - p.detach()).double() * B for b, p in zip(before, m.parameters())]
 
 
@@ -54,21 +59,23 @@ def _error_in_units_of_C(released, exact):
 
 
 @pytest.mark.filterwarnings("ignore:noise_multiplier=0")
+@pytest.mark.parametrize("scope", ["forward", "all"])
 @pytest.mark.parametrize("backend, B", BACKENDS)
-def test_linear_clipped_sum_is_exact_under_bf16(backend, B):
+def test_linear_clipped_sum_is_exact_under_bf16(backend, B, scope):
     gen = torch.Generator().manual_seed(0)
     T, d, p = 16, 64, 64
     x, Gt = _aligned((B, T, d), gen).float(), _aligned((B, T, p), gen).float()
     model = nn.Linear(d, p)
     A, G = x.bfloat16().double(), Gt.bfloat16().double()  # what autocast feeds the layer
     exact = _exact_clipped_sum([torch.einsum("btp,btd->bpd", G, A), G.sum(1)])
-    err = _error_in_units_of_C(_released_sum(model, x, Gt, backend), exact)
+    err = _error_in_units_of_C(_released_sum(model, x, Gt, backend, scope), exact)
     assert err < 1e-3, f"released clipped sum is {err:.3g} C away from the exact one"
 
 
 @pytest.mark.filterwarnings("ignore:noise_multiplier=0")
+@pytest.mark.parametrize("scope", ["forward", "all"])
 @pytest.mark.parametrize("backend, B", BACKENDS)
-def test_conv_clipped_sum_is_exact_under_bf16(backend, B):
+def test_conv_clipped_sum_is_exact_under_bf16(backend, B, scope):
     gen = torch.Generator().manual_seed(1)
     cin, cout, H = 8, 16, 6
     x, Gt = _aligned((B, cin, H, H), gen).float(), _aligned((B, cout, H, H), gen).float()
@@ -77,5 +84,25 @@ def test_conv_clipped_sum_is_exact_under_bf16(backend, B):
     cols = nn.functional.unfold(xb, 3, padding=1)  # (B, cin*9, H*H)
     gw = torch.einsum("bcl,bjl->bcj", G.flatten(2), cols).reshape(-1, cout, cin, 3, 3)
     exact = _exact_clipped_sum([gw, G.sum((2, 3))])
-    err = _error_in_units_of_C(_released_sum(model, x, Gt, backend), exact)
+    err = _error_in_units_of_C(_released_sum(model, x, Gt, backend, scope), exact)
     assert err < 1e-3, f"released clipped sum is {err:.3g} C away from the exact one"
+
+
+@pytest.mark.filterwarnings("ignore:noise_multiplier=0")
+def test_norms_are_exact_when_backward_runs_under_autocast():
+    # the per-sample norms (hence the clip factors) must not be computed by autocast bf16 matmuls
+    gen = torch.Generator().manual_seed(2)
+    x, Gt = _aligned((8, 16, 32), gen).float(), _aligned((8, 16, 32), gen).float()
+    model = nn.Linear(32, 32)
+    engine = PrivacyEngine(accountant="rdp", seed=0)
+    m, opt, _ = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+                                    noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=8,
+                                    backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        # mean over the 8 samples (the engine's default loss_reduction): per-sample gradients of Gt
+        (m(x).float() * Gt).flatten(1).sum(1).mean().backward()
+        opt.step()
+    A, G = x.bfloat16().double(), Gt.bfloat16().double()
+    exact = torch.sqrt(torch.einsum("btp,btd->bpd", G, A).flatten(1).square().sum(1)
+                       + G.sum(1).square().sum(1))
+    torch.testing.assert_close(opt.last_norms.double(), exact, rtol=1e-5, atol=0)
