@@ -107,10 +107,29 @@ def _check_inputs(K, **tensors):
     return R, R // K
 
 
+_INT32_MAX = 2**31 - 1
+
+
+def _row_addressable(t: torch.Tensor) -> torch.Tensor:
+    """The kernels index rows in int64 but offsets within a row in int32: a tensor whose row
+    extent passes 2^31 elements (an exotic layout, say channels outermost) is made contiguous
+    first, and one whose single row is that large is refused."""
+    extent = sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:]))
+    if extent <= _INT32_MAX:
+        return t
+    t = t.contiguous()
+    if t[0].numel() > _INT32_MAX:
+        raise ValueError(f"one row of a {tuple(t.shape)} tensor has over 2^31 elements; the "
+                         "Triton kernels address within a row in int32 (use backend='torch')")
+    return t
+
+
 def _interpretable(*tensors):
-    """The interpreter keeps bf16 as raw uint16 and its tl.dot multiplies the bit patterns
-    (triton-lang/triton#11584); bf16 -> fp32 is exact, so upcasting there gives what the GPU
-    computes.  A no-op on the GPU."""
+    """Inputs as the kernels take them: rows addressable in int32 (`_row_addressable`), and under
+    the interpreter bf16 upcast to fp32, because the interpreter keeps bf16 as raw uint16 and its
+    tl.dot multiplies the bit patterns (triton-lang/triton#11584); bf16 -> fp32 is exact, so that
+    gives what the GPU computes."""
+    tensors = tuple(_row_addressable(t) for t in tensors)
     if not INTERPRET:
         return tensors
     return tuple(t.float() if t.dtype == torch.bfloat16 else t for t in tensors)

@@ -142,3 +142,16 @@ def test_import_kernels_without_triton():
             "assert not hasattr(kernels, 'ops')")
     subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
                    check=True)
+
+
+def test_rows_beyond_int32_offsets_are_made_contiguous():
+    # channels outermost: a row's extent (stride 2^31 along dim 1) passes int32, so the launcher
+    # copies to a contiguous layout, whose rows are small (meta tensors: nothing is allocated)
+    from kernels.linear_norm import _row_addressable
+
+    t = torch.empty_strided((3, 2, 4), (1, 2**31, 3), device="meta")
+    assert _row_addressable(t).is_contiguous()
+    small = torch.zeros(3, 2, 4)
+    assert _row_addressable(small) is small
+    with pytest.raises(ValueError, match="over 2\\^31 elements"):
+        _row_addressable(torch.empty(2, 2**16, 2**15 + 1, device="meta"))
