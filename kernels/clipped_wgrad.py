@@ -1,14 +1,15 @@
-"""The clipped weight gradient, fused: sum over rows r of s[r] * (row r's weight gradient), in fp32.
+"""The clipped weight gradient, fused: sum over samples i of s[i] * (sample i's weight gradient, summed
+over its K rows), in fp32.
 
 This is the sum the Gaussian noise covers, so its error is privacy-relevant: the accountant assumes
 one sample moves it by at most max_grad_norm.  cuBLAS/cuDNN would need G scaled by s first (a copy
 of G) and, on bf16/fp16 inputs, round both s*G and the summed gradient to 8 mantissa bits: an error
 of ~2^-9 of the sum, which for a large batch of aligned gradients is a good fraction of
-max_grad_norm.  Here each row's product is formed by `tl.dot` from the inputs as they are (bf16 x
-bf16 products are exact in fp32), scaled by its clip factor in fp32 and accumulated in fp32; nothing
-is rounded below fp32.
+max_grad_norm.  Here each sample's product (its K rows together) is formed by `tl.dot` from the
+inputs as they are (bf16 x bf16 products are exact in fp32), scaled by its clip factor in fp32 and
+accumulated in fp32; nothing is rounded below fp32.
 
-Work is split over rows (`n_split` programs per output tile, their fp32 partial tiles summed by
+Work is split over samples (`n_split` programs per output tile, their fp32 partial tiles summed by
 torch: deterministic, no atomics) so that a layer with few output tiles still fills the GPU.
 """
 import torch
@@ -22,13 +23,12 @@ from .linear_norm import TuningSpace, _check_inputs, _interpretable
 # kernels that stay spill-free with the second (per-row) accumulator; `dpfast check-kernels`.
 LINEAR_WGRAD_SPACE = TuningSpace(
     ("BLOCK_T", "BLOCK_D", "BLOCK_P"),
-    tensor_core=[(32, 32, 32, 4, 4), (32, 64, 64, 4, 4), (64, 64, 64, 4, 3), (32, 128, 64, 4, 3),
-                 (32, 64, 128, 4, 3), (32, 128, 128, 8, 3), (64, 128, 64, 8, 3),
-                 (64, 64, 128, 8, 3)],
+    tensor_core=[(32, 32, 32, 4, 4), (32, 64, 64, 4, 4), (64, 64, 64, 8, 3), (32, 128, 128, 8, 3),
+                 (64, 128, 64, 8, 3), (64, 64, 128, 8, 3)],
     fma=[], interp=(16, 16, 16))
 CONV_WGRAD_SPACE = TuningSpace(
     ("BLOCK_N", "BLOCK_CO", "BLOCK_J"),
-    tensor_core=[(32, 32, 32, 4, 4), (32, 64, 64, 4, 4), (64, 64, 64, 8, 3), (32, 128, 128, 8, 3)],
+    tensor_core=[(32, 32, 32, 8, 3), (32, 64, 64, 4, 4), (64, 64, 64, 8, 3), (32, 128, 128, 8, 3)],
     fma=[], interp=(16, 16, 16))
 _HALF = (torch.bfloat16, torch.float16)
 
@@ -36,11 +36,11 @@ _HALF = (torch.bfloat16, torch.float16)
 _TARGET_PROGRAMS = 1024
 
 
-def _splits(rows: int, tiles: int) -> tuple[int, int]:
-    """(n_split, rows per split) so that n_split * tiles ~ _TARGET_PROGRAMS."""
-    want = max(1, min(rows, triton.cdiv(_TARGET_PROGRAMS, max(1, tiles))))
-    per = triton.cdiv(rows, want)
-    return triton.cdiv(rows, per), per
+def _splits(samples: int, tiles: int) -> tuple[int, int]:
+    """(n_split, samples per split) so that n_split * tiles ~ _TARGET_PROGRAMS."""
+    want = max(1, min(samples, triton.cdiv(_TARGET_PROGRAMS, max(1, tiles))))
+    per = triton.cdiv(samples, want)
+    return triton.cdiv(samples, per), per
 
 
 def _half_only(t: torch.Tensor, name: str) -> None:
@@ -50,92 +50,96 @@ def _half_only(t: torch.Tensor, name: str) -> None:
                          "cuBLAS/cuDNN (as dpfast's rules do)")
 
 
-def _row_scale(s: torch.Tensor, R: int, device) -> torch.Tensor:
-    if s.dim() != 1 or s.shape[0] != R:
-        raise ValueError(f"s must hold one clip factor per row: shape ({R},), got {tuple(s.shape)}")
+def _sample_scale(s: torch.Tensor, B: int, device) -> torch.Tensor:
+    if s.dim() != 1 or s.shape[0] != B:
+        raise ValueError(f"s must hold one clip factor per sample: shape ({B},), got {tuple(s.shape)}")
     return s.to(device=device, dtype=torch.float32).contiguous()
 
 
 @triton.autotune(
     configs=LINEAR_WGRAD_SPACE.configs,
-    key=["T", "d", "p"],  # not the batch: it changes every step under Poisson sampling
+    key=["n_red", "d", "p"],  # not the batch: it changes every step under Poisson sampling
     prune_configs_by={"early_config_prune": LINEAR_WGRAD_SPACE.prune(BLOCK_D="d", BLOCK_P="p")},
 )
 @triton.jit
 def _linear_clipped_wgrad_kernel(
-    A, G, S, part, R, T, d, p, rows_per,
+    A, G, S, part, B, n_red, T, d, p, K, per_split,
     s_ar, s_at, s_ad, s_gr, s_gt, s_gp,
     PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    # One program = one (row split, p-tile, d-tile) of sum_r s_r G_r^T A_r, a (p, d) weight gradient.
+    # One program = one (sample split, p-tile, d-tile) of sum_i s_i G_i^T A_i, a (p, d) weight
+    # gradient; sample i's K rows and T tokens (n_red = K*T positions) reduce together.
     split = tl.program_id(0)
     offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     in_p, in_d = offs_p < p, offs_d < d
     acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
-    r_end = tl.minimum(split * rows_per + rows_per, R)
-    for r in range(split * rows_per, r_end):
-        row = r + tl.zeros((1,), dtype=tl.int64)  # int64 addressing (r is a plain int when interpreted)
-        acc_row = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
-        for t0 in range(0, T, BLOCK_T):
-            tok = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
-            in_t = tok < T
-            g = tl.load(G + row * s_gr + tok[None, :] * s_gt + offs_p[:, None] * s_gp,
-                        mask=in_p[:, None] & in_t[None, :], other=0.0)
-            a = tl.load(A + row * s_ar + tok[:, None] * s_at + offs_d[None, :] * s_ad,
-                        mask=in_t[:, None] & in_d[None, :], other=0.0)
-            acc_row = tl.dot(g, a, acc_row, input_precision=PRECISION)
-        acc += tl.load(S + r) * acc_row  # the clip factor, applied in fp32
+    i_end = tl.minimum(split * per_split + per_split, B)
+    for i in range(split * per_split, i_end):
+        acc_i = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
+        for r0 in range(0, n_red, BLOCK_T):
+            r = r0 + tl.arange(0, BLOCK_T)
+            in_r = r < n_red
+            row = (i * K + r // T).to(tl.int64)
+            tok = (r % T).to(tl.int64)
+            g = tl.load(G + row[None, :] * s_gr + tok[None, :] * s_gt + offs_p[:, None] * s_gp,
+                        mask=in_p[:, None] & in_r[None, :], other=0.0)
+            a = tl.load(A + row[:, None] * s_ar + tok[:, None] * s_at + offs_d[None, :] * s_ad,
+                        mask=in_r[:, None] & in_d[None, :], other=0.0)
+            acc_i = tl.dot(g, a, acc_i, input_precision=PRECISION)
+        acc += tl.load(S + i) * acc_i  # the sample's clip factor, applied in fp32
     out = part + split.to(tl.int64) * p * d + offs_p[:, None] * d + offs_d[None, :]
     tl.store(out, acc, mask=in_p[:, None] & in_d[None, :])
 
 
-def linear_clipped_wgrad(A: torch.Tensor, G: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """sum_r s[r] * sum over row r's T tokens of g_t a_t^T: the clipped (p, d) weight gradient of
-    a Linear layer, fp32.
+def linear_clipped_wgrad(A: torch.Tensor, G: torch.Tensor, s: torch.Tensor, K: int = 1) -> torch.Tensor:
+    """sum_i s[i] * sum over sample i's K rows and T tokens of g_t a_t^T: the clipped (p, d)
+    weight gradient of a Linear layer, fp32.
 
     A: (R, T, d) input, G: (R, T, p) output gradient (any strides, bf16/fp16, same dtype),
-    s: (R,) clip factor of each row (a sample's factor on each of its K rows)."""
+    R = B*K rows sample-major, s: (B,) clip factor of each sample."""
     _half_only(A, "A")
     if A.dim() != 3:
         raise ValueError(f"A must be (R, T, d), got shape {tuple(A.shape)}")
     if G.dim() != 3 or G.shape[:2] != A.shape[:2]:
         raise ValueError(f"G must be (R, T, p) = ({A.shape[0]}, {A.shape[1]}, p), "
                          f"got shape {tuple(G.shape)}")
-    R, _ = _check_inputs(1, A=A, G=G)
+    R, B = _check_inputs(K, A=A, G=G)
     T, d, p = A.shape[1], A.shape[2], G.shape[2]
-    S = _row_scale(s, R, A.device)
-    if R == 0 or T == 0:
+    S = _sample_scale(s, B, A.device)
+    if B == 0 or T == 0:
         return torch.zeros((p, d), device=A.device, dtype=torch.float32)
-    n_split, per = _splits(R, triton.cdiv(p, 64) * triton.cdiv(d, 64))
+    n_split, per = _splits(B, triton.cdiv(p, 64) * triton.cdiv(d, 64))
     part = torch.empty((n_split, p, d), device=A.device, dtype=torch.float32)
     grid = lambda meta: (n_split, triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
     A, G = _interpretable(A, G)
-    _linear_clipped_wgrad_kernel[grid](A, G, S, part, R, T, d, p, per, *A.stride(), *G.stride(),
-                                       PRECISION="ieee")
+    _linear_clipped_wgrad_kernel[grid](A, G, S, part, B, K * T, T, d, p, K, per, *A.stride(),
+                                       *G.stride(), PRECISION="ieee")
     return part.sum(0) if n_split > 1 else part[0]
 
 
-def linear_clipped_wgrad_ref(A, G, s) -> torch.Tensor:
+def linear_clipped_wgrad_ref(A, G, s, K: int = 1) -> torch.Tensor:
     """The spec in fp64 (fp32 result unless the inputs are fp64)."""
     out = torch.float64 if A.dtype == torch.float64 else torch.float32
-    return torch.einsum("r,rtp,rtd->pd", s.double(), G.double(), A.double()).to(out)
+    S = s.double().repeat_interleave(K)
+    return torch.einsum("r,rtp,rtd->pd", S, G.double(), A.double()).to(out)
 
 
 @triton.autotune(
     configs=CONV_WGRAD_SPACE.configs,
-    key=["L", "cout_g", "J", "KH", "KW", "SH", "SW", "CIN_INNER"],
+    key=["n_red", "cout_g", "J", "KH", "KW", "SH", "SW", "CIN_INNER"],
     prune_configs_by={"early_config_prune": CONV_WGRAD_SPACE.prune(BLOCK_CO="cout_g", BLOCK_J="J")},
 )
 @triton.jit
 def _conv2d_clipped_wgrad_kernel(
-    X, G, S, part, R, L, Wo, H, W, groups, cin_g, cout_g, J, rows_per,
+    X, G, S, part, B, n_red, L, Wo, H, W, K, groups, cin_g, cout_g, J, per_split,
     s_xr, s_xc, s_xh, s_xw, s_gr, s_gc, s_gh, s_gw,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, CIN_INNER: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    # One program = one (row split, group, cout-tile, patch-column tile) of the clipped gradient.
+    # One program = one (sample split, group, cout-tile, patch-column tile) of the clipped
+    # gradient; sample i's K rows and L output positions (n_red = K*L) reduce together.
     split = tl.program_id(0) // groups
     grp = tl.program_id(0) % groups
     offs_co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
@@ -144,52 +148,55 @@ def _conv2d_clipped_wgrad_kernel(
     c_in, c_out = grp * cin_g + ci, grp * cout_g + offs_co
     in_co, in_j = offs_co < cout_g, offs_j < J
     acc = tl.zeros((BLOCK_CO, BLOCK_J), dtype=tl.float32)
-    r_end = tl.minimum(split * rows_per + rows_per, R)
-    for r in range(split * rows_per, r_end):
-        acc_row = tl.zeros((BLOCK_CO, BLOCK_J), dtype=tl.float32)
-        for n0 in range(0, L, BLOCK_N):
-            pos = n0 + tl.arange(0, BLOCK_N)
-            in_n = pos < L
-            row = (r + 0 * pos).to(tl.int64)  # the row, as a vector for the shared patch loader
+    i_end = tl.minimum(split * per_split + per_split, B)
+    for i in range(split * per_split, i_end):
+        acc_i = tl.zeros((BLOCK_CO, BLOCK_J), dtype=tl.float32)
+        for r0 in range(0, n_red, BLOCK_N):
+            r = r0 + tl.arange(0, BLOCK_N)
+            in_r = r < n_red
+            row = (i * K + r // L).to(tl.int64)
+            pos = r % L
             oh, ow = pos // Wo, pos % Wo
             g = tl.load(G + row[None, :] * s_gr + c_out[:, None] * s_gc + oh[None, :] * s_gh
-                        + ow[None, :] * s_gw, mask=in_co[:, None] & in_n[None, :], other=0.0)
-            x = _load_patches(X, row, oh, ow, in_n, c_in, ki, kj, in_j, H, W, s_xr, s_xc, s_xh,
+                        + ow[None, :] * s_gw, mask=in_co[:, None] & in_r[None, :], other=0.0)
+            x = _load_patches(X, row, oh, ow, in_r, c_in, ki, kj, in_j, H, W, s_xr, s_xc, s_xh,
                               s_xw, SH, SW, PH, PW, DH, DW)
-            acc_row = tl.dot(g, x, acc_row, input_precision=PRECISION)
-        acc += tl.load(S + r) * acc_row  # the clip factor, applied in fp32
+            acc_i = tl.dot(g, x, acc_i, input_precision=PRECISION)
+        acc += tl.load(S + i) * acc_i  # the sample's clip factor, applied in fp32
     # Stored in the weight's own (Cout, Cin/groups, kh, kw) layout, whatever the column order.
     col = ci * (KH * KW) + ki * KW + kj
     out = part + split.to(tl.int64) * groups * cout_g * J + c_out[:, None] * J + col[None, :]
     tl.store(out, acc, mask=in_co[:, None] & in_j[None, :])
 
 
-def conv2d_clipped_wgrad(x: torch.Tensor, G: torch.Tensor, s: torch.Tensor, kernel_size,
+def conv2d_clipped_wgrad(x: torch.Tensor, G: torch.Tensor, s: torch.Tensor, kernel_size, K: int = 1,
                          stride=(1, 1), padding=(0, 0), dilation=(1, 1),
                          groups: int = 1) -> torch.Tensor:
-    """sum_r s[r] * (row r's weight gradient) of a Conv2d, fp32, shaped like the weight
-    (Cout, Cin/groups, kh, kw).  x: (R, Cin, H, W), G: (R, Cout, Ho, Wo) (any strides, bf16/fp16),
-    s: (R,) clip factor of each row; the other arguments as for `conv2d_direct_norm`."""
+    """sum_i s[i] * (sample i's weight gradient, over its K rows) of a Conv2d, fp32, shaped like the
+    weight (Cout, Cin/groups, kh, kw).  x: (R, Cin, H, W), G: (R, Cout, Ho, Wo) (any strides,
+    bf16/fp16), R = B*K rows sample-major, s: (B,) clip factor of each sample; the other arguments
+    as for `conv2d_direct_norm`."""
     _half_only(x, "x")
-    _, geo, cin_g, cout_g, J, L, Wo = _geometry(x, G, kernel_size, 1, stride, padding, dilation,
+    B, geo, cin_g, cout_g, J, L, Wo = _geometry(x, G, kernel_size, K, stride, padding, dilation,
                                                 groups)
-    R, Cout = x.shape[0], G.shape[1]
-    S = _row_scale(s, R, x.device)
+    Cout = G.shape[1]
+    S = _sample_scale(s, B, x.device)
     shape = (Cout, cin_g, geo["KH"], geo["KW"])
-    if R == 0 or L == 0:
+    if B == 0 or L == 0:
         return torch.zeros(shape, device=x.device, dtype=torch.float32)
     tiles = groups * triton.cdiv(cout_g, 64) * triton.cdiv(J, 64)
-    n_split, per = _splits(R, tiles)
+    n_split, per = _splits(B, tiles)
     part = torch.empty((n_split, Cout * J), device=x.device, dtype=torch.float32)
     grid = lambda meta: (n_split * groups, triton.cdiv(cout_g, meta["BLOCK_CO"]), triton.cdiv(J, meta["BLOCK_J"]))  # noqa: E731
     H, W = x.shape[2:]
     x, G = _interpretable(x, G)
-    _conv2d_clipped_wgrad_kernel[grid](x, G, S, part, R, L, Wo, H, W, groups, cin_g, cout_g, J, per,
-                                       *x.stride(), *G.stride(), **geo, PRECISION="ieee")
+    _conv2d_clipped_wgrad_kernel[grid](x, G, S, part, B, K * L, L, Wo, H, W, K, groups, cin_g,
+                                       cout_g, J, per, *x.stride(), *G.stride(), **geo,
+                                       PRECISION="ieee")
     return (part.sum(0) if n_split > 1 else part[0]).reshape(shape)
 
 
-def conv2d_clipped_wgrad_ref(x, G, s, kernel_size, stride=(1, 1), padding=(0, 0),
+def conv2d_clipped_wgrad_ref(x, G, s, kernel_size, K: int = 1, stride=(1, 1), padding=(0, 0),
                              dilation=(1, 1), groups: int = 1) -> torch.Tensor:
     """The spec in fp64 through unfold (fp32 result unless the inputs are fp64)."""
     import torch.nn.functional as F
@@ -200,5 +207,5 @@ def conv2d_clipped_wgrad_ref(x, G, s, kernel_size, stride=(1, 1), padding=(0, 0)
     cols = F.unfold(x.double(), (kh, kw), dilation=dilation, padding=padding, stride=stride)
     cols = cols.reshape(R, groups, Cin // groups * kh * kw, -1)
     Gm = G.double().reshape(R, groups, Cout // groups, -1)
-    gw = torch.einsum("r,rgcl,rgjl->gcj", s.double(), Gm, cols)
+    gw = torch.einsum("r,rgcl,rgjl->gcj", s.double().repeat_interleave(K), Gm, cols)
     return gw.reshape(Cout, Cin // groups, kh, kw).to(out)

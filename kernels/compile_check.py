@@ -113,22 +113,27 @@ def _cases():
         return build
 
     def wgrad(build):
-        """The clipped-gradient kernels take (.., S, part, R, T or L, ..., rows_per, strides)."""
+        """The clipped-gradient kernels take (x, G, S, part, B, n_red, ..., K, ..., per_split,
+        strides) where the norm kernels take (x, G, part, n_red, ..., K, ..., n_slots, strides)."""
         def built(dtype):
             args, geo = build(dtype)
-            x, G, part = args[:3]
-            S, R = torch.empty(x.shape[0]), x.shape[0]
-            if geo:  # conv: X, G, part, n_red, L, Wo, H, W, K, groups, cin_g, cout_g, J, n_slots, ...
-                return (x, G, S, part, R, *args[4:8], *args[9:13], 4, *args[14:]), geo
-            return (x, G, S, part, R, *args[4:7], 4, *args[9:]), geo  # linear: T, d, p
+            (x, G, part), n_red = args[:3], args[3]
+            if geo:  # conv: n_red, L, Wo, H, W, K, groups, cin_g, cout_g, J, n_slots, strides
+                K = args[8]
+                rest = (*args[4:8], K, *args[9:13], 4, *args[14:])
+            else:  # linear: n_red, T, d, p, K, n_slots, strides
+                K = args[7]
+                rest = (*args[4:7], K, 4, *args[9:])
+            B = x.shape[0] // K
+            return (x, G, torch.empty(B), part, B, n_red, *rest), geo
         return built
 
     return [
         ("linear_clipped_wgrad", linear_wgrad_k, "qkv-16x16", wgrad(tokens(64, 256, 256, 256, 1))),
-        ("linear_clipped_wgrad", linear_wgrad_k, "odd-strided", wgrad(tokens(12, 49, 33, 35, 1, True))),
+        ("linear_clipped_wgrad", linear_wgrad_k, "odd-strided-K3", wgrad(tokens(12, 49, 33, 35, 3, True))),
         ("conv2d_clipped_wgrad", conv_wgrad_k, "3x3-32x32-c128", wgrad(conv(64, 128, 32, 32, 128, 3, 1, 1, 1, 1, 1, False))),
-        ("conv2d_clipped_wgrad", conv_wgrad_k, "3x3-16x16-c256-nhwc", wgrad(conv(64, 256, 16, 16, 256, 3, 1, 1, 1, 1, 1, True))),
-        ("conv2d_clipped_wgrad", conv_wgrad_k, "odd-d2-g2", wgrad(conv(6, 6, 9, 9, 10, 3, 1, 2, 2, 2, 1, False))),
+        ("conv2d_clipped_wgrad", conv_wgrad_k, "3x3-16x16-c256-nhwc-K4", wgrad(conv(64, 256, 16, 16, 256, 3, 1, 1, 1, 1, 4, True))),
+        ("conv2d_clipped_wgrad", conv_wgrad_k, "odd-d2-g2-K3", wgrad(conv(6, 6, 9, 9, 10, 3, 1, 2, 2, 2, 3, False))),
         ("linear_direct_norm", linear_k, "qkv-16x16", tokens(64, 256, 256, 256, 1)),
         ("linear_direct_norm", linear_k, "qkv-16x16-K4", tokens(64, 256, 256, 256, 4)),
         ("linear_direct_norm", linear_k, "odd-strided-K3", tokens(12, 49, 33, 35, 3, True)),
@@ -204,7 +209,7 @@ def compile_one(jit_fn, args, kwargs, arch: int):
                           options=options.__dict__)
 
 
-def check(arches=(90,), quick=False, progress=None) -> list[Row]:
+def check(arches=(90,), quick=False, progress=None, kernels=None) -> list[Row]:
     """Compile the kernels; one Row per (kernel, case, precision, config, arch).
 
     quick: every config of both families (tensor-core, FMA) for the first case of each kernel;
@@ -216,6 +221,8 @@ def check(arches=(90,), quick=False, progress=None) -> list[Row]:
         raise RuntimeError(_INTERPRETED)
     jobs, first_case = [], {}
     for name, (kernel, space), case, build in _cases():
+        if kernels and name not in kernels:
+            continue
         first = first_case.setdefault(name, case) == case
         for prec, (dtype, precision) in PRECISIONS.items():
             if prec not in _KERNEL_PRECISIONS.get(name, PRECISIONS):
@@ -281,6 +288,8 @@ def main(argv=None, prog="python -m dpfast.kernels.compile_check") -> int:
                     help="compute capability x10 (90 = H100/H200, 80 = A100); repeatable; default 90")
     ap.add_argument("--quick", action="store_true",
                     help="every config for one case per kernel, the first config elsewhere")
+    ap.add_argument("--kernel", action="append", metavar="NAME",
+                    help="only this kernel (e.g. conv2d_direct_norm); repeatable; default all")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
     a = ap.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when it is unset
@@ -298,7 +307,7 @@ def main(argv=None, prog="python -m dpfast.kernels.compile_check") -> int:
         bar.set_postfix_str(f"{row.kernel} {row.case} {row.precision} sm_{row.arch}")
         bar.update(1)
     try:
-        rows = check(tuple(a.arch or [90]), quick=a.quick, progress=progress)
+        rows = check(tuple(a.arch or [90]), quick=a.quick, progress=progress, kernels=a.kernel)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -105,30 +105,30 @@ def conv2d_ghost_norm(x: torch.Tensor, G: torch.Tensor, kernel_size, K: int = 1,
                       allow_tf32)
 
 
-def _linear_clipped_wgrad(A: torch.Tensor, G: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    return _linear_wgrad_launcher(A, G, s)
+def _linear_clipped_wgrad(A: torch.Tensor, G: torch.Tensor, s: torch.Tensor, K: int = 1) -> torch.Tensor:
+    return _linear_wgrad_launcher(A, G, s, K)
 
 
 def _conv2d_clipped_wgrad(x: torch.Tensor, G: torch.Tensor, s: torch.Tensor,
-                          kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
-                          dilation: Sequence[int], groups: int) -> torch.Tensor:
-    return _conv_wgrad_launcher(x, G, s, tuple(kernel_size), tuple(stride), tuple(padding),
+                          kernel_size: Sequence[int], K: int, stride: Sequence[int],
+                          padding: Sequence[int], dilation: Sequence[int], groups: int) -> torch.Tensor:
+    return _conv_wgrad_launcher(x, G, s, tuple(kernel_size), K, tuple(stride), tuple(padding),
                                 tuple(dilation), groups)
 
 
 linear_clipped_wgrad = _custom_op(
     "linear_clipped_wgrad", _linear_clipped_wgrad,
-    lambda A, G, s: A.new_empty((G.shape[-1], A.shape[-1]), dtype=torch.float32))
+    lambda A, G, s, K=1: A.new_empty((G.shape[-1], A.shape[-1]), dtype=torch.float32))
 _conv_wgrad_op = _custom_op(
     "conv2d_clipped_wgrad", _conv2d_clipped_wgrad,
-    lambda x, G, s, kernel_size, stride, padding, dilation, groups: x.new_empty(
+    lambda x, G, s, kernel_size, K, stride, padding, dilation, groups: x.new_empty(
         (G.shape[1], x.shape[1] // groups, *kernel_size), dtype=torch.float32))
 
 
-def conv2d_clipped_wgrad(x: torch.Tensor, G: torch.Tensor, s: torch.Tensor, kernel_size,
+def conv2d_clipped_wgrad(x: torch.Tensor, G: torch.Tensor, s: torch.Tensor, kernel_size, K: int = 1,
                          stride=(1, 1), padding=(0, 0), dilation=(1, 1),
                          groups: int = 1) -> torch.Tensor:
     """`clipped_wgrad.conv2d_clipped_wgrad` through the custom op."""
     p = lambda v, n: list(_pair(v, n))  # noqa: E731
-    return _conv_wgrad_op(x, G, s, p(kernel_size, "kernel_size"), p(stride, "stride"),
+    return _conv_wgrad_op(x, G, s, p(kernel_size, "kernel_size"), K, p(stride, "stride"),
                           p(padding, "padding"), p(dilation, "dilation"), groups)

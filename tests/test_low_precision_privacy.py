@@ -25,14 +25,15 @@ def _aligned(shape, gen, align=0.9):
     return align * common + (1 - align) * torch.randn(shape, generator=gen, dtype=torch.float64)
 
 
-def _released_sum(model, x, Gt, backend, scope="forward"):
+def _released_sum(model, x, Gt, backend, scope="forward", K=1):
     """The clipped sum dpfast releases (sigma = 0): SGD(lr=1) moves the parameters by sum / B.
-    scope: what runs under autocast, the forward only or (a common loop) the whole step."""
-    B = x.shape[0]
+    scope: what runs under autocast, the forward only or (a common loop) the whole step.
+    K: rows per sample (multiplicity), sample-major."""
+    B = x.shape[0] // K
     engine = PrivacyEngine(accountant="rdp", seed=0)
     m, opt, _ = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
                                     noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=B,
-                                    backend=backend)
+                                    multiplicity=K, backend=backend)
     before = [p.detach().clone() for p in m.parameters()]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(x)
@@ -106,3 +107,19 @@ def test_norms_are_exact_when_backward_runs_under_autocast():
     exact = torch.sqrt(torch.einsum("btp,btd->bpd", G, A).flatten(1).square().sum(1)
                        + G.sum(1).square().sum(1))
     torch.testing.assert_close(opt.last_norms.double(), exact, rtol=1e-5, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:noise_multiplier=0")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_conv_clipped_sum_is_exact_with_multiplicity(backend):
+    # K = 3 rows per sample: each sample's rows are clipped together, by one factor
+    B, K, cin, cout, H = 8, 3, 4, 8, 5
+    gen = torch.Generator().manual_seed(3)
+    x, Gt = _aligned((B * K, cin, H, H), gen).float(), _aligned((B * K, cout, H, H), gen).float()
+    model = nn.Conv2d(cin, cout, 3, padding=1)
+    xb, G = x.bfloat16().double(), Gt.bfloat16().double()
+    cols = nn.functional.unfold(xb, 3, padding=1)
+    gw = torch.einsum("bcl,bjl->bcj", G.flatten(2), cols).reshape(B, K, cout, cin, 3, 3).sum(1)
+    exact = _exact_clipped_sum([gw, G.sum((2, 3)).reshape(B, K, cout).sum(1)])
+    err = _error_in_units_of_C(_released_sum(model, x, Gt, backend, K=K), exact)
+    assert err < 1e-3, f"released clipped sum is {err:.3g} C away from the exact one"

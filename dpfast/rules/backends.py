@@ -69,17 +69,22 @@ def conv2d_weight_norm_sq(x, G, kernel_size, K, stride, padding, dilation, group
 _HALF = (torch.bfloat16, torch.float16)
 
 
-def linear_clipped_wgrad(A3, G3, row_scale, backend):
+def _per_sample(row_scale, K):
+    # the optimizer's row scale is a per-sample factor repeated over the sample's K rows
+    return row_scale.reshape(-1, K)[:, 0]
+
+
+def linear_clipped_wgrad(A3, G3, row_scale, K, backend):
     """sum_r s[r] G_r^T A_r in fp32 by the fused Triton kernel where it is the fast exact path
     (bf16/fp16 inputs on the triton backend); None where the torch rule computes it in fp32."""
     if A3.dtype not in _HALF or resolve_backend(backend, A3.device) != "triton":
         return None
-    return _kernels().ops.linear_clipped_wgrad(A3, G3, row_scale)
+    return _kernels().ops.linear_clipped_wgrad(A3, G3, _per_sample(row_scale, K), K)
 
 
-def conv2d_clipped_wgrad(x, G, row_scale, kernel_size, stride, padding, dilation, groups, backend):
+def conv2d_clipped_wgrad(x, G, row_scale, K, kernel_size, stride, padding, dilation, groups, backend):
     """The conv analogue of `linear_clipped_wgrad` for non-transposed 2-D convs; None otherwise."""
     if x.dtype not in _HALF or len(kernel_size) != 2 or resolve_backend(backend, x.device) != "triton":
         return None
-    return _kernels().ops.conv2d_clipped_wgrad(x, G, row_scale, tuple(kernel_size), tuple(stride),
-                                               tuple(padding), tuple(dilation), groups)
+    return _kernels().ops.conv2d_clipped_wgrad(x, G, _per_sample(row_scale, K), tuple(kernel_size), K,
+                                               tuple(stride), tuple(padding), tuple(dilation), groups)

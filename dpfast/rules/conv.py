@@ -200,8 +200,8 @@ class ConvRule(Rule):
         stride, padding, dilation, transposed, output_padding, groups = site.saved["cfg"]
         has_w, has_b = site.saved["has_w"], site.saved["has_b"]
         if has_w and not transposed:  # bf16/fp16 on the triton backend: fused, exact products
-            fused = conv2d_clipped_wgrad(x, G, s, site.saved["kernel_size"], stride, padding, dilation,
-                                         groups, tape.backend)
+            fused = conv2d_clipped_wgrad(x, G, s, tape.multiplicity, site.saved["kernel_size"], stride,
+                                         padding, dilation, groups, tape.backend)
             if fused is not None:
                 if not has_b:
                     return [fused]

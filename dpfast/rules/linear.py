@@ -88,7 +88,9 @@ class LinearRule(Rule):
         A3, G3 = self._grouped(site, tape)
         out = []
         # fp32 whatever the inputs: the sum is never rounded to bf16/fp16 (see scale_rows)
-        fused = linear_clipped_wgrad(A3, G3, s, tape.backend) if site.saved["has_w"] else None
+        fused = None
+        if site.saved["has_w"]:
+            fused = linear_clipped_wgrad(A3, G3, s, tape.multiplicity, tape.backend)
         if fused is not None:  # bf16/fp16 on the triton backend: exact products, no copy of G
             out.append(fused)
             if site.saved["has_b"]:

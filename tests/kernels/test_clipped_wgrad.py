@@ -20,18 +20,19 @@ def _scales(R, gen):
     return torch.rand(R, generator=gen, dtype=torch.float64) + 0.1
 
 
-@pytest.mark.parametrize("R, T, d, p, strided", [(1, 1, 3, 5, False), (5, 17, 33, 20, True),
-                                                 (3, 40, 8, 70, False)])
-def test_linear_kernel_matches_ref(R, T, d, p, strided, device):
-    gen = torch.Generator().manual_seed(R * T)
+@pytest.mark.parametrize("B, K, T, d, p, strided", [(1, 1, 1, 3, 5, False), (5, 1, 17, 33, 20, True),
+                                                    (3, 2, 40, 8, 70, False), (2, 3, 7, 9, 4, True)])
+def test_linear_kernel_matches_ref(B, K, T, d, p, strided, device):
+    gen = torch.Generator().manual_seed(B * T)
+    R = B * K
     A = torch.randn(R, T, d, generator=gen, dtype=torch.float64)
     G = torch.randn(R, p, T, generator=gen, dtype=torch.float64).transpose(1, 2) if strided else \
         torch.randn(R, T, p, generator=gen, dtype=torch.float64)
-    s = _scales(R, gen).float()
+    s = _scales(B, gen).float()
     A, G = A.bfloat16(), G.bfloat16()  # the reference sees the same rounded values
-    out = linear_clipped_wgrad(A.to(device), G.to(device), s.to(device))
+    out = linear_clipped_wgrad(A.to(device), G.to(device), s.to(device), K)
     assert out.dtype == torch.float32 and out.shape == (p, d)
-    torch.testing.assert_close(out.double().cpu(), linear_clipped_wgrad_ref(A, G, s).double(), **TOL)
+    torch.testing.assert_close(out.double().cpu(), linear_clipped_wgrad_ref(A, G, s, K).double(), **TOL)
 
 
 def test_linear_ref_is_the_scaled_autograd_gradient():
@@ -53,9 +54,8 @@ CONV_CASES = [(2, 1, 4, 6, 9, 8, (3, 3), (2, 2), (1, 1), (1, 1), 2, True),
 
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_conv_kernel_matches_ref(case, device):
-    x, G, kw = make(*case, dtype=torch.float64)
-    kw.pop("K")
-    s = _scales(x.shape[0], torch.Generator().manual_seed(1)).float()
+    x, G, kw = make(*case, dtype=torch.float64)  # K = 1, 3, 3, 1, 2: a sample's rows reduce together
+    s = _scales(x.shape[0] // kw["K"], torch.Generator().manual_seed(1)).float()
     x, G = x.bfloat16(), G.bfloat16()
     out = conv2d_clipped_wgrad(x.to(device), G.to(device), s.to(device), **kw)
     ref = conv2d_clipped_wgrad_ref(x, G, s, **kw)
@@ -66,21 +66,23 @@ def test_conv_kernel_matches_ref(case, device):
 @pytest.mark.parametrize("case", CONV_CASES[:3])
 def test_conv_ref_is_the_scaled_autograd_gradient(case):
     x, G, kw = make(*case, dtype=torch.float64)
-    kw.pop("K")
-    s = _scales(x.shape[0], torch.Generator().manual_seed(2))
+    K = kw["K"]
+    s = _scales(x.shape[0] // K, torch.Generator().manual_seed(2))
     W = torch.zeros(G.shape[1], x.shape[1] // kw["groups"], *kw["kernel_size"], dtype=torch.float64,
                     requires_grad=True)
     y = F.conv2d(x, W, None, kw["stride"], kw["padding"], kw["dilation"], kw["groups"])
-    (y * G * s.view(-1, 1, 1, 1)).sum().backward()
+    (y * G * s.repeat_interleave(K).view(-1, 1, 1, 1)).sum().backward()
     torch.testing.assert_close(conv2d_clipped_wgrad_ref(x, G, s, **kw), W.grad)
 
 
 def test_bad_inputs_are_refused(device):
     A = torch.zeros(4, 2, 3, device=device, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match=r"one clip factor per row: shape \(4,\)"):
-        linear_clipped_wgrad(A, A, torch.ones(2, device=device))
+    with pytest.raises(ValueError, match=r"one clip factor per sample: shape \(2,\)"):
+        linear_clipped_wgrad(A, A, torch.ones(4, device=device), 2)
     with pytest.raises(ValueError, match="must be bfloat16 or float16, got torch.float32"):
         linear_clipped_wgrad(A.float(), A.float(), torch.ones(4, device=device))
+    with pytest.raises(ValueError, match="multiple of the multiplicity"):
+        linear_clipped_wgrad(A, A, torch.ones(1, device=device), 3)
 
 
 @requires_cuda
