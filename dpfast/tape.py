@@ -224,14 +224,13 @@ class Tape:
 
     def clipped_sums(self, row_scale: torch.Tensor, accumulate) -> None:
         """For every site that received a gradient: ``accumulate(target, sum_r row_scale[r] * grad_r)``."""
-        for site in self.sites:
-            if not site.received:
-                continue
-            with exact_fp32():
-                grads = site.rule.clipped_grads(site, self, row_scale)
-            for t, g in zip(site.targets, grads):
-                accumulate(t, g)
-            site.rule.release(site)
+        with exact_fp32():
+            for site in self.sites:
+                if not site.received:
+                    continue
+                for t, g in zip(site.targets, site.rule.clipped_grads(site, self, row_scale)):
+                    accumulate(t, g)
+                site.rule.release(site)
 
 
 def fingerprint(G: torch.Tensor) -> torch.Tensor:

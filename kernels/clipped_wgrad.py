@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .conv_norm import _geometry, _load_patches, _patch_columns
-from .linear_norm import TuningSpace, _check_inputs, _interpretable
+from .conv_norm import _geometry, _patch_columns, _sample_conv_grad
+from .linear_norm import TuningSpace, _check_tokens, _interpretable, _sample_linear_grad
 
 # bf16/fp16 only (fp32 has cuBLAS/cuDNN's exact fp32 GEMMs): the tensor-core configs of the norm
 # kernels that stay spill-free with the second (per-row) accumulator; `dpfast check-kernels`.
@@ -72,24 +72,15 @@ def _linear_clipped_wgrad_kernel(
     split = tl.program_id(0)
     offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    in_p, in_d = offs_p < p, offs_d < d
-    acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_D, BLOCK_P), dtype=tl.float32)
     i_end = tl.minimum(split * per_split + per_split, B)
     for i in range(split * per_split, i_end):
-        acc_i = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
-        for r0 in range(0, n_red, BLOCK_T):
-            r = r0 + tl.arange(0, BLOCK_T)
-            in_r = r < n_red
-            row = (i * K + r // T).to(tl.int64)
-            tok = (r % T).to(tl.int64)
-            g = tl.load(G + row[None, :] * s_gr + tok[None, :] * s_gt + offs_p[:, None] * s_gp,
-                        mask=in_p[:, None] & in_r[None, :], other=0.0)
-            a = tl.load(A + row[:, None] * s_ar + tok[:, None] * s_at + offs_d[None, :] * s_ad,
-                        mask=in_r[:, None] & in_d[None, :], other=0.0)
-            acc_i = tl.dot(g, a, acc_i, input_precision=PRECISION)
+        acc_i = _sample_linear_grad(A, G, i, K, n_red, T, offs_d, offs_p, d, p, s_ar, s_at, s_ad,
+                                    s_gr, s_gt, s_gp, PRECISION, BLOCK_T, BLOCK_D, BLOCK_P)
         acc += tl.load(S + i) * acc_i  # the sample's clip factor, applied in fp32
-    out = part + split.to(tl.int64) * p * d + offs_p[:, None] * d + offs_d[None, :]
-    tl.store(out, acc, mask=in_p[:, None] & in_d[None, :])
+    # the tile is (d, p) of A^T G; the weight gradient is its transpose, (p, d) row-major
+    out = part + split.to(tl.int64) * p * d + offs_p[None, :] * d + offs_d[:, None]
+    tl.store(out, acc, mask=(offs_d[:, None] < d) & (offs_p[None, :] < p))
 
 
 def linear_clipped_wgrad(A: torch.Tensor, G: torch.Tensor, s: torch.Tensor, K: int = 1) -> torch.Tensor:
@@ -99,13 +90,7 @@ def linear_clipped_wgrad(A: torch.Tensor, G: torch.Tensor, s: torch.Tensor, K: i
     A: (R, T, d) input, G: (R, T, p) output gradient (any strides, bf16/fp16, same dtype),
     R = B*K rows sample-major, s: (B,) clip factor of each sample."""
     _half_only(A, "A")
-    if A.dim() != 3:
-        raise ValueError(f"A must be (R, T, d), got shape {tuple(A.shape)}")
-    if G.dim() != 3 or G.shape[:2] != A.shape[:2]:
-        raise ValueError(f"G must be (R, T, p) = ({A.shape[0]}, {A.shape[1]}, p), "
-                         f"got shape {tuple(G.shape)}")
-    R, B = _check_inputs(K, A=A, G=G)
-    T, d, p = A.shape[1], A.shape[2], G.shape[2]
+    B, T, d, p = _check_tokens(A, G, K)
     S = _sample_scale(s, B, A.device)
     if B == 0 or T == 0:
         return torch.zeros((p, d), device=A.device, dtype=torch.float32)
@@ -150,18 +135,9 @@ def _conv2d_clipped_wgrad_kernel(
     acc = tl.zeros((BLOCK_CO, BLOCK_J), dtype=tl.float32)
     i_end = tl.minimum(split * per_split + per_split, B)
     for i in range(split * per_split, i_end):
-        acc_i = tl.zeros((BLOCK_CO, BLOCK_J), dtype=tl.float32)
-        for r0 in range(0, n_red, BLOCK_N):
-            r = r0 + tl.arange(0, BLOCK_N)
-            in_r = r < n_red
-            row = (i * K + r // L).to(tl.int64)
-            pos = r % L
-            oh, ow = pos // Wo, pos % Wo
-            g = tl.load(G + row[None, :] * s_gr + c_out[:, None] * s_gc + oh[None, :] * s_gh
-                        + ow[None, :] * s_gw, mask=in_co[:, None] & in_r[None, :], other=0.0)
-            x = _load_patches(X, row, oh, ow, in_r, c_in, ki, kj, in_j, H, W, s_xr, s_xc, s_xh,
-                              s_xw, SH, SW, PH, PW, DH, DW)
-            acc_i = tl.dot(g, x, acc_i, input_precision=PRECISION)
+        acc_i = _sample_conv_grad(X, G, i, K, n_red, L, Wo, H, W, c_out, in_co, c_in, ki, kj, in_j,
+                                  s_xr, s_xc, s_xh, s_xw, s_gr, s_gc, s_gh, s_gw, SH, SW, PH, PW,
+                                  DH, DW, PRECISION, BLOCK_N, BLOCK_CO, BLOCK_J)
         acc += tl.load(S + i) * acc_i  # the sample's clip factor, applied in fp32
     # Stored in the weight's own (Cout, Cin/groups, kh, kw) layout, whatever the column order.
     col = ci * (KH * KW) + ki * KW + kj

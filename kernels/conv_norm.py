@@ -53,6 +53,31 @@ def _load_patches(X, row, oh, ow, in_r, c_in, ki, kj, in_j, H, W, s_xr, s_xc, s_
                    mask=in_r[:, None] & in_j[None, :] & inside, other=0.0)
 
 
+@triton.jit
+def _sample_conv_grad(X, G, i, K, n_red, L, Wo, H, W, c_out, in_co, c_in, ki, kj, in_j,
+                      s_xr, s_xc, s_xh, s_xw, s_gr, s_gc, s_gh, s_gw,
+                      SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                      DH: tl.constexpr, DW: tl.constexpr, PRECISION: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_J: tl.constexpr):
+    """The (cout-tile, patch-column tile) of sample i's weight gradient, fp32: sum over its K rows'
+    L output positions (n_red = K*L) of g_pos x_patch(pos)^T.  Shared by the norm and the
+    clipped-gradient kernels."""
+    acc = tl.zeros((BLOCK_CO, BLOCK_J), dtype=tl.float32)
+    for r0 in range(0, n_red, BLOCK_N):
+        # Reduction index r: output position r % L of row i*K + r // L.
+        r = r0 + tl.arange(0, BLOCK_N)
+        in_r = r < n_red
+        row = (i * K + r // L).to(tl.int64)
+        pos = r % L
+        oh, ow = pos // Wo, pos % Wo
+        g = tl.load(G + row[None, :] * s_gr + c_out[:, None] * s_gc + oh[None, :] * s_gh
+                    + ow[None, :] * s_gw, mask=in_co[:, None] & in_r[None, :], other=0.0)
+        x = _load_patches(X, row, oh, ow, in_r, c_in, ki, kj, in_j, H, W, s_xr, s_xc, s_xh, s_xw,
+                          SH, SW, PH, PW, DH, DW)
+        acc = tl.dot(g, x, acc, input_precision=PRECISION)
+    return acc
+
+
 @triton.autotune(
     configs=CONV_SPACE.configs,
     # not the batch: it changes every step under Poisson sampling
@@ -80,19 +105,9 @@ def _conv2d_direct_norm_kernel(
     c_in = grp * cin_g + ci
     c_out = grp * cout_g + offs_co
     in_co, in_j = offs_co < cout_g, offs_j < J
-    acc = tl.zeros((BLOCK_CO, BLOCK_J), dtype=tl.float32)
-    for r0 in range(0, n_red, BLOCK_N):
-        # Reduction index r: output position r % L of row i*K + r // L.
-        r = r0 + tl.arange(0, BLOCK_N)
-        in_r = r < n_red
-        row = (i * K + r // L).to(tl.int64)
-        pos = r % L
-        oh, ow = pos // Wo, pos % Wo
-        g = tl.load(G + row[None, :] * s_gr + c_out[:, None] * s_gc + oh[None, :] * s_gh
-                    + ow[None, :] * s_gw, mask=in_co[:, None] & in_r[None, :], other=0.0)
-        x = _load_patches(X, row, oh, ow, in_r, c_in, ki, kj, in_j, H, W, s_xr, s_xc, s_xh, s_xw,
-                          SH, SW, PH, PW, DH, DW)
-        acc = tl.dot(g, x, acc, input_precision=PRECISION)
+    acc = _sample_conv_grad(X, G, i, K, n_red, L, Wo, H, W, c_out, in_co, c_in, ki, kj, in_j,
+                            s_xr, s_xc, s_xh, s_xw, s_gr, s_gc, s_gh, s_gw, SH, SW, PH, PW, DH, DW,
+                            PRECISION, BLOCK_N, BLOCK_CO, BLOCK_J)
     sq = tl.sum(tl.sum(acc * acc, axis=1), axis=0)
     n_tiles = tl.num_programs(1) * tl.num_programs(2)
     tl.store(part + i.to(tl.int64) * n_slots + grp * n_tiles + pid_co * tl.num_programs(2) + pid_j, sq)

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear_norm import (_check_inputs, _dot_precision, _interpretable, _min_block, _n_tiles,
+from .linear_norm import (_check_tokens, _dot_precision, _interpretable, _min_block, _n_tiles,
                           TuningSpace)
 
 GHOST_SPACE = TuningSpace(
@@ -73,13 +73,7 @@ def ghost_norm(A: torch.Tensor, G: torch.Tensor, K: int = 1, *,
 
     Same contract as `linear_direct_norm`: A (R, T, d), G (R, T, p), R = B*K rows sample-major.
     """
-    if A.dim() != 3:
-        raise ValueError(f"A must be (R, T, d), got shape {tuple(A.shape)}")
-    if G.dim() != 3 or G.shape[:2] != A.shape[:2]:
-        raise ValueError(f"G must be (R, T, p) = ({A.shape[0]}, {A.shape[1]}, p), "
-                         f"got shape {tuple(G.shape)}")
-    R, B = _check_inputs(K, A=A, G=G)
-    T, d, p = A.shape[1], A.shape[2], G.shape[2]
+    B, T, d, p = _check_tokens(A, G, K)
     n_red = K * T
     if B == 0 or T * d * p == 0:
         return torch.zeros(B, device=A.device, dtype=torch.float32)

@@ -124,6 +124,18 @@ def _row_addressable(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _check_tokens(A, G, K):
+    """Shared boundary checks of the token-shaped launchers: A (R, T, d), G (R, T, p), R = B*K.
+    Returns (B, T, d, p)."""
+    if A.dim() != 3:
+        raise ValueError(f"A must be (R, T, d), got shape {tuple(A.shape)}")
+    if G.dim() != 3 or G.shape[:2] != A.shape[:2]:
+        raise ValueError(f"G must be (R, T, p) = ({A.shape[0]}, {A.shape[1]}, p), "
+                         f"got shape {tuple(G.shape)}")
+    _, B = _check_inputs(K, A=A, G=G)
+    return B, A.shape[1], A.shape[2], G.shape[2]
+
+
 def _interpretable(*tensors):
     """Inputs as the kernels take them: rows addressable in int32 (`_row_addressable`), and under
     the interpreter bf16 upcast to fp32, because the interpreter keeps bf16 as raw uint16 and its
@@ -139,6 +151,28 @@ def _dot_precision(dtype, allow_tf32):
     # fp32 inputs: true fp32 unless the caller opts into TF32 (as torch's own conv/matmul flags do);
     # the flag is ignored for bf16/fp16 inputs.
     return "tf32" if (allow_tf32 and dtype == torch.float32) else "ieee"
+
+
+@triton.jit
+def _sample_linear_grad(A, G, i, K, n_red, T, offs_d, offs_p, d, p,
+                        s_ar, s_at, s_ad, s_gr, s_gt, s_gp, PRECISION: tl.constexpr,
+                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The (d-tile, p-tile) of sample i's weight gradient A_i^T G_i, fp32: its K rows and T tokens
+    (n_red = K*T positions) reduce together.  Shared by the norm and the clipped-gradient kernels."""
+    acc = tl.zeros((BLOCK_D, BLOCK_P), dtype=tl.float32)
+    for r0 in range(0, n_red, BLOCK_T):
+        # Reduction index r covers the K rows of the sample and their T tokens; row/token are
+        # split so arbitrary strides work, and promoted to int64 before scaling by strides.
+        r = r0 + tl.arange(0, BLOCK_T)
+        row = (i * K + r // T).to(tl.int64)
+        tok = (r % T).to(tl.int64)
+        in_r = r < n_red
+        a = tl.load(A + row[:, None] * s_ar + tok[:, None] * s_at + offs_d[None, :] * s_ad,
+                    mask=in_r[:, None] & (offs_d[None, :] < d), other=0.0)
+        g = tl.load(G + row[:, None] * s_gr + tok[:, None] * s_gt + offs_p[None, :] * s_gp,
+                    mask=in_r[:, None] & (offs_p[None, :] < p), other=0.0)
+        acc = tl.dot(tl.trans(a), g, acc, input_precision=PRECISION)
+    return acc
 
 
 LINEAR_SPACE = TuningSpace(
@@ -168,19 +202,8 @@ def _linear_direct_norm_kernel(
     pid_p = tl.program_id(2)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    acc = tl.zeros((BLOCK_D, BLOCK_P), dtype=tl.float32)
-    for r0 in range(0, n_red, BLOCK_T):
-        # Reduction index r covers the K rows of the sample and their T tokens; row/token are
-        # split so arbitrary strides work, and promoted to int64 before scaling by strides.
-        r = r0 + tl.arange(0, BLOCK_T)
-        row = (i * K + r // T).to(tl.int64)
-        tok = (r % T).to(tl.int64)
-        in_r = r < n_red
-        a = tl.load(A + row[:, None] * s_ar + tok[:, None] * s_at + offs_d[None, :] * s_ad,
-                    mask=in_r[:, None] & (offs_d[None, :] < d), other=0.0)
-        g = tl.load(G + row[:, None] * s_gr + tok[:, None] * s_gt + offs_p[None, :] * s_gp,
-                    mask=in_r[:, None] & (offs_p[None, :] < p), other=0.0)
-        acc = tl.dot(tl.trans(a), g, acc, input_precision=PRECISION)
+    acc = _sample_linear_grad(A, G, i, K, n_red, T, offs_d, offs_p, d, p, s_ar, s_at, s_ad, s_gr,
+                              s_gt, s_gp, PRECISION, BLOCK_T, BLOCK_D, BLOCK_P)
     sq = tl.sum(tl.sum(acc * acc, axis=1), axis=0)
     # int64: B * n_slots passes 2^31 for large batches of long sequences
     tl.store(part + i.to(tl.int64) * n_slots + pid_d * tl.num_programs(2) + pid_p, sq)
@@ -193,13 +216,7 @@ def linear_direct_norm(A: torch.Tensor, G: torch.Tensor, K: int = 1, *,
     A: (R, T, d) layer input, G: (R, T, p) output gradient, R = B*K rows sample-major; sample i's
     gradient is sum over its K rows and T tokens of a_t g_t^T.  Any strides.
     """
-    if A.dim() != 3:
-        raise ValueError(f"A must be (R, T, d), got shape {tuple(A.shape)}")
-    if G.dim() != 3 or G.shape[:2] != A.shape[:2]:
-        raise ValueError(f"G must be (R, T, p) = ({A.shape[0]}, {A.shape[1]}, p), "
-                         f"got shape {tuple(G.shape)}")
-    R, B = _check_inputs(K, A=A, G=G)
-    T, d, p = A.shape[1], A.shape[2], G.shape[2]
+    B, T, d, p = _check_tokens(A, G, K)
     if B == 0 or T * d * p == 0:
         return torch.zeros(B, device=A.device, dtype=torch.float32)
     # Per-tile partials, reduced by torch.sum, instead of atomics on out[i]: the result is
