@@ -15,9 +15,10 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ._precision import exact_fp32
+from .module_checks import refuse_unsupported
 from .errors import BatchLayoutError, DPError, PrivacyLeakError, UnsupportedModuleError
 from .rules import SUPPORTED, find_rule
-from .tape import Tape, fingerprint
+from .tape import Tape, fingerprint, input_fingerprint
 
 _BATCHNORM = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
 _HALF = (torch.bfloat16, torch.float16)
@@ -87,6 +88,7 @@ class _ReplayTape:
                 "refused. Two-pass mode needs the loss to depend on the parameters only through the model's "
                 "returned outputs (none computed from another, nothing stashed on the module, one call per "
                 "step); use mode='bk' otherwise")
+        self._check_input(site, self.expected[k])
         site.received = True
         site.rule.absorb(site, G.detach())
         ones = torch.ones(G.shape[0], dtype=torch.float32, device=G.device)
@@ -95,6 +97,24 @@ class _ReplayTape:
         for t, g in zip(site.targets, grads):
             self.accumulate(t, g)
         site.rule.release(site)
+
+    @staticmethod
+    def _check_input(site, first) -> None:
+        """The replayed layer input must be the first pass's, row by row (norm and a random projection)."""
+        want, got = first.input_fingerprint, input_fingerprint(site)
+        if want is None and got is None:
+            return
+        ok = want is not None and got is not None and got.shape == want.shape
+        if ok:
+            scale = want[:, :1].sqrt()  # per-row norm: the projection is at most ~ that large
+            tol = 1e-4 * torch.cat([want[:, :1], scale], dim=1) + 1e-12 * (1 + want[:, :1].max())
+            ok = bool(((got - want).abs() <= tol).all())
+        if not ok:
+            raise PrivacyLeakError(
+                f"two-pass replay: the input of layer {site.name!r} differs from the first pass (randomness "
+                "the replay does not restore: Python's random, numpy, a private torch.Generator, a counter on "
+                "the module), so the replayed gradient is not the one whose norm was clipped; the step is "
+                "refused. Draw all randomness from torch's global generator, or use mode='bk'")
 
     def check_complete(self) -> None:
         missing = [e.name for e, s in zip(self.expected, self.sites + [None] * len(self.expected))
@@ -119,6 +139,7 @@ def _walk(module, name, names, install):
             f"module {label!r} ({type(module).__name__}) normalises over the batch, which mixes samples "
             "and cannot be made private; replace it with GroupNorm: model = dpfast.fix_module(model)")
     rule = find_rule(module)
+    refuse_unsupported(module, label, rule)
     if rule is not None:
         rule.check(module, label)
         if any(p.requires_grad for p in rule.covered_params(module)):

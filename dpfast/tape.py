@@ -13,6 +13,7 @@ per-sample gradients are summed chunk by chunk before squaring.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +53,9 @@ class Site:
     G: torch.Tensor | None = None
     received: bool = False
     epoch: int = 0
-    fingerprint: torch.Tensor | None = None  # two-pass: per-row squared norm of G, checked by the replay
+    # two-pass: per-row fingerprints of G and of the layer's input, checked by the replay
+    fingerprint: torch.Tensor | None = None
+    input_fingerprint: torch.Tensor | None = None
 
 
 class Tape:
@@ -63,6 +66,10 @@ class Tape:
         self.two_pass = two_pass
         self.backend = backend
         self.norm_method = norm_method
+        # rows of the current physical chunk (samples x K) when the private loader announced it; every
+        # layer's row count is checked against it at its forward (a layer that sees positions or a
+        # reshaped batch in dim 0 is refused, whatever the other layers see)
+        self.expected_rows: int | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -85,6 +92,11 @@ class Tape:
                 "the forward pass); dpfast does not support checkpointing inside a private module yet: "
                 "disable gradient checkpointing, or use mode='two-pass' with a smaller "
                 "max_physical_batch_size to save memory")
+        if self.expected_rows is not None and rows != self.expected_rows:
+            raise BatchLayoutError(
+                f"module {name!r} received {rows} rows in dim 0 but the batch holds {self.expected_rows} rows "
+                f"(samples x multiplicity {self.multiplicity}): every trainable layer must see the batch rows in "
+                "dim 0 (sequence-first (L, N, E) inputs put positions there: use batch_first=True)")
         if self.rows is None:
             self.rows = rows
             if rows % self.multiplicity:
@@ -142,6 +154,7 @@ class Tape:
         site.received = True
         if self.two_pass:
             site.fingerprint = fingerprint(G)
+            site.input_fingerprint = input_fingerprint(site)
             self.low_precision |= G.dtype in (torch.bfloat16, torch.float16)
         site.rule.absorb(site, G.detach())
         root = self._component[id(site)]
@@ -172,26 +185,35 @@ class Tape:
                 s.rule.release(s)
 
     def _shared_norm_sq(self, members: list[Site]) -> torch.Tensor:
-        """Norm of the summed per-sample gradients of sites sharing parameters, chunk by chunk."""
+        """Norm of each sample's gradient of every parameter the members touch, chunk by chunk.
+
+        A site's target is a whole parameter or a block of its rows (the packed q/k/v projection of
+        an attention called once as self-attention and once with another key/value). Contributions
+        are added into one per-sample gradient of the *whole* parameter before squaring, so the cross
+        terms between a whole-tensor site and a block site are counted. (Summing per target key
+        instead lost them: one sample released 1.21 max_grad_norm.)"""
         K = self.multiplicity
         n = self.rows // K
-        keys = {}
-        for s in members:
-            for t in s.targets:
-                keys.setdefault(t.key, t)
+        params = {id(t.param): t.param for s in members for t in s.targets}
         from .rules import _norms
 
-        largest = max(t.shape.numel() for t in keys.values())
-        step = max(1, _norms.get_memory_budget() // max(1, largest * len(members)))
+        total = sum(p.numel() for p in params.values())
+        step = max(1, _norms.get_memory_budget() // max(1, total))
         dev = members[0].G.device
         out = torch.zeros(n, dtype=torch.float64 if members[0].G.dtype == torch.float64 else torch.float32,
                           device=dev)
         for start in range(0, n, step):
             sl = slice(start, min(n, start + step))
-            sums: dict[tuple, torch.Tensor] = {}
+            sums: dict[int, torch.Tensor] = {}
             for s in members:
                 for t, g in zip(s.targets, s.rule.per_sample_grads(s, self, sl)):
-                    sums[t.key] = sums[t.key] + g if t.key in sums else g
+                    acc = sums.get(id(t.param))
+                    if acc is None:
+                        acc = sums[id(t.param)] = g.new_zeros((g.shape[0], *t.param.shape))
+                    if t.rows is None:
+                        acc += g
+                    else:
+                        acc[:, t.rows] += g
             for g in sums.values():
                 out[sl] += g.reshape(g.shape[0], -1).to(out.dtype).square().sum(dim=1)
         return out
@@ -238,6 +260,30 @@ def fingerprint(G: torch.Tensor) -> torch.Tensor:
     G = G.detach()
     G = G.double() if G.dtype == torch.float64 else G.float()
     return G.reshape(G.shape[0], -1).square().sum(dim=1)
+
+
+INPUT_KEYS = ("A", "x", "xh", "idx")  # what each rule saves of its layer's input (linear, conv, norm, embedding)
+_PROJECTIONS: dict = {}
+
+
+def input_fingerprint(site: Site) -> torch.Tensor | None:
+    """Per-row fingerprint of a layer's input (R, 2): squared norm and a fixed random projection (fp64).
+
+    The two-pass replay compares it with the replayed input: randomness the replay cannot restore
+    (Python's `random`, numpy, a private generator, a counter on the module) may change a layer's
+    input while its output gradient stays the same (a loss linear in the output), and the replayed
+    weight gradient would then not be the one whose norm was clipped."""
+    x = next((site.saved[k] for k in INPUT_KEYS if torch.is_tensor(site.saved.get(k))), None)
+    if x is None:
+        return None
+    x = x.detach().reshape(x.shape[0], -1).double()
+    key = (x.shape[1], x.device)
+    w = _PROJECTIONS.get(key)
+    if w is None:
+        gen = torch.Generator().manual_seed(0x5EED)
+        w = _PROJECTIONS[key] = (torch.randn(x.shape[1], generator=gen, dtype=torch.float64)
+                                 / math.sqrt(max(1, x.shape[1]))).to(x.device)
+    return torch.stack([x.square().sum(dim=1), x @ w], dim=1)
 
 
 def _overlaps(a: tuple, b: tuple) -> bool:

@@ -1,0 +1,88 @@
+"""Structural checks run by make_private on every module before any privacy is spent.
+
+A rule computes per-sample gradients of one layer type's *standard* maths. Each check below refuses a
+module whose real computation (or state) differs from what its rule assumes, with the reason and the
+fix, instead of clipping the wrong gradient:
+
+* sequence-first transformer layers: their inner Linear/LayerNorm see (L, N, E), positions in dim 0;
+* reparametrised weights (weight_norm, spectral_norm, torch.nn.utils.parametrize): the rule would
+  target the temporary ``module.weight`` and the real parameters would get noise only;
+* subclasses that override a method the layer's forward calls (a weight-standardised conv overriding
+  ``_conv_forward``): the rule would compute a plain layer;
+* layers that keep data-dependent running statistics (InstanceNorm with track_running_stats): the
+  buffers would be released as they are, unclipped and unnoised.
+"""
+from __future__ import annotations
+
+import inspect
+
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .errors import UnsupportedModuleError
+
+# overriding these changes nothing a rule computes
+_HARMLESS_OVERRIDES = {"__init__", "extra_repr", "__repr__", "reset_parameters", "__setstate__",
+                       "__getstate__", "_load_from_state_dict", "_save_to_state_dict"}
+_SEQUENCE_FIRST = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+_RUNNING_STATS = (nn.modules.instancenorm._InstanceNorm,)
+
+
+def refuse_unsupported(module: nn.Module, label: str, rule) -> None:
+    """Raise UnsupportedModuleError if ``module`` (matched to ``rule``, or None) cannot be made private."""
+    if isinstance(module, _SEQUENCE_FIRST) and not module.self_attn.batch_first and _trainable(module):
+        raise UnsupportedModuleError(
+            f"module {label!r} ({type(module).__name__}) is sequence-first (batch_first=False): its Linear and "
+            "LayerNorm layers see (L, N, E) inputs, so dpfast would clip per position instead of per sample. "
+            "Construct it with batch_first=True and feed (N, L, E)")
+    if isinstance(module, _RUNNING_STATS) and module.track_running_stats:
+        raise UnsupportedModuleError(
+            f"module {label!r} ({type(module).__name__}) keeps running statistics of the private data "
+            "(track_running_stats=True), which would be released without clipping or noise; construct it "
+            "with track_running_stats=False, or call dpfast.fix_module(model)")
+    if rule is None:
+        return
+    scope = list(module.modules()) if rule.composite else [module]
+    for m in scope:
+        _refuse_reparametrised(m, label)
+    _refuse_overrides(module, label, rule)
+
+
+def _trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def _refuse_reparametrised(module: nn.Module, label: str) -> None:
+    hooks = [type(h).__name__ for h in module._forward_pre_hooks.values()
+             if type(h).__name__ in ("WeightNorm", "SpectralNorm")]
+    own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+    unknown = [n for n in own if n.endswith(("_g", "_v", "_orig"))]
+    if parametrize.is_parametrized(module) or hooks or unknown:
+        how = ", ".join(hooks) or ("torch.nn.utils.parametrize" if parametrize.is_parametrized(module)
+                                   else f"parameters {unknown}")
+        raise UnsupportedModuleError(
+            f"module {label!r} ({type(module).__name__}) has a reparametrised weight ({how}): "
+            "its rule would clip the gradient of the computed weight, and the real parameters "
+            "(weight_g/weight_v, weight_orig, parametrizations.*.original) would get noise only. Remove the "
+            "reparametrisation (torch.nn.utils.remove_weight_norm / parametrize.remove_parametrizations) "
+            "or freeze the layer")
+
+
+def _refuse_overrides(module: nn.Module, label: str, rule) -> None:
+    """A subclass of the rule's layer type may add a constructor, never replace the maths."""
+    base = next(t for t in rule.types if isinstance(module, t) and type(module).forward is t.forward)
+    overridden = []
+    for cls in type(module).__mro__:
+        if cls is base or not issubclass(cls, base):
+            break
+        for name, value in vars(cls).items():
+            if name in _HARMLESS_OVERRIDES or not hasattr(base, name) or value is vars(base).get(name):
+                continue
+            if inspect.isfunction(value) or isinstance(value, (property, classmethod, staticmethod)):
+                overridden.append(name)
+    if overridden:
+        raise UnsupportedModuleError(
+            f"module {label!r} ({type(module).__name__}) subclasses nn.{base.__name__} but overrides "
+            f"{sorted(set(overridden))}, which nn.{base.__name__}.forward relies on: the nn.{base.__name__} rule "
+            "would compute a plain layer, not this one. Write the layer's maths from supported layers (or "
+            "freeze it)")
