@@ -7,8 +7,8 @@
 // split into several launches (a model with > 768 trainable tensors).
 //
 // Work unit = one (tensor, Philox block) pair. A thread finds its tensor by binary search over the
-// per-tensor unit prefix sums, generates the block's four normals and writes the elements of that
-// block that belong to the tensor, with a float4 load/store when the block is whole and aligned.
+// per-tensor unit prefix sums, generates the block's two normals and writes the elements of that
+// block that belong to the tensor, with a float2 load/store when the block is whole and aligned.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -42,11 +42,11 @@ void check_cuda(cudaError_t err, const char* what) {
   }
 }
 
-// Whole block at 16-byte aligned addresses: one float4 load and store instead of four scalars.
-__device__ __forceinline__ bool aligned16(const TensorSlice& t, int64_t j0) {
+// Whole block at 8-byte aligned addresses: one float2 load and store instead of two scalars.
+__device__ __forceinline__ bool aligned8(const TensorSlice& t, int64_t j0) {
   uintptr_t addr = reinterpret_cast<uintptr_t>(t.out + j0);
   if (t.acc) addr |= reinterpret_cast<uintptr_t>(t.acc + j0);
-  return (addr & 15u) == 0;
+  return (addr & 7u) == 0;
 }
 
 template <int kCap, bool kNoise>
@@ -64,18 +64,16 @@ __global__ void __launch_bounds__(kThreads)
     }
     const TensorSlice& t = list.t[lo];
     const uint64_t b = first_block(t) + (u - list.unit_start[lo]);
-    const int64_t j0 = static_cast<int64_t>(4 * b - t.offset);
-    if (j0 >= 0 && j0 + 4 <= t.numel && aligned16(t, j0)) {
-      double z[4] = {0.0, 0.0, 0.0, 0.0};
+    const int64_t j0 = static_cast<int64_t>(kNormalsPerBlock * b - t.offset);
+    if (j0 >= 0 && j0 + kNormalsPerBlock <= t.numel && aligned8(t, j0)) {
+      double z[kNormalsPerBlock] = {0.0, 0.0};
       if (kNoise) normal_block(seed, step, b, z);
-      float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (t.acc) a = *reinterpret_cast<const float4*>(t.acc + j0);
-      float4 o;
+      float2 a = make_float2(0.f, 0.f);
+      if (t.acc) a = *reinterpret_cast<const float2*>(t.acc + j0);
+      float2 o;
       o.x = finalize_value(a.x, z[0], noise_std, scale);
       o.y = finalize_value(a.y, z[1], noise_std, scale);
-      o.z = finalize_value(a.z, z[2], noise_std, scale);
-      o.w = finalize_value(a.w, z[3], noise_std, scale);
-      *reinterpret_cast<float4*>(t.out + j0) = o;
+      *reinterpret_cast<float2*>(t.out + j0) = o;
     } else {
       finalize_block<kNoise>(t, b, noise_std, scale, seed, step);
     }

@@ -10,11 +10,16 @@
 //   key     = (seed & 0xffffffff, seed >> 32)                    seed: uint64
 //   counter = (b & 0xffffffff, b >> 32, step, stream)           b: uint64 block, step: uint32
 //   streams : STREAM_NOISE = 0, STREAM_POISSON = 1, STREAM_AUX = 2 (reserved)
-//   uniform : u_k = (x_k + 0.5) * 2^-32, in double, strictly inside (0, 1) so log(u) is finite.
 //
-// Gaussian noise for global element e: block b = e / 4, lane e % 4, Box-Muller in double:
-//   z0 = sqrt(-2 ln u0) cos(2 pi u1), z1 = sqrt(-2 ln u0) sin(2 pi u1), z2/z3 likewise from u2, u3.
-// Poisson membership of sample j at step s: u0 of block b = j on STREAM_POISSON; in batch iff u0 < q.
+// Gaussian noise for global element e: block b = e / 2, lane e % 2. The block's words form two
+// 64-bit words w0 = x0 | x1 << 32, w1 = x2 | x3 << 32; in double (round to nearest)
+//   u_r = ((double)w0 + 0.5) * 2^-64   in [2^-65, 1], exact for w0 < 2^52 (the radius' tail)
+//   t   = 2 pi * ((w1 >> 11) * 2^-53)  angle uniform exact on the 2^-53 grid of [0, 1)
+//   z_{2b} = sqrt(-2 ln u_r) cos t,  z_{2b+1} = sqrt(-2 ln u_r) sin t.
+// So |z| <= sqrt(130 ln 2) = 9.49 (32-bit uniforms capped it at 6.76: dpfast/random.py states the
+// delta such a cap leaves unaccounted, truncation_delta()).
+// Poisson membership of sample j at step s: u0 = (x0 + 0.5) * 2^-32 of block b = j on
+// STREAM_POISSON; in batch iff u0 < q.
 //
 // Finalize of element j of a tensor whose first element has global index `offset`:
 //   out[j] = (float)(((double)acc[j] + noise_std * z(offset + j)) * scale)
@@ -46,6 +51,8 @@ constexpr int kPhiloxRounds = 10;
 
 constexpr double kTwoPi = 6.283185307179586;        // double(2 * pi), same as numpy's 2 * np.pi
 constexpr double kTwoPowMinus32 = 2.3283064365386963e-10;  // 2^-32, exact
+constexpr double kTwoPowMinus53 = 1.1102230246251565e-16;  // 2^-53, exact
+constexpr double kTwoPowMinus64 = 5.421010862427522e-20;   // 2^-64, exact
 
 struct Philox4 {
   uint32_t x[4];
@@ -96,19 +103,24 @@ DPFAST_HD double uniform_open01(uint32_t x) {
   return (static_cast<double>(x) + 0.5) * kTwoPowMinus32;  // both steps exact in double
 }
 
-// Box-Muller of one pair of uniforms; sin/cos of the same angle (no sincospi: the CPU has none).
-DPFAST_HD void box_muller(uint32_t xa, uint32_t xb, double& za, double& zb) {
-  const double r = sqrt(-2.0 * log(uniform_open01(xa)));
-  const double t = kTwoPi * uniform_open01(xb);
+DPFAST_HD uint64_t word64(uint32_t lo, uint32_t hi) {
+  return static_cast<uint64_t>(lo) | (static_cast<uint64_t>(hi) << 32);
+}
+
+// Box-Muller of one pair of 64-bit words; sin/cos of the same angle (no sincospi: the CPU has none).
+DPFAST_HD void box_muller(uint64_t wr, uint64_t wt, double& za, double& zb) {
+  const double ur = (static_cast<double>(wr) + 0.5) * kTwoPowMinus64;  // in [2^-65, 1]
+  const double r = sqrt(-2.0 * log(ur));
+  const double t = kTwoPi * (static_cast<double>(wt >> 11) * kTwoPowMinus53);
   za = r * cos(t);
   zb = r * sin(t);
 }
 
-// The four standard normals of noise block b (elements 4b .. 4b+3).
-DPFAST_HD void normal_block(uint64_t seed, uint32_t step, uint64_t b, double z[4]) {
+// The two standard normals of noise block b (elements 2b, 2b+1).
+constexpr int kNormalsPerBlock = 2;
+DPFAST_HD void normal_block(uint64_t seed, uint32_t step, uint64_t b, double z[2]) {
   const Philox4 x = philox_block(seed, step, kStreamNoise, b);
-  box_muller(x.x[0], x.x[1], z[0], z[1]);
-  box_muller(x.x[2], x.x[3], z[2], z[3]);
+  box_muller(word64(x.x[0], x.x[1]), word64(x.x[2], x.x[3]), z[0], z[1]);
 }
 
 DPFAST_HD double poisson_uniform(uint64_t seed, uint32_t step, uint64_t sample_index) {
@@ -128,26 +140,27 @@ struct TensorSlice {
   uint64_t offset;  // global element index of out[0]
 };
 
-// Philox blocks touched by a tensor: blocks offset/4 .. (offset+numel-1)/4. A block that straddles
+// Noise blocks touched by a tensor: blocks offset/2 .. (offset+numel-1)/2. A block that straddles
 // two tensors is generated once for each of them (cheap, and keeps every element's noise exact).
-DPFAST_HD uint64_t first_block(const TensorSlice& t) { return t.offset / 4; }
+DPFAST_HD uint64_t first_block(const TensorSlice& t) { return t.offset / kNormalsPerBlock; }
 DPFAST_HD uint64_t num_blocks(const TensorSlice& t) {
-  return (t.offset + static_cast<uint64_t>(t.numel) - 1) / 4 - t.offset / 4 + 1;
+  return (t.offset + static_cast<uint64_t>(t.numel) - 1) / kNormalsPerBlock -
+         t.offset / kNormalsPerBlock + 1;
 }
 
-// Finalize the (up to four) elements of tensor t that fall in global noise block b.
+// Finalize the (up to two) elements of tensor t that fall in global noise block b.
 // kNoise == false is the noise_std == 0 fast path: no generator call at all.
 template <bool kNoise>
 DPFAST_HD void finalize_block(const TensorSlice& t, uint64_t b, double noise_std, double scale,
                               uint64_t seed, uint32_t step) {
-  double z[4] = {0.0, 0.0, 0.0, 0.0};
+  double z[kNormalsPerBlock] = {0.0, 0.0};
   if (kNoise) normal_block(seed, step, b, z);
   // Local index of the block's lane 0; negative for the first block of an unaligned tensor.
-  const int64_t j0 = static_cast<int64_t>(4 * b - t.offset);
+  const int64_t j0 = static_cast<int64_t>(kNormalsPerBlock * b - t.offset);
 #if defined(__CUDA_ARCH__)
 #pragma unroll  // keeps z[] in registers
 #endif
-  for (int lane = 0; lane < 4; ++lane) {
+  for (int lane = 0; lane < kNormalsPerBlock; ++lane) {
     const int64_t j = j0 + lane;
     if (j < 0 || j >= t.numel) continue;
     const float a = t.acc ? t.acc[j] : 0.0f;

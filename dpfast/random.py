@@ -14,12 +14,27 @@ Contract (shared with csrc/philox.h; tests/test_random.py pins both):
 * ``counter = (b & 0xffffffff, b >> 32, step, stream)`` for block ``b`` in ``[0, 2**64)`` and
   ``step`` in ``[0, 2**32)``; streams ``STREAM_NOISE = 0``, ``STREAM_POISSON = 1``,
   ``STREAM_AUX = 2`` (reserved).
-* uniforms ``u_k = (x_k + 0.5) * 2**-32`` in float64, strictly inside (0, 1).
-* Gaussian noise of global element ``e``: block ``e // 4``, lane ``e % 4``, Box-Muller in float64:
-  ``z0, z1 = r cos(2 pi u1), r sin(2 pi u1)`` with ``r = sqrt(-2 ln u0)``; ``z2, z3`` likewise
-  from ``u2, u3``.
-* Poisson membership of sample ``j`` at step ``s``: ``u0`` of block ``j`` on ``STREAM_POISSON``;
-  the sample is in the batch iff ``u0 < q``.
+* Gaussian noise of global element ``e``: block ``e // 2``, lane ``e % 2``. The block's four words
+  form two 64-bit words ``w0 = x0 | x1 << 32`` and ``w1 = x2 | x3 << 32``; in float64,
+  ``u_r = (float64(w0) + 0.5) * 2**-64`` (round to nearest; exact for ``w0 < 2**52``; in
+  ``[2**-65, 1]``), ``t = 2 pi * ((w1 >> 11) * 2**-53)``, ``r = sqrt(-2 ln u_r)`` and
+  ``z_{2b} = r cos t``, ``z_{2b+1} = r sin t`` (Box-Muller, one pair per block).
+* Poisson membership of sample ``j`` at step ``s``: ``u0 = (x0 + 0.5) * 2**-32`` of block ``j`` on
+  ``STREAM_POISSON``; the sample is in the batch iff ``u0 < q`` (so the realised rate exceeds ``q``
+  by less than ``2**-32``).
+
+Tails and the residual delta. Box-Muller output is bounded: ``|z| <= sqrt(-2 ln u_min)``. With the
+32-bit uniforms of earlier versions (``u_min = 2**-33``) that bound was 6.76; a record whose clipped
+gradient lies along one coordinate then shifts that coordinate by ``1/noise_multiplier`` noise
+standard deviations, and with probability ``Q(z_max - 1/sigma)`` (``Q`` the standard normal upper
+tail) it lands where the output without the record has no support. Over ``T`` Poisson-subsampled
+steps this adds ``delta_trunc ~= T * q * Q(z_max - 1/sigma)`` (see ``truncation_delta``) to the
+accountant's delta: 1.58e-5 at the demo preset (sigma=0.357, q=0.002133, T=200) with the 32-bit
+cap, above its delta of 1e-5. With the 64-bit radius uniform ``u_min = 2**-65``, so
+``z_max = 9.49`` and the same preset gives ``delta_trunc = 4.7e-12`` (1.1e-11 per step before
+subsampling). This counts only the support mismatch of the idealised truncated Gaussian; the
+floating-point granularity of Box-Muller (Jin et al. 2022) is a separate weakness, handled by the
+secure generator of ``dpfast.random_secure``.
 """
 
 from __future__ import annotations
@@ -40,6 +55,8 @@ __all__ = [
     "normal_f64",
     "poisson_uniforms",
     "poisson_mask",
+    "max_abs_normal",
+    "truncation_delta",
 ]
 
 STREAM_NOISE = 0
@@ -56,6 +73,8 @@ _MASK32 = np.uint64(0xFFFFFFFF)
 _SHIFT32 = np.uint64(32)
 _TWO_PI = 2.0 * math.pi
 _TWO_POW_MINUS_32 = 2.0**-32
+_TWO_POW_MINUS_53 = 2.0**-53
+_TWO_POW_MINUS_64 = 2.0**-64
 
 
 def check_seed_step(seed: int, step: int) -> tuple[int, int]:
@@ -112,8 +131,30 @@ def philox_blocks(blocks: np.ndarray, *, seed: int, step: int, stream: int) -> n
 
 
 def uniforms(x: np.ndarray) -> np.ndarray:
-    """uint32 generator words -> float64 uniforms (x + 0.5) * 2**-32, strictly inside (0, 1)."""
+    """uint32 generator words -> float64 uniforms (x + 0.5) * 2**-32, strictly inside (0, 1).
+
+    The Poisson membership uniforms (the noise uses the 64-bit ``radius_uniforms``)."""
     return (x.astype(np.float64) + 0.5) * _TWO_POW_MINUS_32
+
+
+def words64(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 4) uint32 Philox blocks -> the two uint64 words ``x0 | x1 << 32``, ``x2 | x3 << 32``."""
+    x = x.astype(np.uint64)
+    return x[:, 0] | (x[:, 1] << _SHIFT32), x[:, 2] | (x[:, 3] << _SHIFT32)
+
+
+def radius_uniforms(w: np.ndarray) -> np.ndarray:
+    """uint64 words -> float64 ``(float64(w) + 0.5) * 2**-64`` in ``[2**-65, 1]``.
+
+    Exact for ``w < 2**52`` (the tail of Box-Muller's radius); above that the conversion rounds to
+    nearest, a relative 2**-53 change where ``u`` is at least 1/4096 (``r < 4.08``).
+    """
+    return (w.astype(np.float64) + 0.5) * _TWO_POW_MINUS_64
+
+
+def angle_uniforms(w: np.ndarray) -> np.ndarray:
+    """uint64 words -> float64 ``(w >> 11) * 2**-53`` in ``[0, 1)``, exact."""
+    return (w >> np.uint64(11)).astype(np.float64) * _TWO_POW_MINUS_53
 
 
 def normal_f64(n: int, *, seed: int, step: int, offset: int = 0) -> np.ndarray:
@@ -123,16 +164,16 @@ def normal_f64(n: int, *, seed: int, step: int, offset: int = 0) -> np.ndarray:
         raise ValueError(f"n and offset must be >= 0, got n={n}, offset={offset}")
     if n == 0:
         return np.zeros(0, dtype=np.float64)
-    first, last = offset // 4, (offset + n - 1) // 4
+    first, last = offset // 2, (offset + n - 1) // 2
     blocks = np.arange(first, last + 1, dtype=np.uint64)
-    u = uniforms(philox_blocks(blocks, seed=seed, step=step, stream=STREAM_NOISE))
-    z = np.empty_like(u)
-    for a, b in ((0, 1), (2, 3)):  # same operation order as box_muller() in philox.h
-        r = np.sqrt(-2.0 * np.log(u[:, a]))
-        t = _TWO_PI * u[:, b]
-        z[:, a] = r * np.cos(t)
-        z[:, b] = r * np.sin(t)
-    start = offset - 4 * first
+    w0, w1 = words64(philox_blocks(blocks, seed=seed, step=step, stream=STREAM_NOISE))
+    # Same operation order as box_muller() in philox.h.
+    r = np.sqrt(-2.0 * np.log(radius_uniforms(w0)))
+    t = _TWO_PI * angle_uniforms(w1)
+    z = np.empty((len(blocks), 2), dtype=np.float64)
+    z[:, 0] = r * np.cos(t)
+    z[:, 1] = r * np.sin(t)
+    start = offset - 2 * first
     return z.reshape(-1)[start : start + n]
 
 
@@ -178,3 +219,49 @@ def poisson_mask(n: int, q: float, *, seed: int, step: int, index_offset: int = 
     idx = np.arange(index_offset, index_offset + n, dtype=np.uint64)
     u = poisson_uniforms(idx, seed=seed, step=step)
     return torch.from_numpy(u < q)
+
+
+# ---- The bound of Box-Muller's output and the delta it leaves unaccounted -------------------------
+
+U_MIN = 0.5 * _TWO_POW_MINUS_64  # smallest radius uniform: w0 = 0
+
+
+def max_abs_normal(u_min: float = U_MIN) -> float:
+    """Largest ``|z|`` Box-Muller can return when its radius uniform is at least ``u_min``.
+
+    9.4926 for this module's ``u_min = 2**-65``; 6.7637 for the 32-bit ``u_min = 2**-33``.
+    """
+    return math.sqrt(-2.0 * math.log(u_min))
+
+
+def _upper_tail(x: float) -> float:
+    return 0.5 * math.erfc(x / math.sqrt(2.0))
+
+
+def truncation_delta(noise_multiplier: float, steps: int, sample_rate: float = 1.0,
+                     z_max: float | None = None) -> float:
+    """Delta a Gaussian truncated at ``|z| <= z_max`` adds to the accountant's, over ``steps``.
+
+    Add/remove-one adjacency, Poisson sampling at ``sample_rate = q``, and the worst case of the
+    support mismatch: the record's clipped gradient has norm ``C`` along one coordinate, so with the
+    record that coordinate is shifted by ``s = 1/noise_multiplier`` noise standard deviations and,
+    when the record is sampled, lands above ``z_max`` (where the output without the record has no
+    density) with probability ``P(z_max - s < Z <= z_max | |Z| <= z_max)``. The privacy loss there
+    is infinite; elsewhere it is the Gaussian's, up to the renormalisation ``1/P(|Z| <= z_max)``
+    per coordinate, a relative ``2 Q(z_max)`` (1e-20 here) on the accountant's delta. Per step the
+    extra delta is ``q`` times that probability; over ``steps`` steps at most their sum (union
+    bound), which is what this returns:
+
+        delta_trunc = steps * q * (Phi(z_max) - Phi(z_max - s)) / (1 - 2 Q(z_max))
+
+    Spreading the same norm over ``k`` coordinates gives ``k (Phi(z_max) - Phi(z_max - s/sqrt(k)))``
+    ~ ``sqrt(k) s phi(z_max)``, more than the one-coordinate figure only for ``k`` above 1e17 at
+    ``z_max = 9.49`` (8e10 at 6.76): the one-coordinate case is the worst for any real model.
+    """
+    z_max = max_abs_normal() if z_max is None else float(z_max)
+    s = 1.0 / float(noise_multiplier)
+    q = float(sample_rate)
+    lo = max(z_max - s, -z_max)
+    # Phi(z_max) - Phi(lo) as a difference of upper tails (no cancellation in the tail).
+    mass = (_upper_tail(lo) - _upper_tail(z_max)) / (1.0 - 2.0 * _upper_tail(z_max))
+    return int(steps) * q * mass

@@ -69,15 +69,62 @@ def test_uniforms_strictly_inside_unit_interval():
     assert u[0] == 0.5 * 2.0**-32 and u[1] == 1.0 - 0.5 * 2.0**-32
 
 
+def _box_muller_pair(x):
+    """The contract written out with Python ints and math: one Philox block -> (z_2b, z_2b+1)."""
+    x = [int(v) for v in x]
+    w0, w1 = x[0] | (x[1] << 32), x[2] | (x[3] << 32)
+    r = math.sqrt(-2 * math.log((float(w0) + 0.5) * 2.0**-64))
+    t = 2 * math.pi * ((w1 >> 11) * 2.0**-53)
+    return r * math.cos(t), r * math.sin(t)
+
+
 def test_normal_is_box_muller_of_the_block():
     seed, step = 123, 4
-    x = R.philox_blocks(np.array([2]), seed=seed, step=step, stream=R.STREAM_NOISE)[0]
-    u = R.uniforms(x)
-    r01, r23 = math.sqrt(-2 * math.log(u[0])), math.sqrt(-2 * math.log(u[2]))
-    t1, t3 = 2 * math.pi * u[1], 2 * math.pi * u[3]
-    expected = [r01 * math.cos(t1), r01 * math.sin(t1), r23 * math.cos(t3), r23 * math.sin(t3)]
-    got = R.normal_f64(4, seed=seed, step=step, offset=8)
+    x = R.philox_blocks(np.array([4, 5]), seed=seed, step=step, stream=R.STREAM_NOISE)
+    expected = [*_box_muller_pair(x[0]), *_box_muller_pair(x[1])]
+    got = R.normal_f64(4, seed=seed, step=step, offset=8)  # elements 8..11 = blocks 4, 5
     np.testing.assert_allclose(got, expected, rtol=1e-14, atol=1e-14)
+
+
+# Known answers of the noise stream (float64 hex, numpy on x86-64 glibc); changing them changes
+# every run's noise, so it must be deliberate.
+NORMAL_KAT = (7, 3, 5, ["0x1.6048bcbef4b16p-2", "0x1.bd103817b661cp-1", "0x1.198750e50bfa2p-1",
+                        "-0x1.a7e670f73c742p-1", "-0x1.7b1af4ee556a2p-1"])
+
+
+def test_normal_known_answers():
+    seed, step, offset, want = NORMAL_KAT
+    got = R.normal_f64(len(want), seed=seed, step=step, offset=offset)
+    np.testing.assert_allclose(got, [float.fromhex(h) for h in want], rtol=1e-15, atol=0)
+
+
+def test_uniforms_reach_past_8_sigma():
+    # The radius uniform of the smallest word is 2**-65 and gives |z| = 9.49 (cos 0 = 1).
+    u = R.radius_uniforms(np.array([0, 1, 2**52 - 1, 2**64 - 1], dtype=np.uint64))
+    assert u[0] == 2.0**-65 and u[1] == 1.5 * 2.0**-64 and u[2] == (2**52 - 0.5) * 2.0**-64
+    assert u[3] == 1.0  # rounds up: r = 0, still finite
+    assert R.max_abs_normal() == pytest.approx(math.sqrt(130 * math.log(2)), rel=1e-15)
+    assert R.max_abs_normal() > 9.49
+    assert R.max_abs_normal(2.0**-33) == pytest.approx(6.7637, abs=1e-4)  # the old 32-bit cap
+    z = _box_muller_pair(np.array([0, 0, 0, 0], dtype=np.uint32))  # w0 = 0, angle 0
+    assert z[0] == pytest.approx(R.max_abs_normal(), rel=1e-15) and z[0] > 8
+    t = R.angle_uniforms(np.array([0, 2**64 - 1], dtype=np.uint64))
+    assert t[0] == 0.0 and t[1] == 1.0 - 2.0**-53
+
+
+def test_truncation_delta_reproduces_the_review_and_states_the_residual():
+    demo = dict(noise_multiplier=0.357, steps=200, sample_rate=0.002133)
+    old = R.truncation_delta(**demo, z_max=R.max_abs_normal(2.0**-33))
+    assert old == pytest.approx(1.58e-5, rel=1e-2) and old > 1e-5  # the review's 1.6e-5
+    new = R.truncation_delta(**demo)
+    assert new == pytest.approx(4.71e-12, rel=1e-2)
+    # Formula: steps * q * P(z_max - 1/sigma < Z <= z_max), normalised by P(|Z| <= z_max).
+    z = R.max_abs_normal()
+    q_tail = 0.5 * math.erfc((z - 1 / 0.357) / math.sqrt(2))
+    assert new == pytest.approx(200 * 0.002133 * q_tail, rel=1e-6)
+    # Larger sigma: smaller shift, smaller delta; huge shift: the whole sampled mass.
+    assert R.truncation_delta(1.0, 1) < R.truncation_delta(0.357, 1)
+    assert R.truncation_delta(1e-3, 1, 0.5) == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("offset,n", [(0, 1), (1, 3), (3, 5), (5, 1023), (2, 4097)])
@@ -100,15 +147,13 @@ def test_seed_and_step_ranges(seed, step):
 
 
 def test_large_seed_step_and_offset_are_exact():
-    # Highest seed and step, and an element index beyond 2**34 (block counter's high word in use).
-    seed, step, offset = 2**64 - 1, 2**32 - 1, 2**34 + 6
+    # Highest seed and step, and an element index beyond 2**33 (block counter's high word in use).
+    seed, step, offset = 2**64 - 1, 2**32 - 1, 2**33 + 6
     z = R.normal_f64(3, seed=seed, step=step, offset=offset)
-    x = R.philox4x32(np.array([[(2**32 + 1) & 0xFFFFFFFF, 1, step, 0]], dtype=np.uint32),
+    x = R.philox4x32(np.array([[3, 1, step, 0], [4, 1, step, 0]], dtype=np.uint32),
                      np.array([0xFFFFFFFF, 0xFFFFFFFF], dtype=np.uint32))
-    u = R.uniforms(x[0])
-    r = math.sqrt(-2 * math.log(u[2]))
-    assert z[0] == pytest.approx(r * math.cos(2 * math.pi * u[3]), rel=1e-14)
-    assert z[1] == pytest.approx(r * math.sin(2 * math.pi * u[3]), rel=1e-14)
+    want = [*_box_muller_pair(x[0]), _box_muller_pair(x[1])[0]]
+    np.testing.assert_allclose(z, want, rtol=1e-14, atol=0)
 
 
 def test_gaussian_moments_of_a_million_draws():
@@ -132,7 +177,7 @@ def test_gaussian_distribution_kolmogorov_smirnov():
 def test_seed_step_and_offset_change_the_stream(change):
     n = 100_000
     base = dict(seed=11, step=3, offset=0)
-    other = dict(base, **{change: base[change] + 1 if change != "offset" else 4 * 1000 + 1})
+    other = dict(base, **{change: base[change] + 1 if change != "offset" else 2 * 1000 + 1})
     a, b = R.normal_f64(n, **base), R.normal_f64(n, **other)
     # Independent streams: sample correlation ~ N(0, 1/n); 6-sigma bound, p < 2e-9.
     assert abs(np.corrcoef(a, b)[0, 1]) < SIX_SIGMA / math.sqrt(n)
