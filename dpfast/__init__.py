@@ -12,10 +12,12 @@ __version__ = "0.1.0"
 from .engine import PrivacyEngine
 from .errors import (BatchLayoutError, DPError, NonFiniteGradientError, PrivacyLeakError,
                      UnsupportedModuleError)
+from .data import expand_rows
 from .fix import fix_module
+from . import ledger
 from .optimizer import DPOptimizer
 from .private_module import check_module, remove_private
 
-__all__ = ["PrivacyEngine", "DPOptimizer", "fix_module", "check_module", "remove_private", "DPError",
+__all__ = ["PrivacyEngine", "DPOptimizer", "expand_rows", "fix_module", "ledger", "check_module", "remove_private", "DPError",
            "UnsupportedModuleError", "NonFiniteGradientError", "PrivacyLeakError", "BatchLayoutError",
            "__version__"]

@@ -14,7 +14,34 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .errors import DPError
 from .random import poisson_mask
+
+
+def expand_rows(batch, multiplicity: int):
+    """The rows of a batch for ``multiplicity=K``: each sample's K copies next to each other.
+
+    Rows ``i*K .. i*K+K-1`` are sample i (``repeat_interleave``), the layout the engine clips as one
+    sample. ``x.repeat(K, ...)`` would put sample i at rows ``k*n + i`` instead, and one record would
+    steer K rows clipped as parts of K different samples (influence K x max_grad_norm). ``batch``: a
+    tensor or a (nested) tuple/list/dict of tensors with the samples in dim 0; other leaves (captions)
+    are repeated per sample as lists."""
+    if isinstance(multiplicity, bool) or not isinstance(multiplicity, int) or multiplicity < 1:
+        raise ValueError(f"multiplicity must be an int >= 1, got {multiplicity!r}")
+    K = multiplicity
+    if torch.is_tensor(batch):
+        if batch.dim() == 0:
+            raise ValueError("expand_rows needs the samples in dim 0, got a 0-d tensor")
+        return batch.repeat_interleave(K, dim=0)
+    if isinstance(batch, dict):
+        return type(batch)((k, expand_rows(v, K)) for k, v in batch.items())
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(expand_rows(v, K) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        if batch and not any(torch.is_tensor(v) or isinstance(v, (list, tuple, dict)) for v in batch):
+            return type(batch)(v for v in batch for _ in range(K))  # per-sample items (captions)
+        return type(batch)(expand_rows(v, K) for v in batch)
+    raise TypeError(f"expand_rows: cannot lay out rows of a {type(batch).__name__}")
 
 
 def _empty_rows(x):
@@ -84,6 +111,7 @@ class DPDataLoader:
         self.rank, self.world_size = rank, world_size
         self.optimizer = optimizer
         self.step = 0  # the next logical step to draw (global, across epochs)
+        self._generation = 0  # bumped by each new iterator: only the newest one may yield
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -103,6 +131,10 @@ class DPDataLoader:
 
 
     def __iter__(self):
+        # One live iterator at a time: an older one planned its steps from the same `self.step`, so
+        # it would yield a logical step (a Poisson batch) that a newer one yields too.
+        self._generation += 1
+        generation = self._generation
         plan = _Plan(self, self.step, self.steps_per_epoch - (self.step % self.steps_per_epoch))
         if not plan.chunks:
             return
@@ -110,10 +142,14 @@ class DPDataLoader:
                             num_workers=self.num_workers, pin_memory=self.pin_memory,
                             worker_init_fn=self.worker_init_fn)
         for (step, idx, is_last, is_first), batch in zip(plan.chunks, loader):
+            if generation != self._generation:
+                raise DPError("a newer iterator over this private data loader was started, and this one would "
+                              "yield logical steps that it yields too: use one iterator at a time (start a "
+                              "new `for` loop only after leaving the previous one)")
             if not idx:
                 batch = _empty_like_batch(self.collate_fn, self.dataset)
             if self.optimizer is not None:
-                self.optimizer._announce_chunk(len(idx), is_last, step, is_first)
+                self.optimizer._announce_chunk(len(idx), is_last, step, is_first, batch)
             if is_last:
                 # advanced before the yield: a loop that stops (checkpoint, time budget) right after the
                 # optimizer.step() of this chunk must resume at the next logical step

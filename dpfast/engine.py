@@ -23,10 +23,15 @@ class PrivacyEngine:
 
     ``seed`` keys the Poisson sampler and the noise (Philox); it defaults to 64 random bits from the OS.
     Anyone who knows the seed can reproduce the noise: keep it (and the checkpoints holding it) secret.
+
+    ``ledger``: a file (JSON lines, see dpfast.ledger) to which every release is appended, durably,
+    before it happens. Keep it next to the checkpoints: loading an earlier checkpoint then charges the
+    steps released after it and continues with fresh noise keys and batches, instead of forgetting them.
     """
 
-    def __init__(self, accountant: str = "prv", seed: int | None = None):
+    def __init__(self, accountant: str = "prv", seed: int | None = None, ledger=None):
         from .accounting import Accountant
+        from .ledger import Ledger
 
         self.accountant = Accountant.create(accountant)
         self.accountant_kind = accountant
@@ -35,10 +40,12 @@ class PrivacyEngine:
         self.optimizer: DPOptimizer | None = None
         self.loader: DPDataLoader | None = None
         self.private_module: PrivateModule | None = None
-        self.noise_multiplier: float | None = None
+        self._noise_multiplier: float | None = None
         self.sample_rate: float | None = None
         self.distributed = None
-        self._no_privacy = False        # a step was released without noise: epsilon is infinite
+        self.ledger = Ledger(ledger) if ledger is not None else None
+        self._no_privacy = False        # a release without noise, or a refused batch: epsilon is infinite
+        self.why_no_privacy: str | None = None
         self._pending_state = None      # load_state_dict before make_private: applied by make_private
 
     # ------------------------------------------------------------------ make_private
@@ -47,7 +54,7 @@ class PrivacyEngine:
                      multiplicity: int = 1, poisson_sampling: bool = True,
                      max_physical_batch_size: int | None = None, loss_reduction: str = "mean",
                      mode: str = "bk", backend: str = "auto", expected_batch_size: float | None = None,
-                     sample_rate: float | None = None, nonfinite: str = "raise", norm_method: str = "auto"):
+                     sample_rate: float | None = None, nonfinite: str = "zero", norm_method: str = "auto"):
         """Returns ``(module, optimizer, data_loader)``: the same module (made private in place), a
         DPOptimizer wrapping ``optimizer``, and a Poisson-sampling loader over ``data_loader``'s dataset."""
         _check_number("noise_multiplier", noise_multiplier, lo=0.0, lo_open=False)
@@ -70,6 +77,8 @@ class PrivacyEngine:
             raise DPError("optimizer is already a DPOptimizer; pass the original torch optimizer")
         if self.optimizer is not None:
             raise DPError("this PrivacyEngine already made a model private; use one engine per model")
+        if self.ledger is not None and self._pending_state is None:
+            self._refuse_used_ledger()
         if backend == "triton":
             from .rules.backends import resolve_backend
 
@@ -124,18 +133,19 @@ class PrivacyEngine:
         elif expected_batch_size is None and loss_reduction == "mean":
             raise DPError("without a data_loader, pass expected_batch_size (the logical batch size) so the "
                           "noisy sum can be divided by it")
-        self.noise_multiplier = float(noise_multiplier)
+        self._noise_multiplier = float(noise_multiplier)
         self.sample_rate = sample_rate
         if noise_multiplier == 0:
             warnings.warn("noise_multiplier=0: gradients are clipped but not noised, so training is NOT "
                           "differentially private; get_epsilon() will report infinity", stacklevel=2)
         dp_opt = DPOptimizer(optimizer, pm, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                              expected_batch_size=expected_batch_size, loss_reduction=loss_reduction,
-                             seed=self.seed, on_logical_step=self._on_logical_step, nonfinite=nonfinite,
+                             seed=self.seed, on_release=self._charge, on_refusal=self._refused, nonfinite=nonfinite,
                              distributed=self.distributed, param_names=names)
         if loader is not None:
             loader.optimizer = dp_opt
             dp_opt.data_loader_attached = True
+        pm.on_leak = self._leaked
         self.optimizer, self.loader, self.private_module = dp_opt, loader, pm
         pending = self._pending_state
         if pending is not None:  # load_state_dict ran before make_private: resume where it left off
@@ -167,13 +177,55 @@ class PrivacyEngine:
                                  noise_multiplier=sigma, sample_rate=q, **kwargs)
 
     # ------------------------------------------------------------------ accounting
-    def _on_logical_step(self) -> None:
+    @property
+    def noise_multiplier(self) -> float | None:
+        """The noise multiplier of the next release: the optimizer's (one source of truth; a noise
+        scheduler that sets ``optimizer.noise_multiplier`` is charged for what it set)."""
+        return self.optimizer.noise_multiplier if self.optimizer is not None else self._noise_multiplier
+
+    def _charge(self, key: int, sigma: float) -> None:
+        """Called by the optimizer before release ``key`` reaches any parameter: log it, then charge it."""
+        if self.ledger is not None and (self.distributed is None or self.distributed.rank == 0):
+            from .ledger import run_id
+
+            self.ledger.append(key=key, sampler_step=self.optimizer.sampler_step, sigma=sigma,
+                               q=self.sample_rate, run=run_id(self.seed))
+        self._account(sigma)
+
+    def _account(self, sigma: float) -> None:
         if self.sample_rate is None:
+            return  # get_epsilon and state_dict refuse from now on
+        if sigma == 0:
+            self._lose_privacy("a step was released without noise (noise_multiplier=0)")
             return
-        if self.noise_multiplier == 0:
-            self._no_privacy = True  # no noise: no guarantee; get_epsilon reports infinity
+        self.accountant.step(noise_multiplier=sigma, sample_rate=self.sample_rate, steps=1)
+
+    def _lose_privacy(self, why: str) -> None:
+        if not self._no_privacy:
+            self.why_no_privacy = why
+        self._no_privacy = True
+
+    def _refused(self, exc: BaseException) -> None:
+        self._lose_privacy(f"a logical batch was refused ({type(exc).__name__}): whether the parameters moved "
+                           "depends on the data without noise")
+        warnings.warn(f"a sampled logical batch was refused ({type(exc).__name__}); nothing was released, but "
+                      "the refusal itself depends on the data without noise, so get_epsilon() now reports "
+                      "infinity. Fix the cause and start a new run", stacklevel=3)
+
+    def _leaked(self, why: str) -> None:
+        self._lose_privacy(why)
+
+    def _refuse_used_ledger(self) -> None:
+        from .ledger import run_id
+
+        entries = self.ledger.entries()
+        if not entries:
             return
-        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, steps=1)
+        mine = [e for e in entries if e.get("run") == run_id(self.seed)]
+        raise DPError(
+            f"privacy ledger {self.ledger.path} already records {len(entries)} releases "
+            + ("of this run: load its checkpoint (engine.load_state_dict) before make_private to resume"
+               if mine else "of another run: give each run its own ledger file"))
 
     @property
     def steps(self) -> int:
@@ -185,7 +237,7 @@ class PrivacyEngine:
             raise DPError("the sampling rate is unknown (no data_loader and no sample_rate given to "
                           "make_private), so the privacy spent cannot be accounted")
         if self._no_privacy:
-            return math.inf
+            return math.inf   # why: self.why_no_privacy
         return self.accountant.get_epsilon(delta)
 
     # ------------------------------------------------------------------ checkpoints
@@ -203,6 +255,7 @@ class PrivacyEngine:
             "accountant": self.accountant.state_dict(),
             "sampler": self.loader.state_dict() if self.loader is not None else None,
             "no_privacy": self._no_privacy,
+            "why_no_privacy": self.why_no_privacy,
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -216,11 +269,42 @@ class PrivacyEngine:
         self._refuse_if_behind(sd)
         self.accountant.load_state_dict(sd["accountant"])
         # a release without noise can never be undone by loading a private checkpoint
-        self._no_privacy = self._no_privacy or bool(sd.get("no_privacy", False))
+        if sd.get("no_privacy", False):
+            self._lose_privacy(sd.get("why_no_privacy") or "the checkpoint's run had lost its guarantee")
+        sd = self._charge_ledger_after(sd)
         if self.optimizer is None:
             self._pending_state = sd  # applied by make_private: steps and sampler position
             return
         self._apply_progress(sd)
+
+    def _charge_ledger_after(self, sd: dict) -> dict:
+        """Releases the ledger records after checkpoint ``sd`` were made and may not be forgotten: charge
+        them, and move the noise key and the sampler past them (fresh noise, fresh batches)."""
+        if self.ledger is None:
+            return sd
+        from .ledger import run_id
+
+        later = [e for e in self.ledger.entries()
+                 if e.get("run") == run_id(sd["seed"]) and int(e["key"]) >= int(sd["steps"])]
+        if not later:
+            return sd
+        for e in later:
+            if e.get("q") is not None and self.sample_rate is None:
+                self.sample_rate = float(e["q"])
+            if e.get("q") is None:
+                self._lose_privacy("the ledger records a release with an unknown sampling rate")
+            elif float(e["sigma"]) == 0:
+                self._lose_privacy("the ledger records a release without noise")
+            else:
+                self.accountant.step(noise_multiplier=float(e["sigma"]), sample_rate=float(e["q"]), steps=1)
+        warnings.warn(f"{len(later)} steps released after this checkpoint (privacy ledger {self.ledger.path}) "
+                      "stay charged; the run continues with fresh noise keys and batches after them",
+                      stacklevel=3)
+        sd = dict(sd, steps=max(int(e["key"]) for e in later) + 1)
+        steps_taken = [int(e["sampler_step"]) for e in later if e.get("sampler_step") is not None]
+        if sd.get("sampler") is not None and steps_taken:
+            sd["sampler"] = dict(sd["sampler"], step=max(int(sd["sampler"]["step"]), max(steps_taken) + 1))
+        return sd
 
     def _refuse_if_behind(self, sd: dict) -> None:
         """A checkpoint behind what this engine already released would forget spent privacy and make
@@ -239,6 +323,7 @@ class PrivacyEngine:
 
     def _apply_progress(self, sd: dict) -> None:
         self.optimizer.steps = int(sd["steps"])
+        self.optimizer._last_key = max(self.optimizer._last_key, int(sd["steps"]) - 1)
         self.optimizer.seed = self.seed
         if self.loader is not None and sd["sampler"] is not None:
             self.loader.load_state_dict(sd["sampler"])

@@ -4,6 +4,14 @@ Per physical batch (chunk): per-sample norms from the tape -> clip factors -> cl
 fp32 accumulator. At the end of the logical batch: (all-reduce across ranks), one fused finalize adds
 ``sigma * C * xi`` (Philox keyed on seed, step and element index) and scales by ``1 / B_expected``,
 then the inner optimizer steps. Noise is added exactly once per logical batch.
+
+The loader/optimizer handshake, in one place: the private DPDataLoader calls ``_announce_chunk``
+before it yields each physical chunk (how many samples came, whether the chunk ends its logical
+batch). The optimizer owns the one thing that keys the noise: ``steps``, the count of releases,
+which only ever grows (a release whose key is not above the last one is refused). Every release is
+charged to the accountant (and written to the engine's ledger, if any) *before* the noisy gradient
+reaches a parameter. A refused logical batch releases nothing, but whether parameters moved then
+depends on the data without noise: the engine reports an infinite epsilon from then on.
 """
 from __future__ import annotations
 
@@ -22,18 +30,22 @@ class DPOptimizer(torch.optim.Optimizer):
 
     def __init__(self, optimizer: torch.optim.Optimizer, private_module, *, noise_multiplier: float,
                  max_grad_norm: float, expected_batch_size: float | None, loss_reduction: str, seed: int,
-                 on_logical_step=None, nonfinite: str = "raise", distributed=None, param_names=None):
+                 on_release=None, on_refusal=None, nonfinite: str = "zero", distributed=None, param_names=None):
         self.original_optimizer = optimizer
         self.private_module = private_module
-        self.noise_multiplier = float(noise_multiplier)
+        self._noise_multiplier = _checked_sigma(noise_multiplier)
         self.max_grad_norm = float(max_grad_norm)
         self.expected_batch_size = expected_batch_size
         self.loss_reduction = loss_reduction
         self.seed = int(seed)
         self.nonfinite = nonfinite
         self.distributed = distributed
-        self._on_logical_step = on_logical_step
+        self._on_release = on_release    # engine: charge the accountant (and ledger) before a release
+        self._on_refusal = on_refusal    # engine: a refused logical batch makes epsilon infinite
         self.params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        # every parameter the inner optimizer held at make_private; one added later (param_groups
+        # appended to, a list extended) would be updated with its raw gradient
+        self._group_ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
         self._param_ids = {id(p) for p in self.params}
         # every parameter the inner optimizer or the module holds, trainable or not: any gradient that
         # appears on one of them came from outside the per-sample rules and must stop the step
@@ -49,8 +61,9 @@ class DPOptimizer(torch.optim.Optimizer):
         self._acc: dict[int, torch.Tensor] = {}
         self._chunk: tuple[int, bool] | None = None  # announced by the DPDataLoader: (samples, is_last)
         self._chunk_pending = False
-        self.steps = 0                 # logical steps released (noise added, parameters updated)
-        self._logical_index: int | None = None  # the sampler's step index, when a DPDataLoader drives us
+        self.steps = 0                 # logical steps released; also the noise key of the next release
+        self._last_key = -1            # noise key of the last release: keys strictly increase
+        self.sampler_step: int | None = None    # the loader's logical step of the current batch
         self.data_loader_attached = False       # set by make_private when it returns a DPDataLoader
         self._refused: BaseException | None = None  # an earlier chunk of this logical batch failed
         self.last_norms: torch.Tensor | None = None
@@ -73,6 +86,15 @@ class DPOptimizer(torch.optim.Optimizer):
     def defaults(self):
         return self.original_optimizer.defaults
 
+    @property
+    def noise_multiplier(self) -> float:
+        return self._noise_multiplier
+
+    @noise_multiplier.setter
+    def noise_multiplier(self, value) -> None:
+        # noise schedulers set this between steps: each release is charged with the value it used
+        self._noise_multiplier = _checked_sigma(value)
+
     def state_dict(self):
         return self.original_optimizer.state_dict()
 
@@ -89,9 +111,11 @@ class DPOptimizer(torch.optim.Optimizer):
 
     # ----------------------------------------------------------- the loader's handshake
     def _announce_chunk(self, samples: int, is_last: bool, step: int | None = None,
-                        is_first: bool = False) -> None:
-        """The loader's handshake: the next step() covers ``samples`` samples of logical step ``step``
-        (the sampler's step index, which then also keys the noise), and ``is_last`` ends that batch."""
+                        is_first: bool = False, batch=None) -> None:
+        """The loader's handshake: the next step() covers ``samples`` samples of the loader's logical
+        step ``step`` (which keys Poisson membership, not the noise), and ``is_last`` ends that batch.
+        Every trainable layer of the next forward must see ``samples * K`` rows; ``batch`` lets the
+        module check the row layout of what it is given (repeat vs repeat_interleave)."""
         if is_first and (self._acc or self._refused is not None or self._chunk_pending):
             # a new logical batch starts (or the loop broke off and the loader re-drew the same one):
             # what was accumulated of an unfinished batch must not count again
@@ -106,8 +130,9 @@ class DPOptimizer(torch.optim.Optimizer):
                           "previous one: call optimizer.step() once for every batch the private loader yields")
         self._chunk = (samples, is_last)
         self._chunk_pending = True
+        self.private_module.expect_chunk(samples, batch)
         if step is not None:
-            self._logical_index = int(step)
+            self.sampler_step = int(step)
 
     # ----------------------------------------------------------- the step
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -133,6 +158,7 @@ class DPOptimizer(torch.optim.Optimizer):
                           "call it exactly once per batch the loader yields")
         samples, is_last = self._chunk if self._chunk_pending else (None, True)
         self._chunk_pending = False
+        self.private_module.expect_chunk(None, None)
         try:
             if self._refused is not None:
                 # an earlier chunk of this logical batch was refused: the whole batch is refused, the
@@ -156,10 +182,16 @@ class DPOptimizer(torch.optim.Optimizer):
                 zeros = [self._acc_for(p) for p in self.params]
                 self.distributed.all_reduce_(zeros, failed=failure_code(exc), step=self.steps)
                 self._acc.clear()
+            if is_last:
+                self._refuse(exc)
             raise
         if not is_last:
             return False
-        self._finalize_logical_batch()
+        try:
+            self._finalize_logical_batch()
+        except Exception as exc:
+            self._refuse(exc)
+            raise
         self.original_optimizer.step()
         for p in self._watched:
             p.grad = None  # the released gradient has been used; keep p.grad free for the leak check
@@ -167,9 +199,14 @@ class DPOptimizer(torch.optim.Optimizer):
 
     @property
     def noise_step(self) -> int:
-        """The step index keying this logical batch's noise: the sampler's step when a DPDataLoader
-        drives the optimizer (so a refused batch never shifts later keys), else the count of steps."""
-        return self._logical_index if self._logical_index is not None else self.steps
+        """The noise key of the next release: the count of releases so far (never reused)."""
+        return self.steps
+
+    def _refuse(self, exc: BaseException) -> None:
+        """A logical batch was drawn and refused: nothing was released, but whether the parameters
+        moved is now a noise-free function of the data (a NaN record sampled or not)."""
+        if self._on_refusal is not None:
+            self._on_refusal(exc)
 
     def _name(self, p) -> str:
         return self._names.get(id(p), f"parameter of shape {tuple(p.shape)}")
@@ -177,6 +214,13 @@ class DPOptimizer(torch.optim.Optimizer):
     def _accumulate_chunk(self, samples: int | None) -> None:
         pm = self.private_module
         tape = pm.tape
+        added = [self._name(p) for g in self.original_optimizer.param_groups for p in g["params"]
+                 if id(p) not in self._group_ids]
+        if added:
+            raise PrivacyLeakError(
+                f"the optimizer's param_groups hold parameters {added[:5]} added after make_private; the inner "
+                "optimizer would update them with raw, unclipped gradients, so the step is refused. Put every "
+                "parameter in the optimizer before make_private")
         late = [self._name(p) for p in self._watched if p.grad is not None and id(p) not in self._param_ids]
         if late:
             raise PrivacyLeakError(
@@ -215,12 +259,14 @@ class DPOptimizer(torch.optim.Optimizer):
             if self.nonfinite == "raise":
                 raise NonFiniteGradientError(
                     f"samples {idx[:10]} of this batch have non-finite gradient norms (NaN/inf loss or "
-                    "overflow); the step was refused and no parameter changed. Pass nonfinite='zero' to "
-                    "make_private to drop such samples' contributions instead (privacy-safe: per sample)")
+                    "overflow); the step was refused and no parameter changed, which depends on the data "
+                    "without noise: epsilon is now infinite. The default nonfinite='zero' drops such samples' "
+                    "contributions and still releases the noisy step (privacy-safe: per sample)")
             if pm.mode == "two-pass":
                 raise NonFiniteGradientError(
                     f"samples {idx[:10]} have non-finite gradient norms; mode='two-pass' replays the forward "
-                    "pass and cannot drop them: the step was refused (use mode='bk' with nonfinite='zero')")
+                    "pass and cannot drop them: the step was refused, so epsilon is now infinite (use "
+                    "mode='bk', which drops them and still releases the noisy step)")
             warnings.warn(f"dropping samples {idx[:10]} with non-finite gradient norms", stacklevel=3)
             tape.drop_rows(bad.repeat_interleave(K))
         clip = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
@@ -270,15 +316,24 @@ class DPOptimizer(torch.optim.Optimizer):
             scale = 1.0 / self.expected_batch_size
         else:
             scale = 1.0
-        std = self.noise_multiplier * self.max_grad_norm
+        key = self.steps
+        if key <= self._last_key:
+            self._acc.clear()
+            raise DPError(f"noise key {key} was already used by an earlier release (last key {self._last_key}): "
+                          "the step counter was moved back (a stale checkpoint?); the step is refused")
+        sigma = self.noise_multiplier
+        if self._on_release is not None:
+            self._on_release(key, sigma)   # charged (and logged) before anything is released
+        self._last_key = key
+        std = sigma * self.max_grad_norm
         f32 = [i for i, a in enumerate(accs) if a.dtype == torch.float32]
         if f32:
             finalize_([accs[i] for i in f32], [accs[i] for i in f32], noise_std=std, scale=scale,
-                      seed=self.seed, step=self.noise_step, offsets=[self._offsets[i] for i in f32])
+                      seed=self.seed, step=key, offsets=[self._offsets[i] for i in f32])
         for i, a in enumerate(accs):
             if a.dtype == torch.float64:  # fp64 models (exactness tests): the same stream, in fp64
                 if std:
-                    z = normal_f64(a.numel(), seed=self.seed, step=self.noise_step, offset=self._offsets[i])
+                    z = normal_f64(a.numel(), seed=self.seed, step=key, offset=self._offsets[i])
                     a.add_(torch.from_numpy(z).view_as(a).to(a.device), alpha=std)
                 a.mul_(scale)
         for p, a in zip(self.params, accs):
@@ -286,11 +341,17 @@ class DPOptimizer(torch.optim.Optimizer):
             p.grad = (a if a.dtype == p.dtype else a.to(p.dtype)) if p.requires_grad else None
         self._acc.clear()
         self.steps += 1
-        if self._on_logical_step is not None:
-            self._on_logical_step()
 
     def clip_fraction(self) -> float:
         """Fraction of samples clipped since the last reset of ``stats``."""
         return int(self.stats["clipped"]) / max(1, self.stats["samples"])
 
 
+
+
+def _checked_sigma(value) -> float:
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {value!r}")
+    return float(value)

@@ -182,6 +182,9 @@ class PrivateModule:
         self._call: tuple | None = None      # (args, kwargs, rng) of the last top-level forward
         self._out_grads: dict[int, torch.Tensor] = {}
         self._out_leaves: list = []
+        self._loader_batch: list = []        # tensors of the chunk the loader yielded (layout check)
+        self._buffers: list = []             # (name, tensor, version) before the top-level forward
+        self.on_leak = None                  # engine callback: a data-dependent buffer was written
         self.layer_names: list[str] = []
         _walk(module, "", self.layer_names, install=self._install)
         ref = weakref.ref(self)
@@ -217,10 +220,59 @@ class PrivateModule:
         self._installed.clear()
         _REGISTRY.pop(self.module, None)
 
+    # -------------------------------------------------------------- the loader's chunk
+    def expect_chunk(self, samples: int | None, batch) -> None:
+        """The next forward is of a loader chunk of ``samples`` samples (None: no loader chunk)."""
+        K = self.tape.multiplicity
+        self.tape.expected_rows = None if samples is None else samples * K
+        self._loader_batch = [t for t in pytree.tree_leaves(batch) if torch.is_tensor(t)] \
+            if samples is not None and samples > 1 and K > 1 else []
+
+    def _check_row_layout(self, args, kwargs) -> None:
+        """A model input that is a loader tensor ``repeat``ed K times (rows k*n + i are sample i)
+        instead of ``repeat_interleave``d (rows i*K + k) would let one record steer K rows that are
+        clipped as parts of K different samples: influence K*C. Refuse it where it is visible."""
+        K = self.tape.multiplicity
+        inputs = [t for t in pytree.tree_leaves((args, kwargs)) if torch.is_tensor(t)]
+        for b in self._loader_batch:
+            n = b.shape[0] if b.dim() else 0
+            for t in inputs:
+                if t.dim() == 0 or t.shape[0] != n * K or t.shape[1:] != b.shape[1:] or t.dtype != b.dtype:
+                    continue
+                if torch.equal(t, b.repeat(K, *([1] * (b.dim() - 1)))) and \
+                        not torch.equal(t, b.repeat_interleave(K, 0)):
+                    raise BatchLayoutError(
+                        f"a model input is the batch repeated {K} times (x.repeat(K, ...)): with multiplicity "
+                        f"K={K} rows i*K .. i*K+K-1 must be sample i, so build them with "
+                        "dpfast.expand_rows(x, K) (x.repeat_interleave(K, 0)); otherwise one record's influence "
+                        f"is {K} x max_grad_norm")
+        self._loader_batch = []
+
+    # -------------------------------------------------------------- data-dependent buffers
+    def _snapshot_buffers(self) -> None:
+        self._buffers = [(n, b, b._version) for n, b in self.module.named_buffers()]
+
+    def _check_buffers(self) -> None:
+        now = dict(self.module.named_buffers())
+        changed = [n for n, b, v in self._buffers if now.get(n) is not b or b._version != v]
+        changed += [n for n in now if n not in {n for n, _, _ in self._buffers}]
+        self._buffers = []
+        if changed:
+            if self.on_leak is not None:
+                self.on_leak(f"buffers {changed[:5]} were written by a forward pass")
+            raise PrivacyLeakError(
+                f"the forward pass wrote buffer {changed[0]!r}" + (f" (and {changed[1:5]})" if changed[1:] else "")
+                + ": a buffer computed from the private data is released with the model without clipping or "
+                "noise, so epsilon is now infinite. Compute it from public data, or keep it out of training "
+                "(BatchNorm/InstanceNorm running statistics: dpfast.fix_module(model))")
+
     # -------------------------------------------------------------- top-level forward
     def _pre_forward(self, module, args, kwargs):
+        self._snapshot_buffers()
         if self.replaying or not torch.is_grad_enabled():
             return None
+        if self._loader_batch:
+            self._check_row_layout(args, kwargs)
         if any(s.received for s in self.tape.sites):
             raise DPError(
                 "the private model was called again after backward and before optimizer.step(): each "
@@ -238,6 +290,7 @@ class PrivateModule:
         return None
 
     def _post_forward(self, module, args, kwargs, output):
+        self._check_buffers()
         if self.replaying or not torch.is_grad_enabled() or self.mode != "two-pass":
             return None
         leaves, _ = pytree.tree_flatten(output)

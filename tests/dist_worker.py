@@ -33,7 +33,9 @@ SCENARIOS = {
     # q = 2/16: a rank often has no sample in a step (empty chunk); "mean" loss per chunk
     "sparse": dict(dtype=torch.float64, sigma=0.5, n=16, per_rank=1, steps=8, reduction="mean"),
     # a NaN sample owned by rank 1 (odd index) in step 1: the step is refused on every rank
-    "refused": dict(dtype=torch.float64, sigma=0.5, nan_at_step=1),
+    "refused": dict(dtype=torch.float64, sigma=0.5, nan_at_step=1, nonfinite="raise"),
+    # the same NaN sample under the default nonfinite="zero": dropped, the step still released
+    "dropped": dict(dtype=torch.float64, sigma=0.5, nan_at_step=1),
     "epsilon": dict(dtype=torch.float64, target_epsilon=8.0),
 }
 
@@ -60,7 +62,7 @@ def make_model(dtype, buffer: bool = False) -> nn.Module:
 def train(*, world: int, rank: int, dtype, sigma: float = 0.0, max_physical=None, ddp: bool = False,
           perturb: bool = False, seed: int | None = 1234, n: int = N, per_rank: int = PER_RANK,
           steps: int = STEPS, reduction: str = "sum", nan_at_step: int | None = None,
-          target_epsilon: float | None = None, fail: str | None = None) -> dict:
+          target_epsilon: float | None = None, fail: str | None = None, nonfinite: str = "zero") -> dict:
     """Train ``steps`` logical steps; returns this rank's final state. ``world``/``rank`` describe the
     run (the process group, when world > 1, is already initialised)."""
     g = torch.Generator().manual_seed(1)
@@ -80,15 +82,13 @@ def train(*, world: int, rank: int, dtype, sigma: float = 0.0, max_physical=None
     engine = PrivacyEngine(accountant="rdp", seed=seed)
     loader = DataLoader(TensorDataset(x, y), batch_size=per_rank)  # per rank, as for DDP
     common = dict(module=model, optimizer=opt, data_loader=loader, max_grad_norm=1.0,
-                  max_physical_batch_size=max_physical, loss_reduction=reduction, backend="torch")
+                  max_physical_batch_size=max_physical, loss_reduction=reduction, backend="torch",
+                  nonfinite=nonfinite)
     if target_epsilon is not None:
         model, opt, loader = engine.make_private_with_epsilon(target_epsilon=target_epsilon, target_delta=1e-5,
                                                               steps=steps, **common)
     else:
         model, opt, loader = engine.make_private(noise_multiplier=sigma, **common)
-        if sigma == 0:
-            # the accountant refuses sigma=0 (nothing to account: epsilon is infinite); skip it
-            opt._on_logical_step = None
     if ddp and rank == 0:  # a forward on rank 0 only (e.g. a progress sample) must not disturb training
         with torch.no_grad():
             model(x[:3])

@@ -133,6 +133,15 @@ def test_refused_step_is_refused_on_every_rank(runs):
     assert a["refused"] >= 1
     assert all("rank(s) [1]" in e and e.startswith("NonFiniteGradientError") for e in a["errors"])
     assert all("non-finite gradient norms" in e for e in b["errors"])
+    assert a["epsilon"] == b["epsilon"] == math.inf  # a refusal depends on the data without noise
+
+
+def test_nonfinite_sample_is_dropped_on_its_rank_by_default(runs):
+    """The same NaN sample under the default nonfinite="zero": dropped by its rank, the step released
+    and charged on every rank, as one process would."""
+    a, b, ref = _check_same_as_one_process(runs, "dropped")
+    assert a["refused"] == 0 and a["steps"] == ref["steps"] == W.STEPS
+    assert math.isfinite(a["epsilon"]) and a["epsilon"] == pytest.approx(ref["epsilon"], rel=1e-12)
 
 
 def test_accountant_sees_the_global_sampling_rate(runs):

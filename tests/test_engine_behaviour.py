@@ -214,23 +214,29 @@ def test_rows_not_divisible_by_K_and_wrong_row_count():
         m(torch.randn(6, 3))
     _, m, o, _ = private(nn.Linear(3, 1), K=2, B=2)
     o._announce_chunk(3, True)
-    m(torch.randn(4, 3)).sum().backward()  # 4 rows but 3 samples x K=2 = 6 expected
+    with pytest.raises(BatchLayoutError, match="6 rows"):  # refused at the layer's forward
+        m(torch.randn(4, 3))  # 4 rows but 3 samples x K=2 = 6 expected
+    # without an announced chunk the loss's rows are checked at step() (the layers agree among themselves)
+    _, m, o, _ = private(nn.Linear(3, 1), K=2, B=2)
+    m(torch.randn(4, 3)).sum().backward()
+    o._chunk, o._chunk_pending = (3, True), True
     with pytest.raises(BatchLayoutError, match="6 rows"):
         o.step()
 
 
 def test_nonfinite_loss_is_refused_and_nothing_changes():
     model = nn.Linear(3, 1)
-    _, m, o, _ = private(model, B=2)
+    _, m, o, _ = private(model, B=2, nonfinite="raise")
     before = [p.detach().clone() for p in m.parameters()]
     x = torch.tensor([[1.0, 2.0, 3.0], [float("nan"), 0.0, 0.0]])
     m(x).sum().backward()
-    with pytest.raises(NonFiniteGradientError, match=r"samples \[1\]"):
+    with pytest.raises(NonFiniteGradientError, match=r"samples \[1\]"), \
+            pytest.warns(UserWarning, match="reports infinity"):
         o.step()
     assert all(torch.equal(b, p) for b, p in zip(before, m.parameters()))
     assert o.steps == 0
-    # nonfinite="zero" drops the sample instead
-    _, m, o, _ = private(nn.Linear(3, 1), B=2, nonfinite="zero")
+    # the default nonfinite="zero" drops the sample instead
+    _, m, o, _ = private(nn.Linear(3, 1), B=2)
     m(x).sum().backward()
     with pytest.warns(UserWarning, match="non-finite"):
         assert o.step()

@@ -9,6 +9,8 @@ Layout of an output directory:
                           It holds the engine's noise seed: keep it as secret as the data.
     model.pt              EMA weights + what `dpfast sample` needs (no secrets), at the end of the run
     privacy_report.json   epsilon spent so far, delta, adjacency, sigma, q, steps, accountant
+    privacy_ledger.jsonl  one line per release, written before it happens (dpfast.ledger): resuming from
+                          an older checkpoint charges the releases after it and uses fresh noise keys
     samples/step_*.png    sample grids during training; samples.png at the end
 
 Running the same command again on the same --out resumes from checkpoint.pt. A resumed run is
@@ -242,7 +244,9 @@ class Trainer:
                                                    steps=self.total_steps, accountant=cfg.accountant)
         # The engine's seed keys the Poisson sampler and the DP noise. It is drawn from the OS unless
         # the config pins it (tests): a public seed would let anyone subtract the noise.
-        self.engine = PrivacyEngine(accountant=cfg.accountant, seed=seed)
+        self.engine = PrivacyEngine(accountant=cfg.accountant, seed=seed, ledger=self.out / "privacy_ledger.jsonl")
+        if saved is not None:  # before make_private: the ledger is checked against the checkpoint
+            self.engine.load_state_dict(saved["engine"])
         loader = DataLoader(self.dataset, batch_size=cfg.batch_size,
                             pin_memory=self.device.type == "cuda")
         self.model, self.optimizer, self.loader = self.engine.make_private(
@@ -256,8 +260,6 @@ class Trainer:
         self.denoiser.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.engine is not None:
-            self.engine.load_state_dict(state["engine"])
         rng = state["loss_rng"]
         if isinstance(rng, list):  # one state per rank (a multi-process run)
             if len(rng) == self.dist.world_size:
@@ -342,7 +344,9 @@ class Trainer:
             return {"private": False, "epsilon": None, "note": "trained without differential privacy",
                     **common}
         rep = self.engine.accountant.report(cfg.delta).to_dict()
-        return {"private": True, "epsilon": rep["epsilon"], "delta": cfg.delta,
+        lost = self.engine.why_no_privacy if self.engine._no_privacy else None
+        return {"private": True, "epsilon": math.inf if lost else rep["epsilon"], "delta": cfg.delta,
+                "guarantee_lost": lost, "releases_charged": self.engine.accountant.steps,
                 "adjacency": f"{rep['adjacency']} (Poisson sampling)",
                 "noise_multiplier": self.noise_multiplier, "max_grad_norm": cfg.max_grad_norm,
                 "target_epsilon": cfg.target_epsilon if cfg.noise_multiplier is None else None,
@@ -492,7 +496,9 @@ class Trainer:
         if self.engine is not None:
             eps_line = (f"epsilon spent: {report['epsilon']:.4g} at delta={self.cfg.delta:g} "
                         f"({report['accountant']} accountant, {report['adjacency']}; sigma="
-                        f"{self.noise_multiplier:.4g}, q={self.q:.4g}, {self.step} steps)")
+                        f"{self.noise_multiplier:.4g}, q={self.q:.4g}, {self.step} steps"
+                        + (f", {report['releases_charged']} releases charged: a resume re-ran steps the ledger "
+                           "had already released" if report["releases_charged"] != self.step else "") + ")")
         else:
             eps_line = "no privacy: trained without DP (--no-private)"
         status = "finished" if done else f"stopped ({reason}) at step {self.step}/{self.total_steps}; " \
