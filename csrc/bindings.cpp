@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "chacha20.h"
 #include "philox.h"
 
 #ifndef DPFAST_VERSION
@@ -128,6 +129,83 @@ void poisson_uniforms_cpu_py(uintptr_t out_ptr, uintptr_t indices_ptr, int64_t n
                                reinterpret_cast<const int64_t*>(indices_ptr), n, s, k);
 }
 
+// ---- Secure mode (chacha20.h) -------------------------------------------------------------------
+
+dpfast::ChaChaKey to_key(const py::bytes& key) {
+  const std::string k = key;
+  if (k.size() != 32) bad("key must be 32 bytes, got " + std::to_string(k.size()));
+  dpfast::ChaChaKey out;
+  for (int i = 0; i < 8; ++i) {  // little-endian words, as RFC 8439
+    out.k[i] = 0;
+    for (int b = 3; b >= 0; --b) out.k[i] = (out.k[i] << 8) | static_cast<uint8_t>(k[4 * i + b]);
+  }
+  return out;
+}
+
+void check_secure_grid(uint64_t scale_s, int grid_exp) {
+  if (scale_s < 1 || scale_s > (uint64_t(1) << dpfast::kSecureMaxScaleBits)) {
+    bad("scale_s must be in [1, 2**" + std::to_string(dpfast::kSecureMaxScaleBits) + "], got " +
+        std::to_string(scale_s));
+  }
+  if (grid_exp < -1000 || grid_exp > 1000) {
+    bad("grid_exp must be in [-1000, 1000], got " + std::to_string(grid_exp));
+  }
+}
+
+void finalize_secure_cpu_py(const std::vector<uintptr_t>& acc_ptrs,
+                            const std::vector<uintptr_t>& out_ptrs,
+                            const std::vector<int64_t>& numels, const std::vector<int64_t>& offsets,
+                            const py::bytes& key, uint64_t scale_s, int grid_exp, double scale,
+                            const py::object& step) {
+  check_secure_grid(scale_s, grid_exp);
+  check_real(scale, "scale", false);
+  const auto k = to_key(key);
+  const auto slices = make_slices(acc_ptrs, out_ptrs, numels, offsets);
+  const uint32_t st = to_step(step);
+  py::gil_scoped_release nogil;
+  dpfast::finalize_secure_cpu(slices.data(), slices.size(), k, scale_s, grid_exp, scale, st);
+}
+
+void discrete_gaussian_cpu_py(uintptr_t out_ptr, int64_t n, int64_t offset, const py::bytes& key,
+                              uint64_t scale_s, const py::object& step) {
+  check_count(n, "n");
+  check_count(offset, "offset");
+  check_ptr(out_ptr, n, "out_ptr");
+  check_secure_grid(scale_s, 0);
+  const auto k = to_key(key);
+  const uint32_t st = to_step(step);
+  py::gil_scoped_release nogil;
+  dpfast::discrete_gaussian_cpu(reinterpret_cast<int64_t*>(out_ptr), n,
+                                static_cast<uint64_t>(offset), k, scale_s, st);
+}
+
+py::tuple chacha20_block_py(const py::bytes& key, uint32_t w12, uint32_t w13, uint32_t w14,
+                            uint32_t w15) {
+  uint32_t out[16];
+  dpfast::chacha20_block(to_key(key), w12, w13, w14, w15, out);
+  py::tuple t(16);
+  for (int i = 0; i < 16; ++i) t[i] = out[i];
+  return t;
+}
+
+#if defined(DPFAST_WITH_CUDA)
+void finalize_secure_cuda_py(const std::vector<uintptr_t>& acc_ptrs,
+                             const std::vector<uintptr_t>& out_ptrs,
+                             const std::vector<int64_t>& numels,
+                             const std::vector<int64_t>& offsets, const py::bytes& key,
+                             uint64_t scale_s, int grid_exp, double scale, const py::object& step,
+                             uintptr_t stream) {
+  check_secure_grid(scale_s, grid_exp);
+  check_real(scale, "scale", false);
+  const auto k = to_key(key);
+  const auto slices = make_slices(acc_ptrs, out_ptrs, numels, offsets);
+  const uint32_t st = to_step(step);
+  py::gil_scoped_release nogil;
+  dpfast::finalize_secure_cuda(slices.data(), slices.size(), k, scale_s, grid_exp, scale, st,
+                               stream);
+}
+#endif
+
 py::tuple philox4x32_py(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
                         uint32_t k1) {
   const auto x = dpfast::philox4x32_10(c0, c1, c2, c3, k0, k1);
@@ -188,7 +266,22 @@ PYBIND11_MODULE(_C, m) {
         "out[i] (float64) = Poisson membership uniform of sample indices[i] (int64).");
   m.def("philox4x32", &philox4x32_py, py::arg("c0"), py::arg("c1"), py::arg("c2"), py::arg("c3"),
         py::arg("k0"), py::arg("k1"), "Philox4x32-10 of one counter (for known-answer tests).");
+  m.def("finalize_secure_cpu", &finalize_secure_cpu_py, py::arg("acc_ptrs"), py::arg("out_ptrs"),
+        py::arg("numels"), py::arg("offsets"), py::arg("key"), py::arg("scale_s"),
+        py::arg("grid_exp"), py::arg("scale"), py::arg("step"),
+        "Secure finalize (chacha20.h): out[j] = (float)(((a + k) * 2^grid_exp) * scale), "
+        "a = acc[j] on the grid, k ~ N_Z(0, scale_s^2) from ChaCha20 under the 32-byte key.");
+  m.def("discrete_gaussian_cpu", &discrete_gaussian_cpu_py, py::arg("out_ptr"), py::arg("n"),
+        py::arg("offset"), py::arg("key"), py::arg("scale_s"), py::arg("step"),
+        "Write elements offset .. offset+n-1 of the secure integer noise stream (int64).");
+  m.def("chacha20_block", &chacha20_block_py, py::arg("key"), py::arg("w12"), py::arg("w13"),
+        py::arg("w14"), py::arg("w15"),
+        "RFC 8439 ChaCha20 block function with input words 12..15 (for known-answer tests).");
 #if defined(DPFAST_WITH_CUDA)
+  m.def("finalize_secure_cuda", &finalize_secure_cuda_py, py::arg("acc_ptrs"),
+        py::arg("out_ptrs"), py::arg("numels"), py::arg("offsets"), py::arg("key"),
+        py::arg("scale_s"), py::arg("grid_exp"), py::arg("scale"), py::arg("step"),
+        py::arg("stream"), "CUDA twin of finalize_secure_cpu: one launch on `stream`.");
   m.def("finalize_cuda", &finalize_cuda_py, py::arg("acc_ptrs"), py::arg("out_ptrs"),
         py::arg("numels"), py::arg("offsets"), py::arg("noise_std"), py::arg("scale"),
         py::arg("seed"), py::arg("step"), py::arg("stream"),

@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "chacha20.h"
 #include "philox.h"
 
 namespace dpfast {
@@ -80,6 +81,48 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Secure finalize (chacha20.h): work unit = one element (its discrete Gaussian draws a variable
+// number of ChaCha20 blocks of its own counter), unit_start holds prefix sums of numel.
+template <int kCap>
+__global__ void __launch_bounds__(kThreads)
+    finalize_secure_kernel(const __grid_constant__ TensorList<kCap> list, const ChaChaKey key,
+                           uint64_t scale_s, int grid_exp, double scale, uint32_t step) {
+  const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
+  for (uint64_t u = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       u < list.total_units; u += stride) {
+    int lo = 0, hi = list.count - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) >> 1;
+      if (list.unit_start[mid] <= u) lo = mid; else hi = mid - 1;
+    }
+    const TensorSlice& t = list.t[lo];
+    const int64_t j = static_cast<int64_t>(u - list.unit_start[lo]);
+    const int64_t k = secure_noise(key, step, t.offset + static_cast<uint64_t>(j), scale_s);
+    const float a = t.acc ? t.acc[j] : 0.0f;
+    t.out[j] = secure_finalize_value(a, k, grid_exp, scale);
+  }
+}
+
+template <int kCap>
+void launch_secure_chunk(const TensorSlice* tensors, int count, const ChaChaKey& key,
+                         uint64_t scale_s, int grid_exp, double scale, uint32_t step,
+                         cudaStream_t stream, int grid_cap) {
+  TensorList<kCap> list;
+  list.count = count;
+  uint64_t total = 0;
+  for (int p = 0; p < count; ++p) {
+    list.t[p] = tensors[p];
+    list.unit_start[p] = total;
+    total += static_cast<uint64_t>(tensors[p].numel);
+  }
+  list.total_units = total;
+  const uint64_t want = (total + kThreads - 1) / kThreads;
+  const int grid = static_cast<int>(std::min<uint64_t>(want, static_cast<uint64_t>(grid_cap)));
+  finalize_secure_kernel<kCap><<<grid, kThreads, 0, stream>>>(list, key, scale_s, grid_exp, scale,
+                                                              step);
+  check_cuda(cudaGetLastError(), "finalize_secure_kernel launch");
+}
+
 int max_resident_blocks() {
   int device = 0, sms = 0;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");
@@ -128,6 +171,29 @@ void finalize_cuda(const TensorSlice* tensors, size_t count, double noise_std, d
       launch_chunk<kSmallCap>(live.data() + start, n, noise_std, scale, seed, step, stream, grid_cap);
     } else {
       launch_chunk<kBigCap>(live.data() + start, n, noise_std, scale, seed, step, stream, grid_cap);
+    }
+  }
+}
+
+void finalize_secure_cuda(const TensorSlice* tensors, size_t count, const ChaChaKey& key,
+                          uint64_t scale_s, int grid_exp, double scale, uint32_t step,
+                          uintptr_t stream_handle) {
+  std::vector<TensorSlice> live;
+  live.reserve(count);
+  for (size_t p = 0; p < count; ++p) {
+    if (tensors[p].numel > 0) live.push_back(tensors[p]);
+  }
+  if (live.empty()) return;
+  const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  const int grid_cap = max_resident_blocks();
+  for (size_t start = 0; start < live.size(); start += kBigCap) {
+    const int n = static_cast<int>(std::min<size_t>(kBigCap, live.size() - start));
+    if (n <= kSmallCap) {
+      launch_secure_chunk<kSmallCap>(live.data() + start, n, key, scale_s, grid_exp, scale, step,
+                                     stream, grid_cap);
+    } else {
+      launch_secure_chunk<kBigCap>(live.data() + start, n, key, scale_s, grid_exp, scale, step,
+                                   stream, grid_cap);
     }
   }
 }

@@ -12,8 +12,19 @@ coordinate depends only on ``(seed, step, global index)``, so splitting or reord
 the same offsets, or switching between CPU, CUDA and the reference, gives the same result
 (to float32 rounding of the last place of libm vs libdevice).
 
-Layers: ``dpfast._C.finalize_cpu`` / ``finalize_cuda`` (csrc/) -> ``finalize_`` (checks and
-dispatch) ; ``finalize_ref`` is the pure PyTorch spec used by tests and without the extension.
+Secure mode, ``finalize_(..., generator="chacha20", key=key)``: the noise is an exact discrete
+Gaussian from ChaCha20 under a 256-bit key, added to the clipped sum on a power-of-two grid, with
+no floating point between data and noise (``dpfast.random_secure``, ``csrc/chacha20.h``):
+
+    out_p[j] = float32(((a + k(off_p + j)) * g) * scale),   a = rint(acc_p[j] / g)
+
+with ``(S, log2 g) = dpfast.random_secure.secure_grid(noise_std, grid_bits)`` and
+``k ~ N_Z(0, S**2)``. Account it at ``dpfast.random_secure.secure_noise_multiplier(...)``.
+CPU, CUDA and the reference give bitwise the same output (integer arithmetic, one rounding).
+
+Layers: ``dpfast._C.finalize_cpu`` / ``finalize_cuda`` / ``finalize_secure_cpu`` /
+``finalize_secure_cuda`` (csrc/) -> ``finalize_`` (checks and dispatch) ; ``finalize_ref`` is the
+pure PyTorch spec used by tests and without the extension.
 """
 
 from __future__ import annotations
@@ -24,11 +35,15 @@ from collections.abc import Sequence
 import torch
 
 from dpfast import random as dprandom
+from dpfast import random_secure as dpsecure
 from dpfast._ext import ext, has_cuda_ext
 
-__all__ = ["finalize_", "finalize_ref", "gaussian_noise", "default_offsets"]
+__all__ = ["finalize_", "finalize_ref", "gaussian_noise", "default_offsets", "GENERATORS"]
+
+GENERATORS = ("philox", "chacha20")
 
 _warned_cuda_fallback = False
+_warned_secure_fallback = False
 
 
 def default_offsets(tensors: Sequence[torch.Tensor]) -> list[int]:
@@ -40,7 +55,7 @@ def default_offsets(tensors: Sequence[torch.Tensor]) -> list[int]:
     return offsets
 
 
-def _check_args(accs, outs, offsets, *, noise_std, scale, seed, step):
+def _check_args(accs, outs, offsets, *, noise_std, scale, seed, step, generator="philox"):
     """Validate a finalize call; returns (offsets, device or None when empty).
 
     Errors name the offending tensor index.
@@ -48,7 +63,11 @@ def _check_args(accs, outs, offsets, *, noise_std, scale, seed, step):
     accs, outs = list(accs), list(outs)
     if len(accs) != len(outs):
         raise ValueError(f"accs and outs must have the same length, got {len(accs)}, {len(outs)}")
-    dprandom.check_seed_step(seed, step)
+    if generator not in GENERATORS:
+        raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}")
+    if generator == "philox" and seed is None:
+        raise ValueError("seed is required with generator='philox'")
+    dprandom.check_seed_step(0 if seed is None else seed, step)
     noise_std, scale = float(noise_std), float(scale)
     if not (noise_std >= 0.0 and noise_std != float("inf")):
         raise ValueError(f"noise_std must be finite and >= 0, got {noise_std}")
@@ -114,21 +133,51 @@ def _finalize_ref_impl(accs, outs, offsets, *, noise_std, scale, seed, step) -> 
             o.copy_(acc64 * scale)  # one rounding to float32, as in the kernels
 
 
+def _secure_args(key, noise_std, grid_bits):
+    """(key bytes, S, grid_exp) of a secure call; a fresh OS key when ``key`` is None."""
+    key = dpsecure.new_key() if key is None else dpsecure.check_key(key)
+    if noise_std == 0.0:
+        if not 1 <= int(grid_bits) <= dpsecure.MAX_SCALE_BITS - 1:
+            raise ValueError(f"grid_bits must be in [1, {dpsecure.MAX_SCALE_BITS - 1}], got {grid_bits}")
+        return key, None, None
+    scale_s, grid_exp = dpsecure.secure_grid(noise_std, grid_bits)
+    return key, scale_s, grid_exp
+
+
+def _finalize_secure_ref_impl(accs, outs, offsets, *, key, scale_s, grid_exp, scale, step) -> None:
+    with torch.no_grad():
+        for a, o, off in zip(accs, outs, offsets):
+            if a.numel() == 0:
+                continue
+            k = dpsecure.discrete_gaussian(a.numel(), key=key, step=step, scale_s=scale_s, offset=off)
+            v = dpsecure.secure_finalize_values(a.reshape(-1), k, grid_exp=grid_exp, scale=scale)
+            o.copy_(v.view_as(o))
+
+
 def finalize_ref(
     accs: Sequence[torch.Tensor],
     outs: Sequence[torch.Tensor],
     *,
     noise_std: float,
     scale: float,
-    seed: int,
+    seed: int | None = None,
     step: int,
     offsets: Sequence[int] | None = None,
+    generator: str = "philox",
+    key: bytes | None = None,
+    grid_bits: int = dpsecure.DEFAULT_GRID_BITS,
 ) -> None:
     """Pure PyTorch/numpy reference of ``finalize_`` (the spec): same arguments, same result."""
     offsets, _ = _check_args(accs, outs, offsets, noise_std=noise_std, scale=scale, seed=seed,
-                             step=step)
+                             step=step, generator=generator)
+    if generator == "chacha20":
+        key, scale_s, grid_exp = _secure_args(key, float(noise_std), grid_bits)
+        if scale_s is not None:
+            _finalize_secure_ref_impl(list(accs), list(outs), offsets, key=key, scale_s=scale_s,
+                                      grid_exp=grid_exp, scale=float(scale), step=int(step))
+            return
     _finalize_ref_impl(accs, outs, offsets, noise_std=float(noise_std), scale=float(scale),
-                       seed=int(seed), step=int(step))
+                       seed=0 if seed is None else int(seed), step=int(step))
 
 
 def _warn_no_cuda_kernels() -> None:
@@ -143,15 +192,47 @@ def _warn_no_cuda_kernels() -> None:
         )
 
 
+def _warn_no_secure_kernels(device) -> None:
+    global _warned_secure_fallback
+    if not _warned_secure_fallback:
+        _warned_secure_fallback = True
+        warnings.warn(
+            f"dpfast._C has no secure finalize for {device.type} tensors: the discrete Gaussian is "
+            "drawn by the pure Python reference (about 10^4 elements/s). Rebuild dpfast "
+            "(`pip install .`, with nvcc for CUDA).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _finalize_secure(accs, outs, offsets, device, *, key, scale_s, grid_exp, scale, step):
+    args = (key, scale_s, grid_exp, scale, step)
+    if device.type == "cuda" and has_cuda_ext():
+        with torch.cuda.device(device):
+            stream = torch.cuda.current_stream(device).cuda_stream
+            ext.finalize_secure_cuda(*_pointers(accs, outs), offsets, *args, stream)
+        _bump_versions(outs)
+    elif device.type == "cpu" and ext is not None:
+        ext.finalize_secure_cpu(*_pointers(accs, outs), offsets, *args)
+        _bump_versions(outs)
+    else:
+        _warn_no_secure_kernels(device)
+        _finalize_secure_ref_impl(accs, outs, offsets, key=key, scale_s=scale_s, grid_exp=grid_exp,
+                                  scale=scale, step=step)
+
+
 def finalize_(
     accs: Sequence[torch.Tensor],
     outs: Sequence[torch.Tensor],
     *,
     noise_std: float,
     scale: float,
-    seed: int,
+    seed: int | None = None,
     step: int,
     offsets: Sequence[int] | None = None,
+    generator: str = "philox",
+    key: bytes | None = None,
+    grid_bits: int = dpsecure.DEFAULT_GRID_BITS,
 ) -> None:
     """``outs[p] = (accs[p] + noise_std * z(offsets[p] + j)) * scale`` for every tensor, in place.
 
@@ -159,9 +240,24 @@ def finalize_(
     ``outs[p]`` may be ``accs[p]``. offsets: global element offset of each tensor (default: the
     running sum of numels in list order); ranges must not overlap. ``noise_std == 0`` skips noise
     generation entirely. CUDA tensors run one kernel launch on the current stream.
+
+    generator: ``"philox"`` (default; ``seed`` required) or ``"chacha20"``, the secure mode:
+    exact discrete Gaussian noise from ChaCha20 under ``key`` (32 bytes; ``None`` draws a fresh one
+    from ``os.urandom`` for this call alone), on the grid chosen by ``grid_bits`` (see the module
+    docstring and ``dpfast.random_secure``; ``seed`` is ignored). Never reuse a ``(key, step)``
+    pair for two releases.
     """
     offsets, device = _check_args(accs, outs, offsets, noise_std=noise_std, scale=scale, seed=seed,
-                                  step=step)
+                                  step=step, generator=generator)
+    if generator == "chacha20":
+        key, scale_s, grid_exp = _secure_args(key, float(noise_std), grid_bits)  # checks first
+        if device is None:
+            return
+        if scale_s is not None:
+            _finalize_secure(list(accs), list(outs), offsets, device, key=key, scale_s=scale_s,
+                             grid_exp=grid_exp, scale=float(scale), step=int(step))
+            return
+        seed = 0  # noise_std == 0: the plain scaling below, no generator
     if device is None:
         return
     # Same order as the scalar arguments of the dpfast._C bindings.
