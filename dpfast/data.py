@@ -94,7 +94,7 @@ class DPDataLoader:
     def __init__(self, dataset: Dataset, *, sample_rate: float, seed: int, steps_per_epoch: int,
                  max_physical_batch_size: int | None = None, collate_fn=None, num_workers: int = 0,
                  pin_memory: bool = False, worker_init_fn=None, rank: int = 0, world_size: int = 1,
-                 optimizer=None):
+                 optimizer=None, secure_key: bytes | None = None):
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         if max_physical_batch_size is not None and max_physical_batch_size < 1:
@@ -110,6 +110,7 @@ class DPDataLoader:
         self.worker_init_fn = worker_init_fn
         self.rank, self.world_size = rank, world_size
         self.optimizer = optimizer
+        self.secure_key = secure_key  # secure mode: membership from ChaCha20 under this key, not Philox
         self.step = 0  # the next logical step to draw (global, across epochs)
         self._generation = 0  # bumped by each new iterator: only the newest one may yield
 
@@ -123,7 +124,12 @@ class DPDataLoader:
     def batch_indices(self, step: int) -> torch.Tensor:
         """This rank's members of the logical batch of ``step`` (sorted dataset indices)."""
         n = len(self.dataset)
-        mask = poisson_mask(n, self.sample_rate, seed=self.seed, step=step)
+        if self.secure_key is not None:
+            from .random_secure import poisson_mask_secure
+
+            mask = poisson_mask_secure(n, self.sample_rate, key=self.secure_key, step=step)
+        else:
+            mask = poisson_mask(n, self.sample_rate, seed=self.seed, step=step)
         idx = mask.nonzero().flatten()
         if self.world_size > 1:
             idx = idx[idx % self.world_size == self.rank]

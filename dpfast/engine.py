@@ -27,9 +27,16 @@ class PrivacyEngine:
     ``ledger``: a file (JSON lines, see dpfast.ledger) to which every release is appended, durably,
     before it happens. Keep it next to the checkpoints: loading an earlier checkpoint then charges the
     steps released after it and continues with fresh noise keys and batches, instead of forgetting them.
+
+    ``secure_mode=True``: Poisson membership and noise come from ChaCha20 keyed by 256 bits from the
+    OS (never written to a checkpoint: a resumed run draws a new key, so fresh noise and batches), and
+    the noise is an exact discrete Gaussian on a power-of-two grid, immune to the floating-point
+    attacks on Box-Muller/log-based samplers (Jin et al. 2022). The accountant charges the slightly
+    smaller effective noise multiplier of the grid (dpfast.random_secure.secure_noise_multiplier).
+    Its finalize runs at 0.03-0.04x Philox's throughput on CPU (benchmarks/results/finalize_noise.md).
     """
 
-    def __init__(self, accountant: str = "prv", seed: int | None = None, ledger=None):
+    def __init__(self, accountant: str = "prv", seed: int | None = None, ledger=None, secure_mode: bool = False):
         from .accounting import Accountant
         from .ledger import Ledger
 
@@ -44,6 +51,12 @@ class PrivacyEngine:
         self.sample_rate: float | None = None
         self.distributed = None
         self.ledger = Ledger(ledger) if ledger is not None else None
+        self.secure_mode = bool(secure_mode)
+        self._secure_key: bytes | None = None
+        if self.secure_mode:
+            from .random_secure import new_key
+
+            self._secure_key = new_key()
         self._no_privacy = False        # a release without noise, or a refused batch: epsilon is infinite
         self.why_no_privacy: str | None = None
         self._pending_state = None      # load_state_dict before make_private: applied by make_private
@@ -95,6 +108,14 @@ class PrivacyEngine:
                     raise DPError("the optimizer holds a trainable parameter that is not part of the module "
                                   f"(shape {tuple(p.shape)}); dpfast can only clip gradients of the module's "
                                   "parameters")
+        if self.secure_mode:
+            if self.distributed is not None:
+                raise DPError("secure_mode is not supported under torch.distributed yet (every rank would need "
+                              "the same 256-bit key); run one process, or use secure_mode=False")
+            wide = [names[id(p)] for g in optimizer.param_groups for p in g["params"]
+                    if p.requires_grad and p.dtype == torch.float64]
+            if wide:
+                raise DPError(f"secure_mode releases fp32 gradients only; parameters {wide[:5]} are float64")
         if self.distributed is not None:
             # Distributed: membership and noise are keyed on the seed, and every rank applies the same
             # update, so all ranks need rank 0's seed and parameters (DDP already broadcast the latter).
@@ -129,7 +150,7 @@ class PrivacyEngine:
                                   max_physical_batch_size=max_physical_batch_size,
                                   collate_fn=data_loader.collate_fn, num_workers=data_loader.num_workers,
                                   pin_memory=data_loader.pin_memory, worker_init_fn=data_loader.worker_init_fn,
-                                  rank=rank, world_size=world)
+                                  rank=rank, world_size=world, secure_key=self._secure_key)
         elif expected_batch_size is None and loss_reduction == "mean":
             raise DPError("without a data_loader, pass expected_batch_size (the logical batch size) so the "
                           "noisy sum can be divided by it")
@@ -141,7 +162,7 @@ class PrivacyEngine:
         dp_opt = DPOptimizer(optimizer, pm, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                              expected_batch_size=expected_batch_size, loss_reduction=loss_reduction,
                              seed=self.seed, on_release=self._charge, on_refusal=self._refused, nonfinite=nonfinite,
-                             distributed=self.distributed, param_names=names)
+                             distributed=self.distributed, param_names=names, secure_key=self._secure_key)
         if loader is not None:
             loader.optimizer = dp_opt
             dp_opt.data_loader_attached = True
@@ -173,6 +194,15 @@ class PrivacyEngine:
             steps = int(math.ceil(epochs * max(1, round(1 / q))))
         sigma = calibrate_noise_multiplier(target_epsilon, target_delta, q, steps=steps,
                                            accountant=self.accountant_kind, history=self.accountant.history)
+        if self.secure_mode and "max_grad_norm" in kwargs:
+            # the accountant charges the grid's effective sigma, a little below the nominal one: raise the
+            # nominal sigma until the charged one meets the calibrated value
+            from .random_secure import secure_noise_multiplier
+
+            dim = sum(p.numel() for g in optimizer.param_groups for p in g["params"] if p.requires_grad)
+            target, C = sigma, kwargs["max_grad_norm"]
+            while secure_noise_multiplier(sigma, dim=max(1, dim), max_grad_norm=C) < target:
+                sigma *= 1.0001
         return self.make_private(module=module, optimizer=optimizer, data_loader=data_loader,
                                  noise_multiplier=sigma, sample_rate=q, **kwargs)
 
@@ -185,6 +215,12 @@ class PrivacyEngine:
 
     def _charge(self, key: int, sigma: float) -> None:
         """Called by the optimizer before release ``key`` reaches any parameter: log it, then charge it."""
+        if self.secure_mode and sigma > 0:
+            from .random_secure import secure_noise_multiplier
+
+            # the grid rounding adds sqrt(dim) * grid to the sensitivity: charge the effective sigma
+            sigma = secure_noise_multiplier(sigma, dim=max(1, self.optimizer.num_elements),
+                                            max_grad_norm=self.optimizer.max_grad_norm)
         if self.ledger is not None and (self.distributed is None or self.distributed.rank == 0):
             from .ledger import run_id
 
@@ -249,6 +285,7 @@ class PrivacyEngine:
         return {
             "version": 1,
             "seed": self.seed,
+            "secure_mode": self.secure_mode,  # the secure key is never saved: a resume draws a new one
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": self.sample_rate,
             "steps": self.steps,

@@ -30,7 +30,8 @@ class DPOptimizer(torch.optim.Optimizer):
 
     def __init__(self, optimizer: torch.optim.Optimizer, private_module, *, noise_multiplier: float,
                  max_grad_norm: float, expected_batch_size: float | None, loss_reduction: str, seed: int,
-                 on_release=None, on_refusal=None, nonfinite: str = "zero", distributed=None, param_names=None):
+                 on_release=None, on_refusal=None, nonfinite: str = "zero", distributed=None, param_names=None,
+                 secure_key: bytes | None = None):
         self.original_optimizer = optimizer
         self.private_module = private_module
         self._noise_multiplier = _checked_sigma(noise_multiplier)
@@ -40,6 +41,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self.seed = int(seed)
         self.nonfinite = nonfinite
         self.distributed = distributed
+        self._secure_key = secure_key    # secure mode: ChaCha20 + exact discrete Gaussian noise
         self._on_release = on_release    # engine: charge the accountant (and ledger) before a release
         self._on_refusal = on_refusal    # engine: a refused logical batch makes epsilon infinite
         self.params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
@@ -328,10 +330,12 @@ class DPOptimizer(torch.optim.Optimizer):
         std = sigma * self.max_grad_norm
         f32 = [i for i, a in enumerate(accs) if a.dtype == torch.float32]
         if f32:
+            noise = dict(generator="chacha20", key=self._secure_key) if self._secure_key is not None else {}
             finalize_([accs[i] for i in f32], [accs[i] for i in f32], noise_std=std, scale=scale,
-                      seed=self.seed, step=key, offsets=[self._offsets[i] for i in f32])
+                      seed=self.seed, step=key, offsets=[self._offsets[i] for i in f32], **noise)
         for i, a in enumerate(accs):
             if a.dtype == torch.float64:  # fp64 models (exactness tests): the same stream, in fp64
+                assert self._secure_key is None, "secure mode refuses fp64 parameters at make_private"
                 if std:
                     z = normal_f64(a.numel(), seed=self.seed, step=key, offset=self._offsets[i])
                     a.add_(torch.from_numpy(z).view_as(a).to(a.device), alpha=std)

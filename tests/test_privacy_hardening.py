@@ -395,3 +395,45 @@ def test_repeat_instead_of_repeat_interleave_is_detected():
         m(dpfast.expand_rows(x, K)).sum().backward()
         assert o.step()
         break
+
+
+# ------------------------------------------------------------------ 12. secure mode, end to end
+def test_secure_mode_trains_charges_the_grid_sigma_and_never_saves_its_key():
+    from dpfast.random_secure import secure_noise_multiplier
+
+    ds = TensorDataset(torch.randn(40, 4))
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    engine = PrivacyEngine(accountant="rdp", secure_mode=True)
+    m, o, dl = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                   data_loader=DataLoader(ds, batch_size=8), noise_multiplier=1.0,
+                                   max_grad_norm=1.0)
+    before = model.weight.detach().clone()
+    for (x,) in dl:
+        m(x).sum().backward()
+        o.step()
+    assert not torch.equal(before, model.weight)
+    (sigma, q, steps), = engine.accountant.history
+    assert steps == len(dl) and sigma == secure_noise_multiplier(1.0, dim=5, max_grad_norm=1.0) < 1.0
+    sd = engine.state_dict()
+    assert sd["secure_mode"] and engine._secure_key not in [v for v in sd.values() if isinstance(v, bytes)]
+    assert engine._secure_key not in repr(sd).encode()
+
+
+def test_secure_mode_refuses_fp64_and_meets_a_target_epsilon():
+    ds = TensorDataset(torch.randn(40, 4))
+    model = nn.Linear(4, 1).double()
+    with pytest.raises(DPError, match="float64"):
+        PrivacyEngine(secure_mode=True).make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(ds, batch_size=8), noise_multiplier=1.0, max_grad_norm=1.0)
+    model = nn.Linear(4, 1)
+    engine = PrivacyEngine(accountant="rdp", secure_mode=True)
+    _, o, _ = engine.make_private_with_epsilon(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                               data_loader=DataLoader(ds, batch_size=8), target_epsilon=2.0,
+                                               target_delta=1e-5, steps=20, max_grad_norm=1.0)
+    from dpfast.random_secure import secure_noise_multiplier
+    from dpfast.accounting import compute_epsilon
+
+    charged = secure_noise_multiplier(o.noise_multiplier, dim=5, max_grad_norm=1.0)
+    assert compute_epsilon(charged, 0.2, 20, 1e-5, "rdp") <= 2.0
