@@ -166,7 +166,6 @@ class PrivacyEngine:
         if loader is not None:
             loader.optimizer = dp_opt
             dp_opt.data_loader_attached = True
-        pm.on_leak = self._leaked
         self.optimizer, self.loader, self.private_module = dp_opt, loader, pm
         pending = self._pending_state
         if pending is not None:  # load_state_dict ran before make_private: resume where it left off
@@ -239,17 +238,20 @@ class PrivacyEngine:
     def _lose_privacy(self, why: str) -> None:
         if not self._no_privacy:
             self.why_no_privacy = why
+            if self.ledger is not None and (self.distributed is None or self.distributed.rank == 0):
+                from .ledger import run_id
+
+                self.ledger.append_event("guarantee_lost", why=why, run=run_id(self.seed))
         self._no_privacy = True
 
     def _refused(self, exc: BaseException) -> None:
+        first = not self._no_privacy
         self._lose_privacy(f"a logical batch was refused ({type(exc).__name__}): whether the parameters moved "
                            "depends on the data without noise")
-        warnings.warn(f"a sampled logical batch was refused ({type(exc).__name__}); nothing was released, but "
+        if first:
+            warnings.warn(f"a sampled logical batch was refused ({type(exc).__name__}); nothing was released, but "
                       "the refusal itself depends on the data without noise, so get_epsilon() now reports "
-                      "infinity. Fix the cause and start a new run", stacklevel=3)
-
-    def _leaked(self, why: str) -> None:
-        self._lose_privacy(why)
+                          "infinity. Fix the cause and start a new run", stacklevel=3)
 
     def _refuse_used_ledger(self) -> None:
         from .ledger import run_id
@@ -308,6 +310,10 @@ class PrivacyEngine:
         # a release without noise can never be undone by loading a private checkpoint
         if sd.get("no_privacy", False):
             self._lose_privacy(sd.get("why_no_privacy") or "the checkpoint's run had lost its guarantee")
+        if self.ledger is None and int(sd["steps"]) > 0:
+            warnings.warn("loading a checkpoint without a privacy ledger: if steps after it were released (a "
+                          "rollback), they are not charged and their noise keys repeat. Pass "
+                          "PrivacyEngine(ledger=...) to keep a durable record of every release", stacklevel=2)
         sd = self._charge_ledger_after(sd)
         if self.optimizer is None:
             self._pending_state = sd  # applied by make_private: steps and sampler position
@@ -321,8 +327,11 @@ class PrivacyEngine:
             return sd
         from .ledger import run_id
 
-        later = [e for e in self.ledger.entries()
-                 if e.get("run") == run_id(sd["seed"]) and int(e["key"]) >= int(sd["steps"])]
+        mine = [e for e in self.ledger.entries() if e.get("run") == run_id(sd["seed"])]
+        lost = [e for e in mine if e.get("event") == "guarantee_lost"]
+        if lost:
+            self._lose_privacy(f"the privacy ledger records that the guarantee was lost: {lost[0].get('why')}")
+        later = [e for e in mine if "key" in e and int(e["key"]) >= int(sd["steps"])]
         if not later:
             return sd
         for e in later:

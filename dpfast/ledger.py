@@ -14,7 +14,8 @@ One line of JSON per release::
     {"key": 7, "sampler_step": 7, "sigma": 1.1, "q": 0.01, "run": "3f0c...", "time": 1764672000.0}
 
 ``run`` is a hash of the engine's seed (the seed itself stays secret), so entries of another run are
-recognised.
+recognised. Events that end the guarantee (a refused batch, a release without noise) are lines too,
+``{"event": "guarantee_lost", "why": "...", "run": ...}``: a rollback past them cannot forget them.
 """
 from __future__ import annotations
 
@@ -30,9 +31,17 @@ def run_id(seed: int) -> str:
     return hashlib.sha256(b"dpfast-ledger:" + int(seed).to_bytes(8, "little")).hexdigest()[:16]
 
 
+def releases(path) -> list[dict]:
+    """The release entries of the ledger at ``path`` (events left out), in the order written."""
+    return [e for e in read(path) if "key" in e]
+
+
 def read(path) -> list[dict]:
-    """Entries of the ledger at ``path`` (empty if it does not exist). A torn last line is a process that
-    died while writing it, so before the release it announced: it is skipped."""
+    """Entries (releases and events) of the ledger at ``path`` (empty if it does not exist).
+
+    A line that does not parse is a write torn by a crash: it was written before the release it
+    announced, and that release never happened, so it is skipped. :meth:`Ledger.append` ends a torn
+    line before appending, so a torn write never swallows the next entry."""
     path = Path(path)
     if not path.exists():
         return []
@@ -44,9 +53,7 @@ def read(path) -> list[dict]:
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:
-            if i != len(lines) - 1:
-                raise ValueError(f"privacy ledger {path} is corrupt at line {i + 1}; refusing to guess what "
-                                 "was released") from None
+            continue
     return out
 
 
@@ -60,10 +67,20 @@ class Ledger:
         return read(self.path)
 
     def append(self, *, key: int, sampler_step: int | None, sigma: float, q: float | None, run: str) -> None:
+        self._write({"key": int(key), "sampler_step": sampler_step, "sigma": float(sigma),
+                     "q": None if q is None else float(q), "run": run, "time": time.time()})
+
+    def append_event(self, event: str, *, why: str, run: str) -> None:
+        self._write({"event": event, "why": why, "run": run, "time": time.time()})
+
+    def _write(self, entry: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({"key": int(key), "sampler_step": sampler_step, "sigma": float(sigma),
-                           "q": None if q is None else float(q), "run": run, "time": time.time()})
+        torn = False
+        if self.path.exists() and self.path.stat().st_size:
+            with open(self.path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
         with open(self.path, "a") as f:
-            f.write(line + "\n")
+            f.write(("\n" if torn else "") + json.dumps(entry) + "\n")
             f.flush()
             os.fsync(f.fileno())

@@ -21,9 +21,12 @@ from torch.nn.utils import parametrize
 
 from .errors import UnsupportedModuleError
 
-# overriding these changes nothing a rule computes
-_HARMLESS_OVERRIDES = {"__init__", "extra_repr", "__repr__", "reset_parameters", "__setstate__",
-                       "__getstate__", "_load_from_state_dict", "_save_to_state_dict"}
+# what nn.Module.__call__ and every supported layer's forward reach on the module itself; a subclass (or
+# a mixin, or the instance) that redefines one of these computes something its rule does not
+_CALL_PATH = ("forward", "__call__", "_call_impl", "_wrapped_call_impl", "__getattr__", "__getattribute__")
+_FORWARD_REACHES = {nn.Conv1d: ("_conv_forward",), nn.Conv2d: ("_conv_forward",), nn.Conv3d: ("_conv_forward",),
+                    nn.ConvTranspose1d: ("_output_padding",), nn.ConvTranspose2d: ("_output_padding",),
+                    nn.MultiheadAttention: ("merge_masks",)}
 _SEQUENCE_FIRST = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 _RUNNING_STATS = (nn.modules.instancenorm._InstanceNorm,)
 
@@ -69,20 +72,18 @@ def _refuse_reparametrised(module: nn.Module, label: str) -> None:
 
 
 def _refuse_overrides(module: nn.Module, label: str, rule) -> None:
-    """A subclass of the rule's layer type may add a constructor, never replace the maths."""
+    """A subclass of the rule's layer type may add a constructor or other methods, never replace one
+    that the forward reaches (in the class, a mixin before it in the MRO, or on the instance)."""
     base = next(t for t in rule.types if isinstance(module, t) and type(module).forward is t.forward)
-    overridden = []
+    names = set(_CALL_PATH) | set(_FORWARD_REACHES.get(base, ()))
+    overridden = sorted(n for n in names if n in vars(module))  # set on the instance (hooks, patches)
     for cls in type(module).__mro__:
-        if cls is base or not issubclass(cls, base):
+        if cls is base:
             break
-        for name, value in vars(cls).items():
-            if name in _HARMLESS_OVERRIDES or not hasattr(base, name) or value is vars(base).get(name):
-                continue
-            if inspect.isfunction(value) or isinstance(value, (property, classmethod, staticmethod)):
-                overridden.append(name)
+        overridden += [n for n in names & set(vars(cls)) if vars(cls)[n] is not inspect.getattr_static(base, n, None)]
     if overridden:
         raise UnsupportedModuleError(
-            f"module {label!r} ({type(module).__name__}) subclasses nn.{base.__name__} but overrides "
-            f"{sorted(set(overridden))}, which nn.{base.__name__}.forward relies on: the nn.{base.__name__} rule "
-            "would compute a plain layer, not this one. Write the layer's maths from supported layers (or "
-            "freeze it)")
+            f"module {label!r} ({type(module).__name__}) is an nn.{base.__name__} whose {sorted(set(overridden))} "
+            f"is redefined (on its instance, class or a mixin), and nn.{base.__name__}.forward relies on it: the nn.{base.__name__} rule "
+            "would compute a plain layer, not this one. Write the layer's maths from supported layers, remove the "
+            "patch or hook that replaces it, or freeze the layer")

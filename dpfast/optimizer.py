@@ -35,7 +35,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self.original_optimizer = optimizer
         self.private_module = private_module
         self._noise_multiplier = _checked_sigma(noise_multiplier)
-        self.max_grad_norm = float(max_grad_norm)
+        self.max_grad_norm = max_grad_norm
         self.expected_batch_size = expected_batch_size
         self.loss_reduction = loss_reduction
         self.seed = int(seed)
@@ -89,6 +89,17 @@ class DPOptimizer(torch.optim.Optimizer):
         return self.original_optimizer.defaults
 
     @property
+    def max_grad_norm(self) -> float:
+        return self._max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value) -> None:
+        v = _as_real("max_grad_norm", value)
+        if not v > 0:
+            raise ValueError(f"max_grad_norm must be a finite number > 0, got {value!r}")
+        self._max_grad_norm = v
+
+    @property
     def noise_multiplier(self) -> float:
         return self._noise_multiplier
 
@@ -133,6 +144,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self._chunk = (samples, is_last)
         self._chunk_pending = True
         self.private_module.expect_chunk(samples, batch)
+        self.private_module.snapshot_state(force=True)
         if step is not None:
             self.sampler_step = int(step)
 
@@ -184,8 +196,7 @@ class DPOptimizer(torch.optim.Optimizer):
                 zeros = [self._acc_for(p) for p in self.params]
                 self.distributed.all_reduce_(zeros, failed=failure_code(exc), step=self.steps)
                 self._acc.clear()
-            if is_last:
-                self._refuse(exc)
+            self._refuse(exc)  # at once: a loop that leaves after a refused early chunk is still charged
             raise
         if not is_last:
             return False
@@ -216,6 +227,14 @@ class DPOptimizer(torch.optim.Optimizer):
     def _accumulate_chunk(self, samples: int | None) -> None:
         pm = self.private_module
         tape = pm.tape
+        written = pm.written_state()
+        if written:
+            raise PrivacyLeakError(
+                f"the forward/backward pass wrote {written[:5]} (parameters or persistent buffers): state computed "
+                "from the private batch is released with the model without clipping or noise (a running "
+                "statistic, a row reset to a record), so the step is refused. Compute such state from public "
+                "data, keep it in a non-persistent buffer if it is a data-independent cache, or use "
+                "dpfast.fix_module(model) for BatchNorm/InstanceNorm statistics")
         added = [self._name(p) for g in self.original_optimizer.param_groups for p in g["params"]
                  if id(p) not in self._group_ids]
         if added:
@@ -235,6 +254,13 @@ class DPOptimizer(torch.optim.Optimizer):
                 f"parameters {leaked[:5]} received gradients outside dpfast's per-sample rules (used outside "
                 "their module's forward, e.g. read directly by another module or by the loss); such gradients "
                 "are not clipped per sample, so the step is refused")
+        foreign = sorted({s.name for s in tape.sites if s.received
+                          for t in s.targets if id(t.param) not in self._param_ids})
+        if foreign:
+            raise DPError(
+                f"layers {foreign[:5]} produce gradients for parameters the optimizer did not hold at make_private "
+                "(a weight replaced by a new nn.Parameter?); they would never be updated. Replace weights in "
+                "place (with torch.no_grad(): layer.weight.copy_(...)) or rebuild the private model")
         if tape.sites and not any(s.received for s in tape.sites):
             raise DPError("optimizer.step() was called after a forward pass without backward: call "
                           "loss.backward() first")
@@ -353,9 +379,20 @@ class DPOptimizer(torch.optim.Optimizer):
 
 
 
-def _checked_sigma(value) -> float:
+def _as_real(name: str, value) -> float:
+    """A finite real number (int, float, numpy scalar, 0-d tensor) as a float, or a ValueError."""
     import math
+    import numbers
 
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {value!r}")
+    if torch.is_tensor(value) and value.dim() == 0 and value.is_floating_point():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
+
+
+def _checked_sigma(value) -> float:
+    v = _as_real("noise_multiplier", value)
+    if v < 0:
+        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {value!r}")
+    return v

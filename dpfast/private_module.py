@@ -18,7 +18,7 @@ from ._precision import exact_fp32
 from .module_checks import refuse_unsupported
 from .errors import BatchLayoutError, DPError, PrivacyLeakError, UnsupportedModuleError
 from .rules import SUPPORTED, find_rule
-from .tape import Tape, fingerprint, input_fingerprint
+from .tape import Tape, fingerprint, fingerprints_match, input_fingerprint
 
 _BATCHNORM = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
 _HALF = (torch.bfloat16, torch.float16)
@@ -35,6 +35,8 @@ def _private_forward(module, *args, **kwargs):
     if pm is None or not torch.is_grad_enabled():
         return orig(*args, **kwargs)
     rule, name = module._dpfast_rule
+    if not pm.replaying:
+        pm.snapshot_state()  # the model was entered through a submodule: the pass begins here
     tape = pm._replay_tape if pm.replaying else pm.tape
     return rule.forward(tape, module, name, orig, *args, **kwargs)
 
@@ -74,20 +76,20 @@ class _ReplayTape:
         if want is None:
             raise PrivacyLeakError(f"two-pass replay: layer {site.name!r} received a gradient it did not "
                                    "receive in the first pass; use mode='bk'")
-        got = fingerprint(G)
-        want = want * self.row_scale.to(want.dtype).square()
+        # the replay's output gradient must be the first pass's times the clip factors, row by row
+        r = self.row_scale.to(want.dtype).view(-1, 1)
+        want = want * torch.cat([r.square(), r], dim=1)
         # the replay rounds row_scale * gradient to low precision under autocast, and the rounding
         # compounds layer by layer (~2% seen at the input of a small U-Net): bf16/fp16 get a loose check,
         # which still catches a doubled or stray gradient (a doubled one is 300% off in squared norm)
         rtol = 1e-1 if (self.low_precision or G.dtype in _HALF) else 1e-3
-        tol = rtol * want.abs() + rtol * 1e-3 * want.abs().max() + 1e-30
-        if got.shape != want.shape or not bool(((got - want).abs() <= tol).all()):
+        if not fingerprints_match(fingerprint(G), want, rtol):
             raise PrivacyLeakError(
                 f"two-pass replay: the output gradient of layer {site.name!r} is not the first pass's scaled "
                 "by the clip factors, so its per-sample norms would not bound the release; the step is "
                 "refused. Two-pass mode needs the loss to depend on the parameters only through the model's "
                 "returned outputs (none computed from another, nothing stashed on the module, one call per "
-                "step); use mode='bk' otherwise")
+                "step, no randomness outside torch's global generator); use mode='bk' otherwise")
         self._check_input(site, self.expected[k])
         site.received = True
         site.rule.absorb(site, G.detach())
@@ -104,11 +106,7 @@ class _ReplayTape:
         want, got = first.input_fingerprint, input_fingerprint(site)
         if want is None and got is None:
             return
-        ok = want is not None and got is not None and got.shape == want.shape
-        if ok:
-            scale = want[:, :1].sqrt()  # per-row norm: the projection is at most ~ that large
-            tol = 1e-4 * torch.cat([want[:, :1], scale], dim=1) + 1e-12 * (1 + want[:, :1].max())
-            ok = bool(((got - want).abs() <= tol).all())
+        ok = want is not None and got is not None and fingerprints_match(got, want, 1e-4)
         if not ok:
             raise PrivacyLeakError(
                 f"two-pass replay: the input of layer {site.name!r} differs from the first pass (randomness "
@@ -183,9 +181,9 @@ class PrivateModule:
         self._out_grads: dict[int, torch.Tensor] = {}
         self._out_leaves: list = []
         self._loader_batch: list = []        # tensors of the chunk the loader yielded (layout check)
-        self._buffers: list = []             # (name, tensor, version) before the top-level forward
-        self.on_leak = None                  # engine callback: a data-dependent buffer was written
+        self._state0: dict | None = None     # parameter/buffer versions when the pass began
         self.layer_names: list[str] = []
+        _walk(module, "", [], install=None)  # every check first: a refusal leaves the model untouched
         _walk(module, "", self.layer_names, install=self._install)
         ref = weakref.ref(self)
 
@@ -231,11 +229,18 @@ class PrivateModule:
     def _check_row_layout(self, args, kwargs) -> None:
         """A model input that is a loader tensor ``repeat``ed K times (rows k*n + i are sample i)
         instead of ``repeat_interleave``d (rows i*K + k) would let one record steer K rows that are
-        clipped as parts of K different samples: influence K*C. Refuse it where it is visible."""
+        clipped as parts of K different samples: influence K*C. Refuse it where it is visible.
+
+        A heuristic, not a guarantee: it sees only an unmodified copy (not one that was scaled or
+        noised after the repeat), and only floating tensors with several values per row (integer labels
+        or per-row timestep bins such as ``arange(K).repeat(n)`` match a repeat by chance). The sure
+        way is to build rows with :func:`dpfast.expand_rows`."""
         K = self.tape.multiplicity
         inputs = [t for t in pytree.tree_leaves((args, kwargs)) if torch.is_tensor(t)]
         for b in self._loader_batch:
-            n = b.shape[0] if b.dim() else 0
+            if not b.is_floating_point() or b.dim() < 2 or b[0].numel() < 2:
+                continue
+            n = b.shape[0]
             for t in inputs:
                 if t.dim() == 0 or t.shape[0] != n * K or t.shape[1:] != b.shape[1:] or t.dtype != b.dtype:
                     continue
@@ -248,29 +253,41 @@ class PrivateModule:
                         f"is {K} x max_grad_norm")
         self._loader_batch = []
 
-    # -------------------------------------------------------------- data-dependent buffers
-    def _snapshot_buffers(self) -> None:
-        self._buffers = [(n, b, b._version) for n, b in self.module.named_buffers()]
+    # -------------------------------------------------------------- state written by the private pass
+    def snapshot_state(self, force: bool = False) -> None:
+        """Remember every parameter's and persistent buffer's identity and version counter: taken when
+        the loader announces a chunk (before the user sees it), else at the first forward of the pass."""
+        if force or self._state0 is None:
+            self._state0 = self._state_versions()
 
-    def _check_buffers(self) -> None:
-        now = dict(self.module.named_buffers())
-        changed = [n for n, b, v in self._buffers if now.get(n) is not b or b._version != v]
-        changed += [n for n in now if n not in {n for n, _, _ in self._buffers}]
-        self._buffers = []
-        if changed:
-            if self.on_leak is not None:
-                self.on_leak(f"buffers {changed[:5]} were written by a forward pass")
-            raise PrivacyLeakError(
-                f"the forward pass wrote buffer {changed[0]!r}" + (f" (and {changed[1:5]})" if changed[1:] else "")
-                + ": a buffer computed from the private data is released with the model without clipping or "
-                "noise, so epsilon is now infinite. Compute it from public data, or keep it out of training "
-                "(BatchNorm/InstanceNorm running statistics: dpfast.fix_module(model))")
+    def _state_versions(self) -> dict:
+        out = {}
+        for prefix, m in self.module.named_modules():
+            dot = prefix + "." if prefix else ""
+            for n, p in m._parameters.items():
+                if p is not None:
+                    out[dot + n] = (p, p._version)
+            for n, b in m._buffers.items():
+                if b is not None and n not in m._non_persistent_buffers_set:
+                    out[dot + n] = (b, b._version)
+        return out
+
+    def written_state(self) -> list[str]:
+        """Parameters and persistent buffers written (in place or reassigned) since the snapshot: a
+        running statistic, a codebook row reset to a record, anything computed from the private batch
+        and kept in the model would be released with it, unclipped and unnoised."""
+        before, self._state0 = self._state0, None
+        if before is None:
+            return []
+        now = self._state_versions()
+        changed = [n for n, (t, v) in before.items() if n not in now or now[n][0] is not t or t._version != v]
+        return changed + [n for n in now if n not in before]
 
     # -------------------------------------------------------------- top-level forward
     def _pre_forward(self, module, args, kwargs):
-        self._snapshot_buffers()
         if self.replaying or not torch.is_grad_enabled():
             return None
+        self.snapshot_state()
         if self._loader_batch:
             self._check_row_layout(args, kwargs)
         if any(s.received for s in self.tape.sites):
@@ -279,6 +296,13 @@ class PrivateModule:
                 "step is one forward, one backward, one optimizer.step() (put all rows of a step in one "
                 "batch: per-sample clipping needs every row of a sample in the same pass)")
         self.tape.reset()  # a forward that never reached backward (e.g. a validation pass) is dropped
+        if self.tape.expected_rows is None:
+            # no loader announced this chunk: the batch rows are dim 0 of the model's first tensor input,
+            # and every trainable layer must see that many (a layer fed (L, N, E) is refused unless L == N)
+            bdim = 1 if getattr(module, "batch_first", True) is False else 0  # nn.MultiheadAttention's own
+            first = next((t for t in pytree.tree_leaves((args, kwargs)) if torch.is_tensor(t) and t.dim() > bdim),
+                         None)
+            self.tape.input_rows = None if first is None else first.shape[bdim]
         self._out_grads.clear()
         if self.mode == "two-pass":
             rng = (torch.get_rng_state(),
@@ -290,7 +314,6 @@ class PrivateModule:
         return None
 
     def _post_forward(self, module, args, kwargs, output):
-        self._check_buffers()
         if self.replaying or not torch.is_grad_enabled() or self.mode != "two-pass":
             return None
         leaves, _ = pytree.tree_flatten(output)

@@ -76,6 +76,7 @@ class Tape:
         self.epoch = getattr(self, "epoch", 0) + 1
         self.sites: list[Site] = []
         self.rows: int | None = None
+        self.input_rows: int | None = None  # without a loader: dim 0 of the model's first input
         self.sq_norms: torch.Tensor | None = None
         self.sealed = False          # set at the first backward: no more sites may be added
         self.low_precision = False   # some output gradient was bf16/fp16 (autocast)
@@ -92,11 +93,13 @@ class Tape:
                 "the forward pass); dpfast does not support checkpointing inside a private module yet: "
                 "disable gradient checkpointing, or use mode='two-pass' with a smaller "
                 "max_physical_batch_size to save memory")
-        if self.expected_rows is not None and rows != self.expected_rows:
+        want = self.expected_rows if self.expected_rows is not None else self.input_rows
+        if want is not None and rows != want:
+            where = (f"the batch holds {want} rows (samples x multiplicity {self.multiplicity})"
+                     if self.expected_rows is not None else f"the model's first input has {want} rows in dim 0")
             raise BatchLayoutError(
-                f"module {name!r} received {rows} rows in dim 0 but the batch holds {self.expected_rows} rows "
-                f"(samples x multiplicity {self.multiplicity}): every trainable layer must see the batch rows in "
-                "dim 0 (sequence-first (L, N, E) inputs put positions there: use batch_first=True)")
+                f"module {name!r} received {rows} rows in dim 0 but {where}: every trainable layer must see the "
+                "batch rows in dim 0 (sequence-first (L, N, E) inputs put positions there: use batch_first=True)")
         if self.rows is None:
             self.rows = rows
             if rows % self.multiplicity:
@@ -255,27 +258,14 @@ class Tape:
                 site.rule.release(site)
 
 
-def fingerprint(G: torch.Tensor) -> torch.Tensor:
-    """Per-row squared norm of an output gradient (R,), in fp32 (fp64 stays fp64)."""
-    G = G.detach()
-    G = G.double() if G.dtype == torch.float64 else G.float()
-    return G.reshape(G.shape[0], -1).square().sum(dim=1)
-
-
-INPUT_KEYS = ("A", "x", "xh", "idx")  # what each rule saves of its layer's input (linear, conv, norm, embedding)
 _PROJECTIONS: dict = {}
 
 
-def input_fingerprint(site: Site) -> torch.Tensor | None:
-    """Per-row fingerprint of a layer's input (R, 2): squared norm and a fixed random projection (fp64).
-
-    The two-pass replay compares it with the replayed input: randomness the replay cannot restore
-    (Python's `random`, numpy, a private generator, a counter on the module) may change a layer's
-    input while its output gradient stays the same (a loss linear in the output), and the replayed
-    weight gradient would then not be the one whose norm was clipped."""
-    x = next((site.saved[k] for k in INPUT_KEYS if torch.is_tensor(site.saved.get(k))), None)
-    if x is None:
-        return None
+def fingerprint(x: torch.Tensor) -> torch.Tensor:
+    """Per-row fingerprint of a tensor with rows first (R, 2), in fp64: the squared norm and the
+    projection on a fixed random direction. The two-pass replay compares the first pass's with the
+    replay's, for each layer's output gradient and input: equal norms alone would let a sign flip or a
+    permutation within a row through (the weight gradient changes; its norm is not bounded)."""
     x = x.detach().reshape(x.shape[0], -1).double()
     key = (x.shape[1], x.device)
     w = _PROJECTIONS.get(key)
@@ -284,6 +274,26 @@ def input_fingerprint(site: Site) -> torch.Tensor | None:
         w = _PROJECTIONS[key] = (torch.randn(x.shape[1], generator=gen, dtype=torch.float64)
                                  / math.sqrt(max(1, x.shape[1]))).to(x.device)
     return torch.stack([x.square().sum(dim=1), x @ w], dim=1)
+
+
+def fingerprints_match(got: torch.Tensor, want: torch.Tensor, rtol: float) -> bool:
+    """Both columns equal to ``rtol`` of the row's scale (its squared norm, and its norm)."""
+    if got.shape != want.shape:
+        return False
+    sq = want[:, :1].abs()
+    tol = rtol * torch.cat([sq, sq.sqrt()], dim=1) + rtol * 1e-3 * (sq.max() + sq.max().sqrt()) + 1e-30
+    return bool(((got - want).abs() <= tol).all())
+
+
+INPUT_KEYS = ("A", "x", "xh", "idx")  # what each rule saves of its layer's input (linear, conv, norm, embedding)
+def input_fingerprint(site: Site) -> torch.Tensor | None:
+    """:func:`fingerprint` of a layer's input as its rule saved it (None if it saves none).
+
+    Randomness the replay cannot restore (Python's `random`, numpy, a private generator, a counter on
+    the module) may change a layer's input while its output gradient stays the same (a loss linear in
+    the output), and the replayed weight gradient would then not be the one whose norm was clipped."""
+    x = next((site.saved[k] for k in INPUT_KEYS if torch.is_tensor(site.saved.get(k))), None)
+    return None if x is None else fingerprint(x)
 
 
 def _overlaps(a: tuple, b: tuple) -> bool:

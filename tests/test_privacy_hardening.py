@@ -179,6 +179,26 @@ def test_subclass_overriding_a_method_the_rule_replaces_is_refused():
         private(nn.Sequential(WSConv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 1)))
 
 
+class _WSMixin:
+    def _conv_forward(self, x, weight, bias):
+        return super()._conv_forward(x, weight * 2, bias)
+
+
+class MixinWSConv2d(_WSMixin, nn.Conv2d):
+    pass
+
+
+@pytest.mark.parametrize("how", ["mixin", "instance method", "instance forward"])
+def test_maths_replaced_by_a_mixin_or_on_the_instance_is_refused(how):
+    conv = MixinWSConv2d(1, 2, 3) if how == "mixin" else nn.Conv2d(1, 2, 3)
+    if how == "instance method":
+        conv._conv_forward = lambda x, w, b: torch.nn.functional.conv2d(x, 2 * w, b)
+    elif how == "instance forward":
+        conv.forward = lambda x: conv._conv_forward(x, 2 * conv.weight, conv.bias)
+    with pytest.raises(UnsupportedModuleError, match="redefined"):
+        private(nn.Sequential(conv))
+
+
 def test_subclass_adding_only_a_constructor_is_accepted():
     class MyLinear(nn.Linear):
         def __init__(self, n):
@@ -186,6 +206,9 @@ def test_subclass_adding_only_a_constructor_is_accepted():
 
         def extra_repr(self):
             return "mine"
+
+        def train(self, mode=True):  # nn.Module methods the forward does not reach are fine
+            return super().train(mode)
 
     _, m, o, _ = private(MyLinear(4))
     assert released_norm(m, o, lambda: m(torch.randn(1, 4) * 10).sum() * 100) <= C * (1 + 1e-4)
@@ -295,21 +318,57 @@ def test_instance_norm_with_running_stats_is_refused_and_fixed():
     private(fixed)
 
 
-def test_a_buffer_changed_by_the_forward_is_refused():
-    class Running(nn.Module):
+class Running(nn.Module):
+    """Keeps a running mean of its inputs: in a buffer, or in a frozen parameter."""
+
+    def __init__(self, where="buffer"):
+        super().__init__()
+        self.lin = nn.Linear(3, 1)
+        if where == "buffer":
+            self.register_buffer("mean", torch.zeros(3))
+        else:
+            self.mean = nn.Parameter(torch.zeros(3), requires_grad=False)
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.mean.mul_(0.9).add_(0.1 * x.mean(0))
+        return self.lin(x - self.mean)
+
+
+@pytest.mark.parametrize("where", ["buffer", "frozen parameter"])
+@pytest.mark.parametrize("entry", ["model", "submodule path"])
+def test_state_written_by_the_private_pass_is_refused(where, entry):
+    engine, m, o, _ = private(Running(where), noise_multiplier=1.0, sample_rate=0.1)
+    x = torch.randn(2, 3)
+    if entry == "model":
+        out = m(x)
+    else:  # entered through a submodule: the top-level hooks never run; the pass begins at m.lin
+        out = m.lin(x)
+        with torch.no_grad():
+            m.mean.add_(x.mean(0))
+    out.sum().backward()
+    with pytest.raises(PrivacyLeakError, match="'mean'"):
+        o.step()
+    assert engine.get_epsilon(1e-5) == math.inf
+
+
+def test_a_data_independent_cache_and_state_loaded_between_steps_are_accepted():
+    class Cached(nn.Module):
         def __init__(self):
             super().__init__()
             self.lin = nn.Linear(3, 1)
-            self.register_buffer("mean", torch.zeros(3))
+            self.register_buffer("cache", torch.zeros(0), persistent=False)
 
         def forward(self, x):
-            self.mean.mul_(0.9).add_(0.1 * x.mean(0))
-            return self.lin(x - self.mean)
+            self.cache = torch.ones(x.shape[1])   # a cache (rotary tables, say): not in the state dict
+            return self.lin(x * self.cache)
 
-    engine, m, o, _ = private(Running(), noise_multiplier=1.0, sample_rate=0.1)
-    with pytest.raises(PrivacyLeakError, match="buffer 'mean'"):
-        m(torch.randn(2, 3))
-    assert engine.get_epsilon(1e-5) == math.inf
+    engine, m, o, _ = private(Cached(), noise_multiplier=1.0, sample_rate=0.1)
+    for _ in range(2):
+        m(torch.randn(2, 3)).sum().backward()
+        assert o.step()
+        m.load_state_dict(m.state_dict())      # a resume or an EMA swap between steps
+    assert math.isfinite(engine.get_epsilon(1e-5))
 
 
 # ------------------------------------------------------------------ 11. rolling back to a checkpoint
@@ -340,7 +399,7 @@ def test_rolling_back_to_a_checkpoint_charges_the_forgotten_steps_and_uses_fresh
     ckpt = engine.state_dict()
     _run(engine, m, o, dl, 2)
     spent = engine.get_epsilon(1e-5)
-    keys = [e["key"] for e in dpfast.ledger.read(ledger)]
+    keys = [e["key"] for e in dpfast.ledger.releases(ledger)]
     assert keys == [0, 1, 2]
 
     fresh = PrivacyEngine(accountant="rdp", seed=3, ledger=ledger)
@@ -352,7 +411,7 @@ def test_rolling_back_to_a_checkpoint_charges_the_forgotten_steps_and_uses_fresh
                                     max_grad_norm=1.0)
     assert fresh.get_epsilon(1e-5) == pytest.approx(spent, rel=1e-12)
     _run(fresh, model, o2, dl2, 1)
-    assert [e["key"] for e in dpfast.ledger.read(ledger)] == [0, 1, 2, 3]
+    assert [e["key"] for e in dpfast.ledger.releases(ledger)] == [0, 1, 2, 3]
     assert fresh.get_epsilon(1e-5) > spent
 
 
@@ -437,3 +496,137 @@ def test_secure_mode_refuses_fp64_and_meets_a_target_epsilon():
 
     charged = secure_noise_multiplier(o.noise_multiplier, dim=5, max_grad_norm=1.0)
     assert compute_epsilon(charged, 0.2, 20, 1e-5, "rdp") <= 2.0
+
+
+# ------------------------------------------------------------------ second review: variations of the above
+def test_two_pass_replay_with_a_sign_flipped_output_gradient_is_refused():
+    class Flip(nn.Module):
+        """A counter on the module flips signs per token after the only trainable layer."""
+
+        def __init__(self):
+            super().__init__()
+            self.lin, self.calls = nn.Linear(4, 4), 0
+
+        def forward(self, x):
+            self.calls += 1
+            sign = torch.tensor([1.0, -1.0, 1.0]).view(1, 3, 1) * (-1) ** self.calls
+            return self.lin(x) * sign
+
+    _, m, o, _ = private(Flip(), mode="two-pass")
+    m(torch.randn(1, 3, 4)).sum().backward()  # per-token norms of G are the same either way
+    with pytest.raises(PrivacyLeakError, match="output gradient of layer 'lin'"):
+        o.step()
+
+
+def test_sequence_first_custom_layer_without_a_loader_is_refused():
+    class SeqFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):  # x: (N, L, E)
+            return self.lin(x.transpose(0, 1))
+
+    _, m, o, _ = private(SeqFirst())
+    with pytest.raises(BatchLayoutError, match="first input has 2 rows"):
+        m(torch.randn(2, 5, 4))
+
+
+def test_refusal_in_an_early_chunk_is_charged_at_once():
+    from dpfast.errors import NonFiniteGradientError
+
+    ds = TensorDataset(torch.cat([torch.full((1, 3), float("nan")), torch.randn(39, 3)]))
+    engine, m, o, dl = private(nn.Linear(3, 1), data_loader=DataLoader(ds, batch_size=40), sample_rate=1.0,
+                               expected_batch_size=None, max_physical_batch_size=8, noise_multiplier=1.0,
+                               nonfinite="raise")
+    (x,) = next(iter(dl))  # the first of five chunks holds the NaN record
+    m(x).sum().backward()
+    with pytest.raises(NonFiniteGradientError), pytest.warns(UserWarning, match="reports infinity"):
+        o.step()
+    assert engine.get_epsilon(1e-5) == math.inf
+
+
+def test_torn_ledger_line_never_swallows_the_next_release(tmp_path):
+    from dpfast.ledger import Ledger, releases
+
+    path = tmp_path / "ledger.jsonl"
+    led = Ledger(path)
+    led.append(key=0, sampler_step=0, sigma=1.0, q=0.1, run="r")
+    with open(path, "a") as f:
+        f.write('{"key": 1, "samp')  # the process died in the middle of this write
+    led.append(key=1, sampler_step=1, sigma=1.0, q=0.1, run="r")
+    assert [e["key"] for e in releases(path)] == [0, 1]
+
+
+def test_a_lost_guarantee_survives_a_rollback(tmp_path):
+    ledger = tmp_path / "privacy_ledger.jsonl"
+    ds = TensorDataset(torch.randn(40, 4))
+
+    def build(**kw):
+        engine = PrivacyEngine(accountant="rdp", seed=5, ledger=ledger)
+        model = nn.Linear(4, 1)
+        return engine, model, dict(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                   data_loader=DataLoader(ds, batch_size=8), noise_multiplier=1.0,
+                                   max_grad_norm=1.0, **kw)
+
+    engine, model, args = build()
+    m, o, dl = engine.make_private(**args)
+    _run(engine, m, o, dl, 1)
+    ckpt = engine.state_dict()
+    o.noise_multiplier = 0.0      # one release without noise after the checkpoint
+    _run(engine, m, o, dl, 1)
+    assert engine.get_epsilon(1e-5) == math.inf
+    fresh, _, args = build()
+    with pytest.warns(UserWarning, match="released after this checkpoint"):
+        fresh.load_state_dict(ckpt)
+    fresh.make_private(**args)
+    assert fresh.get_epsilon(1e-5) == math.inf and "ledger" in fresh.why_no_privacy
+
+
+def test_setters_accept_numpy_scalars_and_validate_max_grad_norm():
+    import numpy as np
+
+    _, m, o, _ = private(nn.Linear(3, 1), noise_multiplier=1.0)
+    o.noise_multiplier = np.float32(0.5)
+    o.noise_multiplier = torch.tensor(0.25)
+    assert o.noise_multiplier == 0.25
+    for bad in (float("inf"), float("nan"), -1.0, 0.0):
+        with pytest.raises(ValueError, match="max_grad_norm"):
+            o.max_grad_norm = bad
+
+
+def test_a_weight_replaced_by_a_new_parameter_is_refused():
+    _, m, o, _ = private(nn.Linear(3, 1), noise_multiplier=1.0)
+    m.weight = nn.Parameter(torch.zeros(1, 3))
+    m(torch.randn(1, 3)).sum().backward()
+    with pytest.raises(DPError, match="did not hold at make_private"):
+        o.step()
+
+
+def test_a_refused_make_private_leaves_the_model_untouched():
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    with pytest.raises(UnsupportedModuleError):
+        private(model)
+    assert "forward" not in vars(model[0])
+
+
+def test_timestep_bins_do_not_look_like_a_repeated_batch():
+    """Labels [0, 1] with K=2 equal the timestep bins arange(K).repeat(n) = [0, 1, 0, 1] by chance: a
+    correct loop must not be refused for it."""
+
+    class WithTime(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 1)
+
+        def forward(self, x, t):
+            return self.lin(x) + t.view(-1, 1)
+
+    ds = TensorDataset(torch.randn(2, 4), torch.tensor([0.0, 1.0]))
+    _, m, o, dl = private(WithTime(), data_loader=DataLoader(ds, batch_size=2), sample_rate=1.0,
+                          expected_batch_size=None, multiplicity=2)
+    for x, y in dl:
+        t = torch.arange(2.0).repeat(len(x))
+        m(dpfast.expand_rows(x, 2), t).sum().backward()
+        assert o.step()
+        break

@@ -83,7 +83,7 @@ def test_stopped_and_crashed_runs_resume_bit_for_bit(data_dir, tmp_path, monkeyp
     # and re-runs steps 5 and 6 with fresh noise keys and batches (never the same key twice)
     with pytest.warns(UserWarning, match="1 steps released after this checkpoint"):
         assert run(cfg, crashed)["steps"] == 6
-    keys = [e["key"] for e in dpfast.ledger.read(crashed / "privacy_ledger.jsonl")]
+    keys = [e["key"] for e in dpfast.ledger.releases(crashed / "privacy_ledger.jsonl")]
     assert keys == list(range(7))
     report = json.loads((crashed / "privacy_report.json").read_text())
     from dpfast.accounting import compute_epsilon
