@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "chacha20.h"
@@ -155,47 +156,47 @@ void launch_chunk(const TensorSlice* tensors, int count, double noise_std, doubl
 
 }  // namespace
 
-void finalize_cuda(const TensorSlice* tensors, size_t count, double noise_std, double scale,
-                   uint64_t seed, uint32_t step, uintptr_t stream_handle) {
+namespace {
+
+// The non-empty tensors in launches of at most kBigCap tensors each; `launch(cap, slices, n)` gets
+// std::integral_constant<int, kSmallCap or kBigCap> so that small lists use the small argument struct.
+template <typename Launch>
+void for_each_chunk(const TensorSlice* tensors, size_t count, Launch&& launch) {
   std::vector<TensorSlice> live;
   live.reserve(count);
   for (size_t p = 0; p < count; ++p) {
     if (tensors[p].numel > 0) live.push_back(tensors[p]);
   }
-  if (live.empty()) return;
-  const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  const int grid_cap = max_resident_blocks();
   for (size_t start = 0; start < live.size(); start += kBigCap) {
     const int n = static_cast<int>(std::min<size_t>(kBigCap, live.size() - start));
     if (n <= kSmallCap) {
-      launch_chunk<kSmallCap>(live.data() + start, n, noise_std, scale, seed, step, stream, grid_cap);
+      launch(std::integral_constant<int, kSmallCap>{}, live.data() + start, n);
     } else {
-      launch_chunk<kBigCap>(live.data() + start, n, noise_std, scale, seed, step, stream, grid_cap);
+      launch(std::integral_constant<int, kBigCap>{}, live.data() + start, n);
     }
   }
+}
+
+}  // namespace
+
+void finalize_cuda(const TensorSlice* tensors, size_t count, double noise_std, double scale,
+                   uint64_t seed, uint32_t step, uintptr_t stream_handle) {
+  const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  const int grid_cap = max_resident_blocks();
+  for_each_chunk(tensors, count, [&](auto cap, const TensorSlice* chunk, int n) {
+    launch_chunk<decltype(cap)::value>(chunk, n, noise_std, scale, seed, step, stream, grid_cap);
+  });
 }
 
 void finalize_secure_cuda(const TensorSlice* tensors, size_t count, const ChaChaKey& key,
                           uint64_t scale_s, int grid_exp, double scale, uint32_t step,
                           uintptr_t stream_handle) {
-  std::vector<TensorSlice> live;
-  live.reserve(count);
-  for (size_t p = 0; p < count; ++p) {
-    if (tensors[p].numel > 0) live.push_back(tensors[p]);
-  }
-  if (live.empty()) return;
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   const int grid_cap = max_resident_blocks();
-  for (size_t start = 0; start < live.size(); start += kBigCap) {
-    const int n = static_cast<int>(std::min<size_t>(kBigCap, live.size() - start));
-    if (n <= kSmallCap) {
-      launch_secure_chunk<kSmallCap>(live.data() + start, n, key, scale_s, grid_exp, scale, step,
-                                     stream, grid_cap);
-    } else {
-      launch_secure_chunk<kBigCap>(live.data() + start, n, key, scale_s, grid_exp, scale, step,
-                                   stream, grid_cap);
-    }
-  }
+  for_each_chunk(tensors, count, [&](auto cap, const TensorSlice* chunk, int n) {
+    launch_secure_chunk<decltype(cap)::value>(chunk, n, key, scale_s, grid_exp, scale, step, stream,
+                                              grid_cap);
+  });
 }
 
 }  // namespace dpfast
