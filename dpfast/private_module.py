@@ -43,11 +43,19 @@ def _private_forward(module, *args, **kwargs):
 
 class _ReplayTape:
     """Two-pass mode, second pass: the forward is re-run and ``row_scale * dL/d(output)`` is
-    backpropagated. Each layer checks that its output gradient is the first pass's scaled by the clip
-    factors (per-row norms), then adds its weight gradient to the clipped sum. A loss that reaches
-    the parameters other than through the returned outputs (a tensor stashed on the module, outputs
-    computed from one another, a different random draw) fails the check instead of releasing a
-    gradient whose per-sample norms were never bounded."""
+    backpropagated; each layer adds its weight gradient to the clipped sum. What the replay verifies,
+    layer by layer, before it trusts a gradient (anything else is refused with PrivacyLeakError):
+
+    * the layers run in the first pass's order (same names);
+    * the layer's output gradient, per row, is the first pass's times that row's clip factor
+      (squared norm and a fixed random projection: :func:`dpfast.tape.fingerprint`);
+    * the layer's input, per row, is the first pass's (same fingerprint);
+    * every layer that received a gradient in the first pass receives one in the replay.
+
+    With input and output gradient of every row matching, each row's weight gradient is the one
+    whose norm was clipped. A loss that reaches the parameters other than through the returned
+    outputs (a tensor stashed on the module, outputs computed from one another) or randomness the
+    replay cannot restore (Python's random, numpy, a private generator) fails one of the checks."""
 
     def __init__(self, tape: Tape, row_scale: torch.Tensor, accumulate):
         self.multiplicity, self.backend, self.norm_method = tape.multiplicity, tape.backend, tape.norm_method
