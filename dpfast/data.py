@@ -110,7 +110,8 @@ class DPDataLoader:
         self.worker_init_fn = worker_init_fn
         self.rank, self.world_size = rank, world_size
         self.optimizer = optimizer
-        self.secure_key = secure_key  # secure mode: membership from ChaCha20 under this key, not Philox
+        self._secure_key = secure_key  # secure mode: membership from ChaCha20 under this key, not Philox
+        self._drawn = 0  # high-water mark: logical steps below it were drawn and may not be drawn again
         self.step = 0  # the next logical step to draw (global, across epochs)
         self._generation = 0  # bumped by each new iterator: only the newest one may yield
 
@@ -124,10 +125,10 @@ class DPDataLoader:
     def batch_indices(self, step: int) -> torch.Tensor:
         """This rank's members of the logical batch of ``step`` (sorted dataset indices)."""
         n = len(self.dataset)
-        if self.secure_key is not None:
+        if self._secure_key is not None:
             from .random_secure import poisson_mask_secure
 
-            mask = poisson_mask_secure(n, self.sample_rate, key=self.secure_key, step=step)
+            mask = poisson_mask_secure(n, self.sample_rate, key=self._secure_key, step=step)
         else:
             mask = poisson_mask(n, self.sample_rate, seed=self.seed, step=step)
         idx = mask.nonzero().flatten()
@@ -154,6 +155,7 @@ class DPDataLoader:
                               "new `for` loop only after leaving the previous one)")
             if not idx:
                 batch = _empty_like_batch(self.collate_fn, self.dataset)
+            self._drawn = max(self._drawn, step + 1)
             if self.optimizer is not None:
                 self.optimizer._announce_chunk(len(idx), is_last, step, is_first, batch)
             if is_last:
@@ -176,4 +178,14 @@ class DPDataLoader:
             raise ValueError(
                 f"sampler state is for seed={sd['seed']}, q={sd['sample_rate']}, N={sd['dataset_size']} but this "
                 f"loader has seed={self.seed}, q={self.sample_rate}, N={len(self.dataset)}")
+        if int(sd["step"]) < self._drawn:
+            raise ValueError(f"sampler state is at step {sd['step']} but this loader already drew step "
+                             f"{self._drawn - 1}: rewinding would release the same Poisson batches again. To roll "
+                             "a run back, load the checkpoint into a new PrivacyEngine (with its ledger)")
         self.step = int(sd["step"])
+
+    def __getstate__(self):
+        if self._secure_key is not None:
+            raise TypeError("a secure-mode DPDataLoader holds the secret ChaCha20 key and cannot be pickled; "
+                            "checkpoint loader.state_dict() instead")
+        return self.__dict__

@@ -300,6 +300,10 @@ class PrivacyEngine:
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("version") != 1:
             raise ValueError(f"unknown PrivacyEngine state version {sd.get('version')!r}")
+        if sd.get("secure_mode", False) and not self.secure_mode:
+            raise ValueError("this checkpoint is of a secure_mode run: resume it with "
+                             "PrivacyEngine(secure_mode=True) (a new key is drawn), never with the Philox generator "
+                             "keyed by the seed the checkpoint holds")
         if self.optimizer is not None and sd["seed"] != self.seed:
             raise ValueError("checkpoint was made with another seed: build the engine with "
                              "PrivacyEngine(seed=...) from the checkpoint, or load before make_private")

@@ -65,6 +65,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self._chunk_pending = False
         self.steps = 0                 # logical steps released; also the noise key of the next release
         self._last_key = -1            # noise key of the last release: keys strictly increase
+        self._last_sampler_step = -1   # the loader's step of the last release: batches are never reused
         self.sampler_step: int | None = None    # the loader's logical step of the current batch
         self.data_loader_attached = False       # set by make_private when it returns a DPDataLoader
         self._refused: BaseException | None = None  # an earlier chunk of this logical batch failed
@@ -305,7 +306,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self.stats["clipped"] = self.stats["clipped"] + (norms > self.max_grad_norm).sum()
         row_scale = (clip * factor).repeat_interleave(K)
         if pm.mode == "two-pass":
-            pm.replay(row_scale, self._add)
+            pm.replay(row_scale, self._add, bound=self.max_grad_norm)  # each sample's clipped norm <= C
             leaked = [self._name(p) for p in self._watched if p.grad is not None]
             if leaked:
                 raise PrivacyLeakError(f"parameters {leaked[:5]} received gradients outside the per-sample "
@@ -349,10 +350,22 @@ class DPOptimizer(torch.optim.Optimizer):
             self._acc.clear()
             raise DPError(f"noise key {key} was already used by an earlier release (last key {self._last_key}): "
                           "the step counter was moved back (a stale checkpoint?); the step is refused")
+        if self.data_loader_attached and self.sampler_step is not None:
+            if self.sampler_step <= self._last_sampler_step:
+                self._acc.clear()
+                raise DPError(f"the loader's step {self.sampler_step} was already released (last: "
+                              f"{self._last_sampler_step}): the sampler was rewound, and the same Poisson batch "
+                              "would be released twice; the step is refused")
+        if self._secure_key is not None and any(a.dtype != torch.float32 for a in accs):
+            self._acc.clear()
+            raise DPError("secure_mode releases fp32 gradients only, but some parameters are float64 now "
+                          "(model.double() after make_private?); the step is refused")
         sigma = self.noise_multiplier
         if self._on_release is not None:
             self._on_release(key, sigma)   # charged (and logged) before anything is released
         self._last_key = key
+        if self.data_loader_attached and self.sampler_step is not None:
+            self._last_sampler_step = self.sampler_step
         std = sigma * self.max_grad_norm
         f32 = [i for i, a in enumerate(accs) if a.dtype == torch.float32]
         if f32:
@@ -361,7 +374,6 @@ class DPOptimizer(torch.optim.Optimizer):
                       seed=self.seed, step=key, offsets=[self._offsets[i] for i in f32], **noise)
         for i, a in enumerate(accs):
             if a.dtype == torch.float64:  # fp64 models (exactness tests): the same stream, in fp64
-                assert self._secure_key is None, "secure mode refuses fp64 parameters at make_private"
                 if std:
                     z = normal_f64(a.numel(), seed=self.seed, step=key, offset=self._offsets[i])
                     a.add_(torch.from_numpy(z).view_as(a).to(a.device), alpha=std)

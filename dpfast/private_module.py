@@ -41,55 +41,49 @@ def _private_forward(module, *args, **kwargs):
     return rule.forward(tape, module, name, orig, *args, **kwargs)
 
 
-class _ReplayTape:
+class _ReplayTape(Tape):
     """Two-pass mode, second pass: the forward is re-run and ``row_scale * dL/d(output)`` is
-    backpropagated; each layer adds its weight gradient to the clipped sum. What the replay verifies,
-    layer by layer, before it trusts a gradient (anything else is refused with PrivacyLeakError):
+    backpropagated; each layer adds its weight gradient to the clipped sum. What the replay verifies
+    before anything reaches the sum (anything else is refused with PrivacyLeakError):
 
     * the layers run in the first pass's order (same names);
-    * the layer's output gradient, per row, is the first pass's times that row's clip factor
-      (squared norm and a fixed random projection: :func:`dpfast.tape.fingerprint`);
-    * the layer's input, per row, is the first pass's (same fingerprint);
-    * every layer that received a gradient in the first pass receives one in the replay.
+    * per row, each layer's output gradient is the first pass's times that row's clip factor, and its
+      input is the first pass's (squared norm and fixed random projections, :func:`dpfast.tape.fingerprint`);
+      this catches randomness the replay cannot restore (Python's random, numpy, a private
+      generator) and losses that reach the parameters other than through the returned outputs;
+    * every layer that received a gradient in the first pass receives one in the replay;
+    * the bound itself: each sample's norm is computed again from the replayed inputs and output
+      gradients (the same rules and components as the first pass), and the step is refused if any
+      exceeds ``bound`` (max_grad_norm, to float rounding). The fingerprints explain a failure; this
+      check is what guarantees the sensitivity."""
 
-    With input and output gradient of every row matching, each row's weight gradient is the one
-    whose norm was clipped. A loss that reaches the parameters other than through the returned
-    outputs (a tensor stashed on the module, outputs computed from one another) or randomness the
-    replay cannot restore (Python's random, numpy, a private generator) fails one of the checks."""
-
-    def __init__(self, tape: Tape, row_scale: torch.Tensor, accumulate):
-        self.multiplicity, self.backend, self.norm_method = tape.multiplicity, tape.backend, tape.norm_method
+    def __init__(self, tape: Tape, row_scale: torch.Tensor, accumulate, bound: float):
+        super().__init__(tape.multiplicity, two_pass=False, backend=tape.backend, norm_method=tape.norm_method)
         self.expected = tape.sites
         self.low_precision = tape.low_precision
         self.row_scale = row_scale
         self.accumulate = accumulate
-        self.sites: list = []
+        self.bound = bound
+        self.expected_rows = tape.rows
 
     def new_site(self, rule, name, targets, rows, **saved):
-        from .tape import Site
-
         k = len(self.sites)
         if k >= len(self.expected) or self.expected[k].name != name:
             raise PrivacyLeakError(
                 f"two-pass replay: layer {name!r} ran where the first pass ran "
                 f"{self.expected[k].name if k < len(self.expected) else 'nothing'!r}; the forward pass is not "
                 "deterministic, so the replay cannot be trusted: use mode='bk'")
-        site = Site(rule, name, targets, rows, saved)
-        self.sites.append(site)
-        return site
+        return super().new_site(rule, name, targets, rows, **saved)
 
     def record_grad(self, site, G):
-        k = self.sites.index(site)
-        want = self.expected[k].fingerprint
-        if want is None:
+        first = self.expected[self.sites.index(site)]
+        if first.fingerprint is None:
             raise PrivacyLeakError(f"two-pass replay: layer {site.name!r} received a gradient it did not "
                                    "receive in the first pass; use mode='bk'")
         # the replay's output gradient must be the first pass's times the clip factors, row by row
-        r = self.row_scale.to(want.dtype).view(-1, 1)
-        want = want * torch.cat([r.square(), r], dim=1)
-        # the replay rounds row_scale * gradient to low precision under autocast, and the rounding
-        # compounds layer by layer (~2% seen at the input of a small U-Net): bf16/fp16 get a loose check,
-        # which still catches a doubled or stray gradient (a doubled one is 300% off in squared norm)
+        r = self.row_scale.to(first.fingerprint.dtype).view(-1, 1)
+        want = first.fingerprint * torch.cat([r.square(), r.expand(-1, first.fingerprint.shape[1] - 1)], dim=1)
+        # bf16/fp16 would round the scaled gradients (two-pass refuses low precision before replaying)
         rtol = 1e-1 if (self.low_precision or G.dtype in _HALF) else 1e-3
         if not fingerprints_match(fingerprint(G), want, rtol):
             raise PrivacyLeakError(
@@ -98,36 +92,50 @@ class _ReplayTape:
                 "refused. Two-pass mode needs the loss to depend on the parameters only through the model's "
                 "returned outputs (none computed from another, nothing stashed on the module, one call per "
                 "step, no randomness outside torch's global generator); use mode='bk' otherwise")
-        self._check_input(site, self.expected[k])
-        site.received = True
-        site.rule.absorb(site, G.detach())
-        ones = torch.ones(G.shape[0], dtype=torch.float32, device=G.device)
-        with exact_fp32():
-            grads = site.rule.clipped_grads(site, self, ones)
-        for t, g in zip(site.targets, grads):
-            self.accumulate(t, g)
-        site.rule.release(site)
-
-    @staticmethod
-    def _check_input(site, first) -> None:
-        """The replayed layer input must be the first pass's, row by row (norm and a random projection)."""
         want, got = first.input_fingerprint, input_fingerprint(site)
-        if want is None and got is None:
-            return
-        ok = want is not None and got is not None and fingerprints_match(got, want, 1e-4)
-        if not ok:
+        if (want is None) != (got is None) or (want is not None and not fingerprints_match(got, want, 1e-4)):
             raise PrivacyLeakError(
                 f"two-pass replay: the input of layer {site.name!r} differs from the first pass (randomness "
                 "the replay does not restore: Python's random, numpy, a private torch.Generator, a counter on "
                 "the module), so the replayed gradient is not the one whose norm was clipped; the step is "
                 "refused. Draw all randomness from torch's global generator, or use mode='bk'")
+        super().record_grad(site, G)  # norms of the replayed gradients, component by component
 
-    def check_complete(self) -> None:
+    def _finish_component(self, root: int) -> None:
+        """Norms first (Tape), then the component's share of the sum, then its tensors are dropped."""
+        if root in self._done:
+            return
+        super()._finish_component(root)
+        for site in self._members[root]:
+            if not site.received:
+                continue
+            ones = torch.ones(site.rows, dtype=torch.float32, device=self.row_scale.device)
+            with exact_fp32():
+                self.accumulate_later.append((site, site.rule.clipped_grads(site, self, ones)))
+            site.rule.release(site)
+
+    def finish_and_check(self) -> None:
+        """After the replayed backward: every first-pass layer got a gradient, and every sample's
+        replayed norm is within the bound; only then is anything added to the clipped sum."""
         missing = [e.name for e, s in zip(self.expected, self.sites + [None] * len(self.expected))
                    if e.fingerprint is not None and (s is None or not s.received)]
         if missing:
             raise PrivacyLeakError(f"two-pass replay: layers {missing[:5]} received no gradient in the replay "
                                    "but did in the first pass; the step is refused (use mode='bk')")
+        sq = self.finish()
+        worst = float(sq.max().sqrt()) if sq.numel() else 0.0
+        if not worst <= self.bound * (1 + 1e-4) + 1e-12:
+            raise PrivacyLeakError(
+                f"two-pass replay: a sample's replayed gradient has norm {worst:.6g} > max_grad_norm "
+                f"{self.bound:.6g}: the replay did not reproduce the first pass, and the step is refused "
+                "(use mode='bk')")
+        for site, grads in self.accumulate_later:
+            for t, g in zip(site.targets, grads):
+                self.accumulate(t, g)
+
+    def reset(self) -> None:
+        super().reset()
+        self.accumulate_later: list = []
 
 
 def check_module(module: nn.Module) -> list[str]:
@@ -295,7 +303,9 @@ class PrivateModule:
     def _pre_forward(self, module, args, kwargs):
         if self.replaying or not torch.is_grad_enabled():
             return None
-        self.snapshot_state()
+        # a new pass begins here: what happened before it (an EMA swap, a state dict loaded) is not part
+        # of it; what the forward, backward and loss write until step() is
+        self.snapshot_state(force=True)
         if self._loader_batch:
             self._check_row_layout(args, kwargs)
         if any(s.received for s in self.tape.sites):
@@ -335,7 +345,7 @@ class PrivateModule:
             self._out_grads[i] = g.detach()
         return hook
 
-    def replay(self, row_scale: torch.Tensor, accumulate) -> None:
+    def replay(self, row_scale: torch.Tensor, accumulate, bound: float) -> None:
         """Two-pass mode: re-run the last forward and backpropagate ``row_scale * dL/d(output)``;
         every layer checks its gradient against the first pass and hands ``accumulate(target, grad)``
         its share of the clipped sum."""
@@ -356,7 +366,7 @@ class PrivateModule:
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
         self.replaying = True
-        self._replay_tape = replay_tape = _ReplayTape(self.tape, row_scale, accumulate)
+        self._replay_tape = replay_tape = _ReplayTape(self.tape, row_scale, accumulate, bound)
         try:
             with torch.enable_grad(), contextlib.ExitStack() as stack:
                 for device_type, dtype in autocast:
@@ -381,7 +391,7 @@ class PrivateModule:
         self._call = None
         self._out_grads.clear()
         torch.autograd.backward(outs, grads)
-        replay_tape.check_complete()
+        replay_tape.finish_and_check()
 
 
 def remove_private(module: nn.Module) -> nn.Module:

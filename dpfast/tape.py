@@ -261,27 +261,33 @@ class Tape:
 _PROJECTIONS: dict = {}
 
 
+N_PROJECTIONS = 4
+
+
 def fingerprint(x: torch.Tensor) -> torch.Tensor:
-    """Per-row fingerprint of a tensor with rows first (R, 2), in fp64: the squared norm and the
-    projection on a fixed random direction. The two-pass replay compares the first pass's with the
-    replay's, for each layer's output gradient and input: equal norms alone would let a sign flip or a
-    permutation within a row through (the weight gradient changes; its norm is not bounded)."""
+    """Per-row fingerprint of a tensor with rows first (R, 1 + N_PROJECTIONS), in fp64: the squared
+    norm and projections on fixed standard-normal directions (each of the size of the row's norm).
+    The two-pass replay compares the first pass's with the replay's, for each layer's output gradient
+    and input: equal norms alone would let a sign flip or a permutation within a row through."""
     x = x.detach().reshape(x.shape[0], -1).double()
     key = (x.shape[1], x.device)
     w = _PROJECTIONS.get(key)
     if w is None:
         gen = torch.Generator().manual_seed(0x5EED)
-        w = _PROJECTIONS[key] = (torch.randn(x.shape[1], generator=gen, dtype=torch.float64)
-                                 / math.sqrt(max(1, x.shape[1]))).to(x.device)
-    return torch.stack([x.square().sum(dim=1), x @ w], dim=1)
+        w = _PROJECTIONS[key] = torch.randn(x.shape[1], N_PROJECTIONS, generator=gen,
+                                            dtype=torch.float64).to(x.device)
+    return torch.cat([x.square().sum(dim=1, keepdim=True), x @ w], dim=1)
 
 
 def fingerprints_match(got: torch.Tensor, want: torch.Tensor, rtol: float) -> bool:
-    """Both columns equal to ``rtol`` of the row's scale (its squared norm, and its norm)."""
+    """Every column equal to ``rtol`` of the row's scale, in the column's own units: squared norm for
+    the first, norm for the projections (a difference d moves a projection by about |d|)."""
     if got.shape != want.shape:
         return False
     sq = want[:, :1].abs()
-    tol = rtol * torch.cat([sq, sq.sqrt()], dim=1) + rtol * 1e-3 * (sq.max() + sq.max().sqrt()) + 1e-30
+    norm = sq.sqrt()
+    tol = torch.cat([rtol * sq + rtol * 1e-3 * sq.max(),
+                     (rtol * norm + rtol * 1e-3 * norm.max()).expand(-1, want.shape[1] - 1)], dim=1) + 1e-30
     return bool(((got - want).abs() <= tol).all())
 
 

@@ -518,6 +518,29 @@ def test_two_pass_replay_with_a_sign_flipped_output_gradient_is_refused():
         o.step()
 
 
+class _CancelInFirstPass(nn.Module):
+    """Two tokens with signs (+, -) in the first pass (their gradients cancel: nothing to clip) and
+    (+, +) in the replay (a large gradient), driven by a call counter the replay cannot restore."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.lin, self.calls = nn.Linear(1, d, bias=False), 0
+
+    def forward(self, x):
+        self.calls += 1
+        s = torch.tensor([1.0, -1.0] if self.calls % 2 else [1.0, 1.0])
+        return self.lin(x) * s[None, :, None]
+
+
+@pytest.mark.parametrize("d, scale", [(16, 1e5), (64, 1e3), (1 << 16, 1e2)])
+def test_two_pass_replay_that_undoes_a_cancellation_is_refused(d, scale):
+    torch.manual_seed(0)
+    _, m, o, _ = private(_CancelInFirstPass(d), mode="two-pass", max_grad_norm=1.0)
+    (m(torch.ones(1, 2, 1)) * torch.randn(d) * scale).sum().backward()
+    with pytest.raises(PrivacyLeakError, match="two-pass replay"):
+        o.step()
+
+
 def test_sequence_first_custom_layer_without_a_loader_is_refused():
     class SeqFirst(nn.Module):
         def __init__(self):
@@ -630,3 +653,57 @@ def test_timestep_bins_do_not_look_like_a_repeated_batch():
         m(dpfast.expand_rows(x, 2), t).sum().backward()
         assert o.step()
         break
+
+
+def _secure(ds, **kw):
+    engine = PrivacyEngine(accountant="rdp", secure_mode=True, **kw)
+    model = nn.Linear(4, 1)
+    return (engine, model, *engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                                data_loader=DataLoader(ds, batch_size=8), noise_multiplier=1.0,
+                                                max_grad_norm=1.0))
+
+
+def test_secure_checkpoint_never_resumes_on_philox_and_its_loader_never_pickles():
+    import pickle
+
+    ds = TensorDataset(torch.randn(40, 4))
+    engine, model, m, o, dl = _secure(ds)
+    _run(engine, m, o, dl, 1)
+    with pytest.raises(ValueError, match="secure_mode=True"):
+        PrivacyEngine().load_state_dict(engine.state_dict())
+    with pytest.raises(TypeError, match="secret ChaCha20 key"):
+        pickle.dumps(dl)
+    model.double()  # after make_private: the fp64 path has no secure noise
+    (x,) = next(iter(dl))
+    m(x.double()).sum().backward()
+    with pytest.raises(DPError, match="fp32 gradients only"), pytest.warns(UserWarning):
+        o.step()
+
+
+def test_rewinding_the_sampler_is_refused():
+    ds = TensorDataset(torch.randn(40, 4))
+    _, m, o, dl = private(nn.Linear(4, 1), data_loader=DataLoader(ds, batch_size=8), expected_batch_size=None,
+                          noise_multiplier=1.0)
+    old = dl.state_dict()
+    _run(None, m, o, dl, 2)
+    with pytest.raises(ValueError, match="rewinding"):
+        dl.load_state_dict(old)
+    dl.step = 0  # behind the loader's back: the release itself is refused
+    (x,) = next(iter(dl))
+    m(x).sum().backward()
+    with pytest.raises(DPError, match="already released"), pytest.warns(UserWarning):
+        o.step()
+
+
+def test_an_ema_swap_before_the_forward_is_not_a_write_of_the_pass():
+    ds = TensorDataset(torch.randn(40, 4))
+    engine, m, o, dl = private(nn.Linear(4, 1), data_loader=DataLoader(ds, batch_size=8), expected_batch_size=None,
+                               noise_multiplier=1.0, sample_rate=0.2)
+    for (x,) in dl:
+        saved = {k: v.clone() for k, v in m.state_dict().items()}
+        with torch.no_grad():
+            m.weight.zero_()            # EMA weights in for an evaluation...
+        m.load_state_dict(saved)        # ...and the training weights back
+        m(x).sum().backward()
+        assert o.step()
+    assert math.isfinite(engine.get_epsilon(1e-5))
