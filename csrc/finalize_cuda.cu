@@ -51,6 +51,18 @@ __device__ __forceinline__ bool aligned8(const TensorSlice& t, int64_t j0) {
   return (addr & 7u) == 0;
 }
 
+// The tensor that work unit u belongs to: the largest p with unit_start[p] <= u (empty tensors were
+// dropped on the host, so unit_start is strictly increasing).
+template <int kCap>
+__device__ __forceinline__ int tensor_of(const TensorList<kCap>& list, uint64_t u) {
+  int lo = 0, hi = list.count - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (list.unit_start[mid] <= u) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
 template <int kCap, bool kNoise>
 __global__ void __launch_bounds__(kThreads)
     finalize_kernel(const __grid_constant__ TensorList<kCap> list, double noise_std, double scale,
@@ -58,12 +70,7 @@ __global__ void __launch_bounds__(kThreads)
   const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
   for (uint64_t u = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
        u < list.total_units; u += stride) {
-    // Largest p with unit_start[p] <= u (empty tensors were dropped on the host).
-    int lo = 0, hi = list.count - 1;
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) >> 1;
-      if (list.unit_start[mid] <= u) lo = mid; else hi = mid - 1;
-    }
+    const int lo = tensor_of(list, u);
     const TensorSlice& t = list.t[lo];
     const uint64_t b = first_block(t) + (u - list.unit_start[lo]);
     const int64_t j0 = static_cast<int64_t>(kNormalsPerBlock * b - t.offset);
@@ -91,11 +98,7 @@ __global__ void __launch_bounds__(kThreads)
   const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
   for (uint64_t u = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
        u < list.total_units; u += stride) {
-    int lo = 0, hi = list.count - 1;
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) >> 1;
-      if (list.unit_start[mid] <= u) lo = mid; else hi = mid - 1;
-    }
+    const int lo = tensor_of(list, u);
     const TensorSlice& t = list.t[lo];
     const int64_t j = static_cast<int64_t>(u - list.unit_start[lo]);
     const int64_t k = secure_noise(key, step, t.offset + static_cast<uint64_t>(j), scale_s);
