@@ -107,21 +107,35 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <int kCap>
-void launch_secure_chunk(const TensorSlice* tensors, int count, const ChaChaKey& key,
-                         uint64_t scale_s, int grid_exp, double scale, uint32_t step,
-                         cudaStream_t stream, int grid_cap) {
+// A launch's tensor list: work units of each tensor (units(t)) laid end to end.
+template <int kCap, typename Units>
+TensorList<kCap> make_list(const TensorSlice* tensors, int count, Units units) {
   TensorList<kCap> list;
   list.count = count;
   uint64_t total = 0;
   for (int p = 0; p < count; ++p) {
     list.t[p] = tensors[p];
     list.unit_start[p] = total;
-    total += static_cast<uint64_t>(tensors[p].numel);
+    total += units(tensors[p]);
   }
   list.total_units = total;
-  const uint64_t want = (total + kThreads - 1) / kThreads;
-  const int grid = static_cast<int>(std::min<uint64_t>(want, static_cast<uint64_t>(grid_cap)));
+  return list;
+}
+
+// Grid-stride launches: one thread per unit, at most grid_cap resident blocks.
+inline int grid_for(uint64_t units, int grid_cap) {
+  const uint64_t want = (units + kThreads - 1) / kThreads;
+  return static_cast<int>(std::min<uint64_t>(want, static_cast<uint64_t>(grid_cap)));
+}
+
+template <int kCap>
+void launch_secure_chunk(const TensorSlice* tensors, int count, const ChaChaKey& key,
+                         uint64_t scale_s, int grid_exp, double scale, uint32_t step,
+                         cudaStream_t stream, int grid_cap) {
+  const auto list = make_list<kCap>(tensors, count, [](const TensorSlice& t) {
+    return static_cast<uint64_t>(t.numel);  // one work unit per element
+  });
+  const int grid = grid_for(list.total_units, grid_cap);
   finalize_secure_kernel<kCap><<<grid, kThreads, 0, stream>>>(list, key, scale_s, grid_exp, scale,
                                                               step);
   check_cuda(cudaGetLastError(), "finalize_secure_kernel launch");
@@ -138,17 +152,10 @@ int max_resident_blocks() {
 template <int kCap>
 void launch_chunk(const TensorSlice* tensors, int count, double noise_std, double scale,
                   uint64_t seed, uint32_t step, cudaStream_t stream, int grid_cap) {
-  TensorList<kCap> list;
-  list.count = count;
-  uint64_t total = 0;
-  for (int p = 0; p < count; ++p) {
-    list.t[p] = tensors[p];
-    list.unit_start[p] = total;
-    total += num_blocks(tensors[p]);
-  }
-  list.total_units = total;
-  const uint64_t want = (total + kThreads - 1) / kThreads;
-  const int grid = static_cast<int>(std::min<uint64_t>(want, static_cast<uint64_t>(grid_cap)));
+  const auto list = make_list<kCap>(tensors, count, [](const TensorSlice& t) {
+    return num_blocks(t);  // one work unit per Philox block
+  });
+  const int grid = grid_for(list.total_units, grid_cap);
   if (noise_std == 0.0) {
     finalize_kernel<kCap, false><<<grid, kThreads, 0, stream>>>(list, noise_std, scale, seed, step);
   } else {

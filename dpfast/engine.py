@@ -250,7 +250,7 @@ class PrivacyEngine:
                            "depends on the data without noise")
         if first:
             warnings.warn(f"a sampled logical batch was refused ({type(exc).__name__}); nothing was released, but "
-                      "the refusal itself depends on the data without noise, so get_epsilon() now reports "
+                          "the refusal itself depends on the data without noise, so get_epsilon() now reports "
                           "infinity. Fix the cause and start a new run", stacklevel=3)
 
     def _refuse_used_ledger(self) -> None:

@@ -80,7 +80,8 @@ def _refuse_overrides(module: nn.Module, label: str, rule) -> None:
     for cls in type(module).__mro__:
         if cls is base:
             break
-        overridden += [n for n in names & set(vars(cls)) if vars(cls)[n] is not inspect.getattr_static(base, n, None)]
+        overridden += [n for n in names & set(vars(cls))
+                       if vars(cls)[n] is not inspect.getattr_static(base, n, None)]
     if overridden:
         raise UnsupportedModuleError(
             f"module {label!r} ({type(module).__name__}) is an nn.{base.__name__} whose {sorted(set(overridden))} "

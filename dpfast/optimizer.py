@@ -15,6 +15,8 @@ depends on the data without noise: the engine reports an infinite epsilon from t
 """
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 
 import torch
@@ -389,13 +391,8 @@ class DPOptimizer(torch.optim.Optimizer):
         return int(self.stats["clipped"]) / max(1, self.stats["samples"])
 
 
-
-
 def _as_real(name: str, value) -> float:
     """A finite real number (int, float, numpy scalar, 0-d tensor) as a float, or a ValueError."""
-    import math
-    import numbers
-
     if torch.is_tensor(value) and value.dim() == 0 and value.is_floating_point():
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):

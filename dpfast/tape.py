@@ -13,7 +13,6 @@ per-sample gradients are summed chunk by chunk before squaring.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
