@@ -34,7 +34,9 @@ examples:
   dpfast bench --preset anchors --out runs/anchors-h100      # the ANCHORS.md table, GPU
   dpfast bench --engines 'non-private,dpfast-bk-*,opacus-hooks' --models ddpm \\
                --batch-sizes 64,256 --dtype fp32,bf16 --search-max-batch 4096
-  dpfast bench --models mypkg.nets:make_unet --batch-sizes 32 --multiplicity 1,8"""
+  dpfast bench --models mypkg.nets:make_unet --batch-sizes 32 --multiplicity 1,8
+  dpfast bench --utility --epsilons 1,10 --budget 10m        # the utility table (README), CPU
+  dpfast bench --utility --scale paper --budget 8h           # the paper-scale table, GPU"""
 
 
 def _ints(s: str):
@@ -70,6 +72,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fail-on-error", action="store_true",
                    help="exit 1 if any row failed (error or oom; 'unavailable' does not count)")
     p.add_argument("--list", action="store_true", help="list engines and models, then exit")
+    p.add_argument("--utility", action="store_true",
+                   help="the utility benchmark instead: recipes x epsilon x budget, each trained, sampled "
+                        "and evaluated, beside baselines (options below; resumable)")
+    from . import utility
+
+    utility.add_arguments(p)
 
 
 def add_commands(subparsers) -> argparse.ArgumentParser:
@@ -110,6 +118,10 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     if args.list:
         return _list()
+    if args.utility:
+        from . import utility
+
+        return utility.run_from_args(args)
     preset = PRESETS.get(args.preset, {})
 
     def pick(value, key, default):

@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from .evaluate import CLASSIFIER_EPOCHS, CLASSIFIER_MAX_STEPS, FEATURE_STEPS, SIZES
 from .presets import PRESETS, TrainConfig, get_preset
 
 
@@ -137,9 +138,10 @@ def cmd_evaluate(args) -> int:
     from .trainer import atomic_write_json
 
     _set_threads(args.threads)
-    report = evaluate(args.samples, data_dir=args.data_dir, epochs=args.epochs,
-                      feature_epochs=args.feature_epochs, feature_cache=args.feature_cache,
-                      accuracy_metric=not args.no_accuracy, fid=not args.no_fid, seed=args.seed)
+    report = evaluate(args.samples, data_dir=args.data_dir, sizes=args.sizes, epochs=args.epochs,
+                      max_steps=args.max_steps or None, feature_steps=args.feature_steps,
+                      feature_cache=args.feature_cache, accuracy_metric=not args.no_accuracy,
+                      fid=not args.no_fid, seed=args.seed, progress=not args.no_progress)
     if args.out:
         atomic_write_json(report, Path(args.out))
         print(f"report: {args.out}")
@@ -180,16 +182,25 @@ def add_commands(subparsers) -> None:
     p.set_defaults(func=cmd_sample)
 
     p = subparsers.add_parser(
-        "evaluate", help="downstream CNN accuracy and classifier-feature FID of samples",
-        description="Downstream accuracy: a CNN trained on the synthetic samples (model selection on a "
-                    "synthetic validation split), tested once on the real test set. FID: in the feature "
-                    "space of a CNN trained on the real training set, against the real test set; this "
-                    "is NOT Inception FID.")
+        "evaluate", help="downstream CNN accuracy, and FID / precision / recall in a classifier's feature space",
+        description="Downstream accuracy: a CNN trained on n synthetic samples for each n in --sizes "
+                    "(model selection on a synthetic validation split), tested once on the real test "
+                    "set. FID, precision and recall (Kynkaenniemi et al., k=3): in the feature space of a "
+                    "CNN trained on the real training set (built once, then cached), against the real "
+                    "test set; this is NOT Inception FID.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--samples", required=True, help=".npz from `dpfast sample`")
     p.add_argument("--data-dir", default=None, help="real data (default: Fashion-MNIST from Debian)")
-    p.add_argument("--epochs", type=int, default=20, help="epochs of the downstream CNN")
-    p.add_argument("--feature-epochs", type=int, default=10, help="epochs of the FID feature CNN")
-    p.add_argument("--feature-cache", default=None, help="where the feature CNN is cached")
+    p.add_argument("--sizes", type=_int_tuple, default=SIZES,
+                   help="downstream training-set sizes (those above the sample count become all samples)")
+    p.add_argument("--epochs", type=int, default=CLASSIFIER_EPOCHS, help="epochs of the downstream CNN")
+    p.add_argument("--max-steps", type=int, default=CLASSIFIER_MAX_STEPS,
+                   help="... and at most this many optimiser steps (0: no cap)")
+    p.add_argument("--feature-steps", type=int, default=FEATURE_STEPS,
+                   help="training steps of the feature CNN (built once per data set, then cached)")
+    p.add_argument("--feature-cache", default=None, help="the feature CNN's cache file "
+                   "(default: ~/.cache/dpfast/feature_cnn_<data and code hash>.pt)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-accuracy", action="store_true")
     p.add_argument("--no-fid", action="store_true")
     p.add_argument("--seed", type=int, default=0)

@@ -1,20 +1,32 @@
-"""Utility of synthetic data: downstream classifier accuracy and a classifier-feature FID.
+"""Utility of synthetic data: downstream classifier accuracy, and FID, precision and recall in the
+feature space of a classifier trained on real data.
 
-Downstream accuracy (DPDM's protocol): train DPDM's small CNN on labelled synthetic images, test it on
-the real test set. Model selection (the epoch kept) uses a validation split carved from the
-*synthetic* data; the real test set is touched exactly once, by the selected model.
+Downstream accuracy (DPDM's protocol, and DPImageBench's fix of its common mistake): train DPDM's small
+CNN on n labelled synthetic images, n in (2k, 10k, 50k) where the samples allow. Model selection
+(the epoch kept) uses a validation split carved from the *synthetic* data; the real test set is
+touched exactly once, by the selected model. The classifier trains for 20 epochs, capped at
+`CLASSIFIER_MAX_STEPS` optimiser steps so that 50k samples stay a few minutes on a CPU; the cap and
+the epochs it allowed are in the report.
 
-FID here is the Frechet distance between Gaussian fits of the 128-d penultimate features of a CNN
-trained on the real training set (selection on a held-out part of the real training set), computed
-between the synthetic samples and the real test set. It is NOT Inception FID (no Inception network
-is used or downloaded), so its values are not comparable with published FIDs (DPDM's 17.1 at eps=10
-is Inception FID); compare runs with each other.
+FID is the Frechet distance between Gaussian fits of the 128-d penultimate features of a CNN trained
+on the real training set (selection on a held-out tenth of it), between the synthetic samples and
+the real test set. Precision and recall are Kynkaenniemi et al.'s (2019) k-NN manifold estimates
+(k=3) in the same feature space: precision is the share of synthetic samples inside the union of the
+real samples' k-NN balls, recall the share of real samples inside the synthetic samples' balls. The
+feature network is NOT Inception (nothing is downloaded), so the FID is not comparable with
+published values (DPDM's 17.1 at eps=10 is Inception FID); compare runs with each other.
+
+The feature network is trained once per data set and code version, at first use (with a progress
+bar), and cached under ~/.cache/dpfast keyed by a hash of the training images, labels, the code that
+builds and trains it, and its settings.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +36,17 @@ import torch.nn.functional as F
 
 from .data import ImageDataset, load_dataset
 
+SIZES = (2000, 10000, 50000)       # downstream training-set sizes, as in DPImageBench and DPDM
+CLASSIFIER_EPOCHS = 20
+CLASSIFIER_MAX_STEPS = 3000        # ~2 min on one CPU thread at 14x14, ~6 min at 28x28
+FEATURE_STEPS = 2000               # the feature network: Adam steps of batch 128 on the real data
+METRIC_SAMPLES = 10000             # FID / precision / recall use at most this many images per side
+PR_K = 3                           # Kynkaenniemi et al.'s k
+
 
 class CNN(nn.Module):
     """DPDM's downstream CNN (train_downstream_classifiers.py), sized for any square input. Images
-    under 22 pixels (only in tests) get padded convolutions, or the feature map would vanish."""
+    under 22 pixels get padded convolutions, or the feature map would vanish."""
 
     def __init__(self, in_channels: int = 1, image_size: int = 28, num_classes: int = 10):
         super().__init__()
@@ -65,29 +84,48 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> fl
 
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, val_images: torch.Tensor,
-                     val_labels: torch.Tensor, num_classes: int, epochs: int = 20, batch_size: int = 128,
-                     lr: float = 3e-4, seed: int = 0, log=None) -> tuple[CNN, float, int]:
-    """Adam on cross-entropy; keeps the epoch with the best accuracy on (val_images, val_labels).
+                     val_labels: torch.Tensor, num_classes: int, epochs: int = CLASSIFIER_EPOCHS,
+                     max_steps: int | None = CLASSIFIER_MAX_STEPS, batch_size: int = 128,
+                     lr: float = 3e-4, seed: int = 0, log=None, progress: bool = False,
+                     desc: str = "classifier") -> tuple[CNN, float, int]:
+    """Adam on cross-entropy for `epochs` epochs or `max_steps` steps, whichever ends first; keeps the
+    epoch with the best accuracy on (val_images, val_labels) (a cut last epoch is validated too).
     images: uint8 (N, C, H, W). Returns (model, best validation accuracy, its epoch)."""
+    from tqdm import tqdm
+
+    if len(images) == 0 or len(val_images) == 0:
+        raise ValueError("the classifier needs at least one training and one validation image")
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = CNN(images.shape[1], images.shape[2], num_classes)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    per_epoch = -(-len(images) // batch_size)
+    total = per_epoch * epochs if max_steps is None else min(per_epoch * epochs, max_steps)
     best = (-1.0, 0, None)
-    for epoch in range(1, epochs + 1):
-        model.train()
-        perm = torch.randperm(len(images), generator=gen)
-        for i in range(0, len(images), batch_size):
-            idx = perm[i:i + batch_size]
-            loss = F.cross_entropy(model(to_float(images[idx])), labels[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        acc = accuracy(model, val_images, val_labels)
-        if log:
-            log(f"  epoch {epoch}: validation accuracy {acc:.4f}")
-        if acc > best[0]:
-            best = (acc, epoch, copy.deepcopy(model.state_dict()))
+    step = 0
+    with tqdm(total=total, desc=desc, unit="step", disable=not progress, dynamic_ncols=True,
+              leave=False) as bar:
+        for epoch in range(1, epochs + 1):
+            model.train()
+            perm = torch.randperm(len(images), generator=gen)
+            for i in range(0, len(images), batch_size):
+                idx = perm[i:i + batch_size]
+                loss = F.cross_entropy(model(to_float(images[idx])), labels[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                step += 1
+                bar.update(1)
+                if step >= total:
+                    break
+            acc = accuracy(model, val_images, val_labels)
+            bar.set_postfix(val_acc=f"{acc:.3f}")
+            if log:
+                log(f"  epoch {epoch}: validation accuracy {acc:.4f}")
+            if acc > best[0]:
+                best = (acc, epoch, copy.deepcopy(model.state_dict()))
+            if step >= total:
+                break
     model.load_state_dict(best[2])
     return model.eval(), best[0], best[1]
 
@@ -99,19 +137,25 @@ def _split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.
 
 
 def downstream_accuracy(synth_images: torch.Tensor, synth_labels: torch.Tensor, test: ImageDataset,
-                        num_classes: int, epochs: int = 20, val_fraction: float = 0.1, seed: int = 0,
-                        log=None) -> dict:
-    """Train on synthetic (selecting on a synthetic validation split), test once on the real test set."""
+                        num_classes: int, epochs: int = CLASSIFIER_EPOCHS,
+                        max_steps: int | None = CLASSIFIER_MAX_STEPS, val_fraction: float = 0.1,
+                        seed: int = 0, log=None, progress: bool = False) -> dict:
+    """Train on labelled images (selecting on a validation split of *them*), test once on the real
+    test set."""
+    started = time.perf_counter()
     train_idx, val_idx = _split(len(synth_images), val_fraction, seed)
-    model, val_acc, epoch = train_classifier(synth_images[train_idx], synth_labels[train_idx],
-                                             synth_images[val_idx], synth_labels[val_idx], num_classes,
-                                             epochs=epochs, seed=seed, log=log)
+    model, val_acc, epoch = train_classifier(
+        synth_images[train_idx], synth_labels[train_idx], synth_images[val_idx], synth_labels[val_idx],
+        num_classes, epochs=epochs, max_steps=max_steps, seed=seed, log=log, progress=progress,
+        desc=f"downstream CNN on {len(synth_images)}")
     return {"test_accuracy": accuracy(model, test.images, test.labels),
             "synthetic_validation_accuracy": val_acc, "selected_epoch": epoch, "epochs": epochs,
-            "train_samples": len(train_idx), "validation_samples": len(val_idx),
+            "max_steps": max_steps, "train_samples": len(train_idx), "validation_samples": len(val_idx),
+            "seconds": round(time.perf_counter() - started, 2),
             "classifier": "DPDM's CNN (3 conv + 2 linear), Adam 3e-4, batch 128"}
 
 
+# ----------------------------------------------------------------------------- feature network
 def _dataset_key(ds: ImageDataset) -> str:
     h = hashlib.sha1()
     h.update(str(tuple(ds.images.shape)).encode())
@@ -120,35 +164,57 @@ def _dataset_key(ds: ImageDataset) -> str:
     return h.hexdigest()[:16]
 
 
-def feature_network(real_train: ImageDataset, epochs: int = 10, cache: str | os.PathLike | None = None,
-                    seed: int = 0, log=None) -> CNN:
-    """The feature extractor for FID: the CNN trained on the real training set (selection on a 10%
-    held-out part of it). Cached, keyed by a hash of the training data."""
-    key = _dataset_key(real_train)
-    if cache is None:
-        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dpfast"
-        cache = cache / f"feature_cnn_{key}_e{epochs}_s{seed}.pt"
-    cache = Path(cache)
+def _code_key(steps: int, seed: int) -> str:
+    """The feature network changes when the code that builds or trains it does: its source is part
+    of the cache key (with torch's major.minor version, whose kernels it was trained with)."""
+    h = hashlib.sha1()
+    for obj in (CNN, train_classifier, _split, to_float):
+        h.update(inspect.getsource(obj).encode())
+    h.update(f"{steps}:{seed}:{'.'.join(torch.__version__.split('.')[:2])}".encode())
+    return h.hexdigest()[:12]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dpfast"
+
+
+def feature_network(real_train: ImageDataset, steps: int = FEATURE_STEPS,
+                    cache: str | os.PathLike | None = None, seed: int = 0, log=None,
+                    progress: bool = True) -> CNN:
+    """The feature extractor for FID, precision and recall: DPDM's CNN trained on the real training
+    set (selection on a 10% held-out part of it) for `steps` Adam steps. Built at first use and
+    cached, keyed by the data and the code (`cache` is a file path, or None for ~/.cache/dpfast)."""
+    from .trainer import atomic_torch_save
+
+    key = f"{_dataset_key(real_train)}_{_code_key(steps, seed)}"
+    path = Path(cache) if cache is not None else default_cache_dir() / f"feature_cnn_{key}.pt"
     c, h, _ = real_train.image_shape
-    if cache.exists():
-        state = torch.load(cache, map_location="cpu", weights_only=False)
+    if path.exists():
+        state = torch.load(path, map_location="cpu", weights_only=False)
         if state.get("key") == key:
             model = CNN(c, h, real_train.num_classes)
             model.load_state_dict(state["model"])
             return model.eval()
     if log:
-        log(f"training the feature CNN on the real training set ({epochs} epochs; cached at {cache})")
+        log(f"building the feature network once for this data set ({steps} steps on "
+            f"{len(real_train)} real training images; cached at {path})")
     train_idx, val_idx = _split(len(real_train), 0.1, seed)
+    epochs = -(-steps * 128 // max(1, len(train_idx)))
     model, val_acc, _ = train_classifier(real_train.images[train_idx], real_train.labels[train_idx],
                                          real_train.images[val_idx], real_train.labels[val_idx],
-                                         real_train.num_classes, epochs=epochs, seed=seed, log=log)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"key": key, "model": model.state_dict(), "validation_accuracy": val_acc}, cache)
+                                         real_train.num_classes, epochs=max(1, epochs), max_steps=steps,
+                                         seed=seed, progress=progress, desc="feature network (once)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save({"key": key, "model": model.state_dict(), "validation_accuracy": val_acc}, path)
     return model
 
 
+def features(model: CNN, images: torch.Tensor) -> np.ndarray:
+    return _batched(model, images, model.features).double().numpy()
+
+
 def feature_stats(model: CNN, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    f = _batched(model, images, model.features).double().numpy()
+    f = features(model, images)
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
@@ -169,6 +235,83 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
+def _kth_nn_radius(x: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
+    """Distance from each row of x to its k-th nearest other row."""
+    out = []
+    for i in range(0, len(x), chunk):
+        d = torch.cdist(x[i:i + chunk], x)
+        out.append(d.kthvalue(k + 1, dim=1).values)  # the 1st smallest is the point itself (0)
+    return torch.cat(out)
+
+
+def _covered(queries: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """For each query: is it inside at least one ball (centre, radius)?"""
+    out = []
+    for i in range(0, len(queries), chunk):
+        d = torch.cdist(queries[i:i + chunk], centres)
+        out.append((d <= radii[None, :]).any(dim=1))
+    return torch.cat(out)
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = PR_K) -> tuple[float, float]:
+    """Kynkaenniemi et al. (2019): precision = share of fake points inside the union of the real
+    points' k-NN balls; recall = share of real points inside the union of the fake points' balls."""
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} points on each side")
+    r, f = torch.as_tensor(real, dtype=torch.float64), torch.as_tensor(fake, dtype=torch.float64)
+    precision = _covered(f, r, _kth_nn_radius(r, k)).double().mean()
+    recall = _covered(r, f, _kth_nn_radius(f, k)).double().mean()
+    return float(precision), float(recall)
+
+
+def feature_metrics(net: CNN, images: torch.Tensor, reference: torch.Tensor,
+                    max_samples: int = METRIC_SAMPLES, seed: int = 0) -> dict:
+    """FID, precision and recall of `images` against `reference`, each side subsampled to at most
+    `max_samples` images (FID is biased by the sample count: compare values at the same count)."""
+    started = time.perf_counter()
+    gen = torch.Generator().manual_seed(seed)
+    pick = lambda x: x[torch.randperm(len(x), generator=gen)[:max_samples]]  # noqa: E731
+    a, b = features(net, pick(images)), features(net, pick(reference))
+    fid = frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    precision, recall = precision_recall(b, a)
+    return {"fid": fid, "precision": precision, "recall": recall, "samples": len(a),
+            "reference_samples": len(b), "k": PR_K, "seconds": round(time.perf_counter() - started, 2),
+            "features": "128-d penultimate layer of DPDM's CNN trained on the real training set",
+            "note": "NOT Inception FID: not comparable with published FID values"}
+
+
+# ----------------------------------------------------------------------------- the whole evaluation
+def evaluate_images(images: torch.Tensor, labels: torch.Tensor | None, test: ImageDataset,
+                    feature_net: CNN | None = None, sizes=SIZES, epochs: int = CLASSIFIER_EPOCHS,
+                    max_steps: int | None = CLASSIFIER_MAX_STEPS, seed: int = 0, log=print,
+                    progress: bool = True) -> dict:
+    """Downstream accuracy at each size in `sizes` that the images allow (nested random subsets;
+    all the images when there are fewer than the smallest size), and, with a feature network, FID,
+    precision and recall against the real test set. images: uint8 (N, C, H, W)."""
+    if images.shape[1:] != test.images.shape[1:]:
+        raise ValueError(f"images are {tuple(images.shape[1:])} but the test images are "
+                         f"{tuple(test.images.shape[1:])}")
+    report: dict = {"num_samples": len(images), "test_set": test.name, "num_test": len(test),
+                    "resolution": images.shape[-1]}
+    if labels is not None:
+        num_classes = max(test.num_classes, int(labels.max()) + 1)
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+        todo = sorted({min(int(n), len(images)) for n in sizes})
+        report["downstream"] = {}
+        for n in todo:
+            idx = order[:n]
+            res = downstream_accuracy(images[idx], labels[idx], test, num_classes, epochs=epochs,
+                                      max_steps=max_steps, seed=seed, progress=progress)
+            report["downstream"][str(n)] = res
+            log(f"downstream accuracy, {n} training images: {res['test_accuracy']:.4f} "
+                f"(epoch {res['selected_epoch']} selected on their validation split; {res['seconds']:.0f} s)")
+    if feature_net is not None:
+        report["features"] = m = feature_metrics(feature_net, images, test.images, seed=seed)
+        log(f"feature-space FID {m['fid']:.3f} (not Inception FID), precision {m['precision']:.3f}, "
+            f"recall {m['recall']:.3f} vs the real test set ({m['seconds']:.0f} s)")
+    return report
+
+
 def load_samples(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Reads a `dpfast sample` file: images uint8 (N, C, H, W), labels (N,) or None."""
     with np.load(path) as f:
@@ -177,35 +320,32 @@ def load_samples(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | 
     return images, labels
 
 
-def evaluate(samples: str | os.PathLike, data_dir=None, epochs: int = 20, feature_epochs: int = 10,
+def real_splits(data_dir, resolution: int | None, log=None) -> tuple[ImageDataset, ImageDataset]:
+    """The real training and test sets, average-pooled to `resolution` when it is given."""
+    train, test = load_dataset(data_dir, "train"), load_dataset(data_dir, "test")
+    if resolution is not None and resolution < test.images.shape[-1]:
+        if log:
+            log(f"{resolution}x{resolution} images: the real images are average-pooled to that size")
+        train, test = train.downsample(resolution), test.downsample(resolution)
+    return train, test
+
+
+def evaluate(samples: str | os.PathLike, data_dir=None, sizes=SIZES, epochs: int = CLASSIFIER_EPOCHS,
+             max_steps: int | None = CLASSIFIER_MAX_STEPS, feature_steps: int = FEATURE_STEPS,
              feature_cache=None, accuracy_metric: bool = True, fid: bool = True, seed: int = 0,
-             log=print) -> dict:
+             log=print, progress: bool = True) -> dict:
+    """`dpfast evaluate`: the report of `evaluate_images` for a `dpfast sample` file."""
     images, labels = load_samples(samples)
-    test = load_dataset(data_dir, "test")
-    resolution = images.shape[-1]
-    if resolution < test.images.shape[-1]:  # a model trained with --resolution: compare at its size
-        log(f"samples are {resolution}x{resolution}: the real images are average-pooled to that size")
-        test = test.downsample(resolution)
+    if accuracy_metric and labels is None:
+        raise ValueError(f"{samples} has no labels: downstream accuracy needs labelled samples "
+                         "(or pass --no-accuracy)")
+    train, test = real_splits(data_dir, images.shape[-1], log)
     if images.shape[1:] != test.images.shape[1:]:
         raise ValueError(f"samples are {tuple(images.shape[1:])} but the test images are "
                          f"{tuple(test.images.shape[1:])}")
-    report: dict = {"samples": str(samples), "num_samples": len(images), "test_set": test.name,
-                    "num_test": len(test), "resolution": resolution}
-    if accuracy_metric:
-        if labels is None:
-            raise ValueError(f"{samples} has no labels: downstream accuracy needs labelled samples "
-                             "(or pass --no-accuracy)")
-        num_classes = max(test.num_classes, int(labels.max()) + 1)
-        log(f"downstream CNN: training on {len(images)} synthetic samples (10% kept for validation)")
-        report["downstream"] = downstream_accuracy(images, labels, test, num_classes, epochs=epochs,
-                                                   seed=seed, log=log)
-        log(f"downstream accuracy on the real test set: {report['downstream']['test_accuracy']:.4f}")
-    if fid:
-        net = feature_network(load_dataset(data_dir, "train").downsample(resolution), epochs=feature_epochs,
-                              cache=feature_cache, seed=seed, log=log)
-        value = frechet_distance(*feature_stats(net, images), *feature_stats(net, test.images))
-        report["fid"] = {"value": value, "reference": "real test set",
-                         "features": "128-d penultimate layer of a CNN trained on the real training set",
-                         "note": "NOT Inception FID: not comparable with published FID values"}
-        log(f"classifier-feature FID (not Inception FID) vs the real test set: {value:.3f}")
+    net = (feature_network(train, steps=feature_steps, cache=feature_cache, seed=seed, log=log,
+                           progress=progress) if fid else None)
+    report = evaluate_images(images, labels if accuracy_metric else None, test, net, sizes=sizes,
+                             epochs=epochs, max_steps=max_steps, seed=seed, log=log, progress=progress)
+    report["samples"] = str(samples)
     return report

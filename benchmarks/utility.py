@@ -1,0 +1,688 @@
+"""`dpfast bench --utility`: which recipe gives the most useful synthetic data for a privacy and
+compute budget. A grid of recipes x epsilon x budget; each cell is trained, sampled and evaluated
+with one protocol (`dpfast.diffusion.evaluate`: downstream accuracy with selection on synthetic data
+only, feature-space FID / precision / recall), beside three baselines:
+
+- ``dp-sgd-classifier``: DPDM's downstream CNN trained directly on the real data with DP-SGD through
+  dpfast's engine, at the same epsilon and budget ("synthetic data vs task-specific DP-SGD");
+- ``<recipe>`` at epsilon ``inf``: the same generator trained without privacy on the same budget;
+- ``real-data``: the downstream CNN trained on n real training images (the classifier's ceiling).
+
+A budget is a number of logical steps (``300steps``) or of training seconds (``10m``, ``600s``). A
+time budget is turned into a step count before any private data is touched, by timing a few steps
+of the same configuration on random images of the same shape and number (`pilot_seconds_per_step`):
+the noise multiplier is calibrated for that step count, so the reported epsilon is the target and
+training time is spent as planned, within the machine's noise (the row has the measured time).
+
+Layout of --out (rerunning the command resumes; several processes may run it at once, each takes
+the next cell nobody holds):
+    cells/<cell>/plan.json     the cell's settings, decided once (steps, sigma, seeds, command)
+    cells/<cell>/run/          a `dpfast train` output directory (checkpoints: a killed cell resumes)
+    cells/<cell>/samples.npz   the synthetic samples (written atomically)
+    cells/<cell>/result.json   the row; a cell with it is never recomputed
+    results.csv, results.md, accuracy_vs_epsilon.png   rewritten after every cell
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dpfast.diffusion import evaluate as ev
+from dpfast.diffusion.data import ImageDataset
+from dpfast.diffusion.presets import PRESETS, TrainConfig
+from dpfast.diffusion.trainer import atomic_write_json
+
+PILOT_STEPS = 6          # timed after one warm-up step
+DELTA = 1e-5
+
+
+# ----------------------------------------------------------------------------- budgets
+@dataclass(frozen=True)
+class Budget:
+    text: str
+    steps: int | None = None
+    seconds: float | None = None
+
+
+def parse_budget(text: str) -> Budget:
+    """'300steps' -> 300 logical steps; '10m', '600s', '1.5h' -> training seconds."""
+    t = text.strip().lower()
+    m = re.fullmatch(r"(\d+)\s*steps?", t)
+    if m:
+        if int(m.group(1)) < 1:
+            raise ValueError(f"budget {text!r}: at least 1 step")
+        return Budget(text.strip(), steps=int(m.group(1)))
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(s|m|min|h)", t)
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"budget {text!r}: give steps ('300steps') or a positive time ('600s', '10m', '2h')")
+    scale = {"s": 1, "m": 60, "min": 60, "h": 3600}[m.group(2)]
+    return Budget(text.strip(), seconds=float(m.group(1)) * scale)
+
+
+# ----------------------------------------------------------------------------- recipes
+@dataclass(frozen=True)
+class Recipe:
+    """A way to train a generator. `configs[scale]` is the TrainConfig of a private run (its
+    epsilon, steps and seeds are set by the cell)."""
+    name: str
+    description: str
+    configs: dict
+    end_to_end: bool = True      # does the reported epsilon cover every use of the private data?
+
+    def config(self, scale: str) -> TrainConfig:
+        if scale not in self.configs:
+            raise ValueError(f"recipe {self.name} has no {scale!r} configuration (it has {sorted(self.configs)})")
+        return self.configs[scale]
+
+
+RECIPES: dict[str, Recipe] = {
+    "dpdm": Recipe(
+        "dpdm", "DPDM (Dockhorn et al.): DP-SGD from scratch, EDM loss, noise multiplicity",
+        {"cpu": PRESETS["demo"].replace(grid_every=0, checkpoint_every=50, sample_steps=10),
+         "paper": PRESETS["dpdm-fmnist-eps10"]}),
+}
+BASELINES = ("dp-sgd-classifier", "real-data")
+
+# the DP-SGD classifier baseline: DPDM's CNN, Adam, C=1, Poisson batches of this expected size
+CLASSIFIER_DP = {"cpu": dict(batch_size=512, lr=1e-3, max_grad_norm=1.0, max_physical_batch_size=512),
+                 "paper": dict(batch_size=2048, lr=1e-3, max_grad_norm=1.0, max_physical_batch_size=1024)}
+
+
+@dataclass(frozen=True)
+class Cell:
+    kind: str                 # generator | dp-sgd-classifier | real-data
+    recipe: str               # the recipe, or the baseline's name
+    epsilon: float | None     # None: not private
+    budget: Budget | None
+
+    @property
+    def name(self) -> str:
+        if self.kind == "real-data":
+            return "real-data"
+        eps = "nonprivate" if self.epsilon is None else f"eps{self.epsilon:g}"
+        return f"{self.recipe}_{eps}_{self.budget.text.replace(' ', '')}"
+
+
+def plan_cells(recipes, epsilons, budgets, baselines=BASELINES) -> list[Cell]:
+    cells = []
+    for budget in budgets:
+        for eps in epsilons:
+            cells += [Cell("generator", r, eps, budget) for r in recipes]
+            if "dp-sgd-classifier" in baselines:
+                cells.append(Cell("dp-sgd-classifier", "dp-sgd-classifier", eps, budget))
+        cells += [Cell("generator", r, None, budget) for r in recipes]
+    if "real-data" in baselines:
+        cells.append(Cell("real-data", "real-data", None, None))
+    return cells
+
+
+# ----------------------------------------------------------------------------- locks
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def try_lock(cell_dir: Path) -> bool:
+    """One process per cell: an O_EXCL lock file naming host and pid. A lock left by a dead process
+    on this host is taken over (that cell resumes from its checkpoint)."""
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    lock = cell_dir / "lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                host, pid = lock.read_text().split()
+            except (OSError, ValueError):
+                return False
+            if host == socket.gethostname() and not _alive(int(pid)):
+                lock.unlink(missing_ok=True)
+                continue
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}")
+        return True
+    return False
+
+
+# ----------------------------------------------------------------------------- pilots
+def _random_like(data: ImageDataset, seed: int = 0) -> ImageDataset:
+    """Random images of the data's shape, number and classes: step time does not depend on pixel
+    values, so pilots time steps without touching the private data."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, data.images.shape, dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, max(1, data.num_classes), (len(data),), generator=g)
+    return ImageDataset(images, labels, data.num_classes, name="random (pilot)")
+
+
+def pilot_seconds_per_step(cfg: TrainConfig, data: ImageDataset) -> float:
+    """Seconds per logical step of `cfg` (private or not), timed on random data."""
+    from dpfast.diffusion.trainer import Trainer
+
+    fake = _random_like(data)
+    pilot = cfg.replace(steps=PILOT_STEPS + 1, target_epsilon=None, grid_size=1, sample_steps=1,
+                        checkpoint_every=10 ** 9, checkpoint_seconds=1e12, time_budget=None, max_steps=None,
+                        noise_multiplier=1.0 if cfg.private else None, subset=None, resolution=None)
+    with tempfile.TemporaryDirectory(prefix="dpfast-pilot-") as tmp:
+        trainer = Trainer(pilot, tmp, dataset=fake, progress=False, log=lambda *a, **k: None)
+        trainer.cfg = trainer.cfg.replace(max_steps=1)
+        trainer.train()                         # the warm-up step
+        warm = trainer.elapsed
+        trainer.cfg = trainer.cfg.replace(max_steps=None)
+        trainer.train()
+        return (trainer.elapsed - warm) / PILOT_STEPS
+
+
+def train_dp_classifier(train: ImageDataset, noise_multiplier: float, steps: int, batch_size: int,
+                        lr: float, max_grad_norm: float, max_physical_batch_size: int, seed: int = 0,
+                        progress: bool = False, desc: str = "DP-SGD classifier"):
+    """DPDM's CNN trained with DP-SGD (Poisson batches of expected size `batch_size`, per-sample
+    clipping at `max_grad_norm`, Gaussian noise) through dpfast's engine. Returns (model, engine).
+    The engine's seed comes from the OS; the final model is kept (no selection on any real data)."""
+    from torch.nn import functional as F
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from dpfast import PrivacyEngine
+
+    torch.manual_seed(seed)
+    c, h, _ = train.image_shape
+    model = ev.CNN(c, h, max(1, train.num_classes))
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    engine = PrivacyEngine(accountant="prv")
+    q = min(1.0, batch_size / len(train))
+    model, optimizer, loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=DataLoader(train, batch_size=batch_size),
+        noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, poisson_sampling=True,
+        max_physical_batch_size=max_physical_batch_size, sample_rate=q, backend="torch")
+    model.train()
+    done = 0
+    with tqdm(total=steps, desc=desc, unit="step", disable=not progress, dynamic_ncols=True, leave=False) as bar:
+        while done < steps:
+            for x, y in loader:
+                optimizer.zero_grad()
+                if len(x):
+                    F.cross_entropy(model(x), y).backward()
+                if optimizer.step():
+                    done += 1
+                    bar.update(1)
+                    if done >= steps:
+                        break
+    return model.eval(), engine
+
+
+def pilot_classifier_seconds_per_step(data: ImageDataset, settings: dict) -> float:
+    fake = _random_like(data)
+    train_dp_classifier(fake, 1.0, 1, **settings)
+    started = time.perf_counter()
+    train_dp_classifier(fake, 1.0, PILOT_STEPS, **settings)
+    return (time.perf_counter() - started) / PILOT_STEPS
+
+
+# ----------------------------------------------------------------------------- the grid
+@dataclass
+class Options:
+    out: Path
+    data_dir: str | None = None
+    scale: str = "cpu"
+    sizes: tuple = ev.SIZES
+    seed: int = 0
+    threads: int | None = None
+    sample_steps: int | None = None       # None: the recipe's
+    classifier_max_steps: int | None = ev.CLASSIFIER_MAX_STEPS
+    feature_steps: int = ev.FEATURE_STEPS
+    progress: bool = True
+    plots: bool = True
+    command: str = ""
+    log: object = print
+
+
+class Grid:
+    def __init__(self, cells: list[Cell], opts: Options):
+        from .harness import environment
+
+        self.cells, self.opts = cells, opts
+        self.out = Path(opts.out)
+        (self.out / "cells").mkdir(parents=True, exist_ok=True)
+        self.env = environment(torch.device("cpu"))
+        if opts.threads:
+            torch.set_num_threads(opts.threads)
+        self._real = None
+        self._feature_net = None
+
+    # -- shared inputs, loaded once
+    def real(self) -> tuple[ImageDataset, ImageDataset]:
+        if self._real is None:
+            self._real = ev.real_splits(self.opts.data_dir, self.eval_resolution())
+        return self._real
+
+    def eval_resolution(self) -> int | None:
+        res = {self.base_config(c.recipe).resolution for c in self.cells if c.kind == "generator"}
+        if len(res) > 1:
+            raise ValueError(f"the grid's recipes train at different resolutions {sorted(map(str, res))}: "
+                             "one table needs one evaluation resolution")
+        return res.pop() if res else PRESETS["demo"].resolution if self.opts.scale == "cpu" else None
+
+    def feature_net(self):
+        if self._feature_net is None:
+            self._feature_net = ev.feature_network(self.real()[0], steps=self.opts.feature_steps,
+                                                   seed=self.opts.seed, log=self.opts.log,
+                                                   progress=self.opts.progress)
+        return self._feature_net
+
+    def base_config(self, recipe: str) -> TrainConfig:
+        cfg = RECIPES[recipe].config(self.opts.scale)
+        changes = dict(data_dir=self.opts.data_dir, seed=self.opts.seed, noise_seed=None)
+        if self.opts.threads:
+            changes["threads"] = self.opts.threads
+        if self.opts.sample_steps:
+            changes["sample_steps"] = self.opts.sample_steps
+        return cfg.replace(**changes)
+
+    # -- the loop
+    def run(self) -> list[dict]:
+        from tqdm import tqdm
+
+        todo = [c for c in self.cells if not (self.cell_dir(c) / "result.json").exists()]
+        self.opts.log(f"utility grid: {len(self.cells)} cells, {len(self.cells) - len(todo)} done, "
+                      f"results in {self.out}")
+        skipped = []
+        with tqdm(total=len(self.cells), initial=len(self.cells) - len(todo), desc="utility grid",
+                  unit="cell", disable=not self.opts.progress, dynamic_ncols=True) as bar:
+            for cell in todo:
+                d = self.cell_dir(cell)
+                if (d / "result.json").exists():      # finished by another process meanwhile
+                    bar.update(1)
+                    continue
+                if not try_lock(d):
+                    skipped.append(cell.name)
+                    continue
+                try:
+                    bar.set_postfix_str(cell.name)
+                    row = self.run_cell(cell)
+                    atomic_write_json(row, d / "result.json")
+                finally:
+                    (d / "lock").unlink(missing_ok=True)
+                bar.update(1)
+                self.write_outputs()
+        if skipped:
+            self.opts.log(f"held by another process (rerun later to collect them): {', '.join(skipped)}")
+        return self.write_outputs()
+
+    def cell_dir(self, cell: Cell) -> Path:
+        return self.out / "cells" / cell.name
+
+    def _plan(self, cell: Cell, make) -> dict:
+        """The cell's settings are decided once (a resumed cell keeps its step count and sigma)."""
+        path = self.cell_dir(cell) / "plan.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        plan = make()
+        plan.update(cell=cell.name, kind=cell.kind, recipe=cell.recipe, command=self.opts.command,
+                    commit=self.env["commit"], created=time.strftime("%Y-%m-%d %H:%M:%S"))
+        atomic_write_json(plan, path)
+        return plan
+
+    def run_cell(self, cell: Cell) -> dict:
+        self.opts.log(f"--- cell {cell.name}")
+        started = time.perf_counter()
+        row = {"generator": self._generator, "dp-sgd-classifier": self._dp_classifier,
+               "real-data": self._real_data}[cell.kind](cell)
+        row.update(cell=cell.name, kind=cell.kind, recipe=cell.recipe,
+                   epsilon_target=cell.epsilon if cell.epsilon is not None else math.inf,
+                   budget=cell.budget.text if cell.budget else "", scale=self.opts.scale,
+                   cell_seconds=round(time.perf_counter() - started, 1), commit=self.env["commit"],
+                   device=self.env["device_name"], torch=self.env["torch"], command=self.opts.command,
+                   finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+        return row
+
+    def _steps_for(self, budget: Budget, seconds_per_step) -> tuple[int, float | None]:
+        if budget.steps is not None:
+            return budget.steps, None
+        sps = seconds_per_step()
+        return max(1, int(budget.seconds / sps)), sps
+
+    # -- a generator trained by a recipe, then sampled and evaluated
+    def _generator(self, cell: Cell) -> dict:
+        from dpfast.accounting import calibrate_noise_multiplier
+        from dpfast.diffusion.trainer import sample_rate_of, train
+
+        d = self.cell_dir(cell)
+        real_train, test = self.real()
+        private = cell.epsilon is not None
+        base = self.base_config(cell.recipe).replace(private=private, delta=DELTA)
+        if base.subset is not None:
+            raise ValueError(f"recipe {cell.recipe}: the utility grid trains on the whole data set (subset=None)")
+
+        def make():
+            cfg = base.replace(target_epsilon=cell.epsilon if private else None, noise_multiplier=None)
+            # real_train is the private data at the recipe's resolution: only its shape and size are used
+            steps, sps = self._steps_for(cell.budget, lambda: pilot_seconds_per_step(cfg, real_train))
+            cfg = cfg.replace(steps=steps)
+            sigma = None
+            if private:
+                sigma = calibrate_noise_multiplier(cell.epsilon, DELTA, sample_rate_of(cfg, len(real_train)),
+                                                   steps=steps, accountant=cfg.accountant)
+                cfg = cfg.replace(noise_multiplier=sigma, target_epsilon=None)
+            return {"config": cfg.to_dict(), "steps": steps, "pilot_seconds_per_step": sps,
+                    "noise_multiplier": sigma, "sample_seed": self.opts.seed + 7,
+                    "train_command": f"dpfast train --config {d / 'config.json'} --out {d / 'run'}"}
+
+        plan = self._plan(cell, make)
+        cfg = TrainConfig.from_dict(plan["config"])
+        atomic_write_json(cfg.to_dict(), d / "config.json")
+        result = train(cfg, d / "run", progress=self.opts.progress, log=self.opts.log)
+        if result["reason"] in ("SIGINT", "SIGTERM"):
+            raise KeyboardInterrupt(f"stopped by {result['reason']} in cell {cell.name} (rerun to resume it)")
+        report = result["report"]
+        n = max(self.opts.sizes)
+        samples, sample_seconds = self._samples(d, n, plan["sample_seed"])
+        images, labels = samples
+        evaluation = ev.evaluate_images(images, labels, test, self.feature_net(), sizes=self.opts.sizes,
+                                        max_steps=self.opts.classifier_max_steps, seed=self.opts.seed,
+                                        log=self.opts.log, progress=self.opts.progress)
+        atomic_write_json(evaluation, d / "evaluation.json")
+        row = self._metrics(evaluation)
+        row.update(epsilon=report["epsilon"] if private else math.inf, delta=DELTA if private else "",
+                   noise_multiplier=plan["noise_multiplier"] or "", sample_rate=report["sample_rate"],
+                   steps=report["steps"], train_seconds=round(result["train_seconds"], 1),
+                   pilot_seconds_per_step=plan["pilot_seconds_per_step"] or "",
+                   sample_seconds=sample_seconds, sampler=f"{cfg.sampler} {cfg.sample_steps} steps",
+                   samples=len(images), seed=cfg.seed, sample_seed=plan["sample_seed"],
+                   noise_seed="os (secret)" if private else "", eval_seed=self.opts.seed,
+                   end_to_end=RECIPES[cell.recipe].end_to_end if private else "",
+                   train_command=plan["train_command"], guarantee_lost=report.get("guarantee_lost") or "")
+        return row
+
+    def _samples(self, d: Path, n: int, seed: int):
+        import numpy as np
+        from tqdm import tqdm
+
+        from dpfast.diffusion.samplers import sample_images
+        from dpfast.diffusion.trainer import atomic_write_bytes, load_denoiser
+
+        path = d / "samples.npz"
+        meta_path = d / "samples.json"
+        if path.exists() and meta_path.exists():
+            meta = json.loads(meta_path.read_text())
+            if meta["num"] == n:
+                return ev.load_samples(path), meta["seconds"]
+        denoiser, meta = load_denoiser(d / "run")
+        cfg, k = meta["config"], meta["num_classes"]
+        labels = torch.arange(n) % k if k else None
+        started = time.perf_counter()
+        chunks, chunk = [], 1000
+        for i in tqdm(range(0, n, chunk), desc="sampling", unit="k images", disable=not self.opts.progress,
+                      dynamic_ncols=True, leave=False):
+            m = min(chunk, n - i)
+            imgs = sample_images(denoiser, m, meta["image_shape"], labels=None if labels is None else labels[i:i + m],
+                                 sampler=cfg.sampler, num_steps=cfg.sample_steps, guidance=cfg.guidance,
+                                 batch_size=500, seed=seed * 1_000_003 + i)
+            chunks.append(((imgs + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+        images = torch.cat(chunks)
+        seconds = round(time.perf_counter() - started, 1)
+        arrays = {"images": images.numpy()}
+        if labels is not None:
+            arrays["labels"] = labels.numpy()
+        atomic_write_bytes(path, lambda f: np.savez_compressed(f, **arrays))
+        atomic_write_json({"num": n, "seconds": seconds, "seed": seed}, meta_path)
+        return (images, labels), seconds
+
+    @staticmethod
+    def _metrics(evaluation: dict) -> dict:
+        row = {}
+        for n, res in evaluation.get("downstream", {}).items():
+            row[f"acc_{n}"] = round(res["test_accuracy"], 4)
+            row[f"acc_{n}_seconds"] = res["seconds"]
+        f = evaluation.get("features")
+        if f:
+            row.update(fid=round(f["fid"], 3), precision=round(f["precision"], 4),
+                       recall=round(f["recall"], 4), feature_metrics_seconds=f["seconds"])
+        return row
+
+    # -- baselines
+    def _dp_classifier(self, cell: Cell) -> dict:
+        from dpfast.accounting import calibrate_noise_multiplier
+
+        real_train, test = self.real()
+        settings = CLASSIFIER_DP[self.opts.scale]
+        q = min(1.0, settings["batch_size"] / len(real_train))
+
+        def make():
+            steps, sps = self._steps_for(cell.budget, lambda: pilot_classifier_seconds_per_step(real_train, settings))
+            sigma = calibrate_noise_multiplier(cell.epsilon, DELTA, q, steps=steps, accountant="prv")
+            return {"steps": steps, "pilot_seconds_per_step": sps, "noise_multiplier": sigma,
+                    "settings": settings}
+
+        plan = self._plan(cell, make)
+        started = time.perf_counter()
+        model, engine = train_dp_classifier(real_train, plan["noise_multiplier"], plan["steps"],
+                                            seed=self.opts.seed, progress=self.opts.progress, **settings)
+        train_seconds = round(time.perf_counter() - started, 1)
+        acc = ev.accuracy(model, test.images, test.labels)   # the real test set, touched once
+        eps = engine.get_epsilon(DELTA)
+        self.opts.log(f"DP-SGD classifier on the real data: test accuracy {acc:.4f} at epsilon {eps:.3f}")
+        return {"acc_direct": round(acc, 4), "epsilon": eps, "delta": DELTA,
+                "noise_multiplier": plan["noise_multiplier"], "sample_rate": q, "steps": plan["steps"],
+                "train_seconds": train_seconds, "pilot_seconds_per_step": plan["pilot_seconds_per_step"] or "",
+                "seed": self.opts.seed, "noise_seed": "os (secret)", "end_to_end": True,
+                "samples": len(real_train)}
+
+    def _real_data(self, cell: Cell) -> dict:
+        real_train, test = self.real()
+        evaluation = ev.evaluate_images(real_train.images, real_train.labels, test, self.feature_net(),
+                                        sizes=self.opts.sizes, max_steps=self.opts.classifier_max_steps,
+                                        seed=self.opts.seed, log=self.opts.log, progress=self.opts.progress)
+        atomic_write_json(evaluation, self.cell_dir(cell) / "evaluation.json")
+        row = self._metrics(evaluation)
+        row.update(epsilon=math.inf, samples=len(real_train), eval_seed=self.opts.seed)
+        return row
+
+    # -- outputs
+    def rows(self) -> list[dict]:
+        rows = []
+        for cell in self.cells:
+            p = self.cell_dir(cell) / "result.json"
+            if p.exists():
+                rows.append(json.loads(p.read_text()))
+        return rows
+
+    def write_outputs(self) -> list[dict]:
+        rows = self.rows()
+        write_csv(rows, self.out / "results.csv", self.opts.sizes)
+        write_markdown(rows, self.out / "results.md", self.opts, self.env)
+        if self.opts.plots and rows:
+            plot_accuracy(rows, self.out / "accuracy_vs_epsilon.png", self.opts.sizes)
+        return rows
+
+
+# ----------------------------------------------------------------------------- writers
+def _columns(sizes) -> list[str]:
+    accs = [c for n in sorted(sizes) for c in (f"acc_{n}", f"acc_{n}_seconds")]
+    return ["cell", "kind", "recipe", "epsilon_target", "epsilon", "delta", "budget", "steps",
+            "noise_multiplier", "sample_rate", "train_seconds", "pilot_seconds_per_step", "samples",
+            "sampler", "sample_seconds", *accs, "acc_direct", "fid", "precision", "recall",
+            "feature_metrics_seconds", "end_to_end", "guarantee_lost", "seed", "sample_seed", "noise_seed",
+            "eval_seed", "scale", "cell_seconds", "device", "torch", "commit", "finished", "command",
+            "train_command"]
+
+
+def write_csv(rows: list[dict], path: Path, sizes) -> None:
+    cols = _columns(sizes)
+    tmp = Path(path).with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: r.get(c, "") for c in cols})
+    tmp.replace(path)
+
+
+def _f(x, spec=".3f") -> str:
+    if x in ("", None):
+        return "—"
+    if isinstance(x, float) and math.isinf(x):
+        return "∞"
+    return format(x, spec)
+
+
+def headline_accuracy(row: dict, sizes) -> tuple[float | None, int | None]:
+    """The accuracy at the largest size the row has (or the DP-SGD classifier's direct one)."""
+    if row.get("acc_direct") not in (None, ""):
+        return row["acc_direct"], None
+    for n in sorted(sizes, reverse=True):
+        if row.get(f"acc_{n}") not in (None, ""):
+            return row[f"acc_{n}"], n
+    return None, None
+
+
+def _size(n: int) -> str:
+    return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n)
+
+
+def _label(row: dict) -> str:
+    if row["kind"] == "real-data":
+        return "real data (classifier ceiling)"
+    if row["kind"] == "dp-sgd-classifier":
+        return "DP-SGD classifier on real data"
+    return row["recipe"] + ("" if row["epsilon_target"] != math.inf else " (no privacy)")
+
+
+def write_markdown(rows: list[dict], path: Path, opts: Options, env: dict) -> None:
+    sizes = sorted(opts.sizes)
+    lines = ["# dpfast bench --utility", "",
+             f"- device: {env['device_name']}; torch {env['torch']}; commit {env['commit']}",
+             f"- data: {opts.data_dir or 'Fashion-MNIST (Debian dataset-fashion-mnist)'}; scale {opts.scale}; "
+             f"delta {DELTA:g}",
+             "- downstream accuracy: DPDM's CNN trained on n synthetic images (selection on a synthetic "
+             "validation split), real test set touched once; the DP-SGD classifier's is its final model's",
+             "- FID / precision / recall: feature space of a CNN trained on the real training set "
+             "(not Inception), 10k samples vs the real test set",
+             f"- command: `{opts.command}`" if opts.command else "", ""]
+    head = ["method", "ε target", "ε spent", "budget", "steps", "σ", "train s",
+            *[f"acc@{_size(n)}" for n in sizes], "direct acc", "FID", "prec.", "recall", "sample s",
+            "end to end"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            _label(r), _f(r.get("epsilon_target"), "g"), _f(r.get("epsilon"), ".3f"), r.get("budget") or "—",
+            str(r.get("steps", "—")), _f(r.get("noise_multiplier"), ".3f"), _f(r.get("train_seconds"), ".0f"),
+            *[_f(r.get(f"acc_{n}"), ".3f") for n in sizes], _f(r.get("acc_direct"), ".3f"),
+            _f(r.get("fid"), ".2f"), _f(r.get("precision"), ".3f"), _f(r.get("recall"), ".3f"),
+            _f(r.get("sample_seconds"), ".0f"), str(r.get("end_to_end", "")) or "—"]) + " |")
+    Path(path).write_text("\n".join(line for line in lines if line is not None) + "\n")
+
+
+def plot_accuracy(rows: list[dict], path: Path, sizes) -> None:
+    """Downstream accuracy against epsilon: a line per recipe and budget, the DP-SGD classifier,
+    and the non-private generator and real data as horizontal references."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    private = [r for r in rows if r["epsilon_target"] != math.inf]
+    eps_values = sorted({r["epsilon_target"] for r in private}) or [1.0, 10.0]
+    for key in dict.fromkeys((_label(r), r.get("budget")) for r in private):
+        pts = sorted((r["epsilon_target"], headline_accuracy(r, sizes)[0]) for r in private
+                     if (_label(r), r.get("budget")) == key and headline_accuracy(r, sizes)[0] is not None)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]}, {key[1]}")
+    for r in rows:
+        if r["epsilon_target"] == math.inf:
+            acc = headline_accuracy(r, sizes)[0]
+            if acc is not None:
+                ax.axhline(acc, linestyle="--", linewidth=1, color="grey" if r["kind"] == "real-data" else None,
+                           label=_label(r) + (f", {r['budget']}" if r.get("budget") else ""))
+    ax.set_xscale("log")
+    ax.set_xticks(eps_values, [f"{e:g}" for e in eps_values])
+    ax.minorticks_off()
+    ax.set_xlabel("epsilon (delta = 1e-5)")
+    ax.set_ylabel(f"downstream test accuracy (largest n of {', '.join(map(str, sorted(sizes)))})")
+    ax.set_ylim(0, 1)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    tmp = Path(path).with_name(Path(path).name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- command line
+def add_arguments(p) -> None:
+    g = p.add_argument_group("utility benchmark (with --utility)")
+    g.add_argument("--recipes", default="all", help=f"comma list of {', '.join(RECIPES)} or 'all' (default: all)")
+    g.add_argument("--epsilons", default="1,10", help="target epsilons at delta=1e-5 (default: 1,10)")
+    g.add_argument("--budget", default="10m",
+                   help="comma list: training seconds ('10m', '600s') or steps ('300steps') per cell (default: 10m)")
+    g.add_argument("--baselines", default="all",
+                   help="comma list of dp-sgd-classifier, real-data; 'all' or 'none' (default: all; the "
+                        "non-private generator is always in)")
+    g.add_argument("--scale", choices=("cpu", "paper"), default="cpu",
+                   help="cpu: the demo's 14x14 U-Net; paper: DPDM's 28x28 configuration, for a GPU (default: cpu)")
+    g.add_argument("--sizes", default=",".join(map(str, ev.SIZES)),
+                   help="downstream training-set sizes (default: 2000,10000,50000)")
+    g.add_argument("--data-dir", default=None, help="private data (default: Fashion-MNIST from Debian)")
+    g.add_argument("--threads", type=int, default=1, help="CPU threads per process (default: 1; run the "
+                   "same command in several terminals to use more cores)")
+    g.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: the recipe's)")
+    g.add_argument("--classifier-max-steps", type=int, default=ev.CLASSIFIER_MAX_STEPS,
+                   help=f"cap of the downstream CNN's optimiser steps (default: {ev.CLASSIFIER_MAX_STEPS})")
+
+
+def run_from_args(args) -> int:
+    import shlex
+
+    def floats(text):
+        return [float(x) for x in text.split(",") if x.strip()]
+
+    try:
+        recipes = list(RECIPES) if args.recipes == "all" else [x.strip() for x in args.recipes.split(",") if x.strip()]
+        bad = [r for r in recipes if r not in RECIPES]
+        if bad:
+            raise ValueError(f"unknown recipe {bad[0]!r}; choose from {', '.join(RECIPES)}")
+        epsilons = floats(args.epsilons)
+        if any(not (e > 0 and math.isfinite(e)) for e in epsilons):
+            raise ValueError("--epsilons must be positive and finite (the non-private generator is always in)")
+        budgets = [parse_budget(b) for b in args.budget.split(",") if b.strip()]
+        baselines = {"all": BASELINES, "none": ()}.get(args.baselines) or tuple(
+            x.strip() for x in args.baselines.split(",") if x.strip())
+        bad = [b for b in baselines if b not in BASELINES]
+        if bad:
+            raise ValueError(f"unknown baseline {bad[0]!r}; choose from {', '.join(BASELINES)}")
+        sizes = tuple(int(x) for x in args.sizes.split(",") if x.strip())
+        if not sizes or min(sizes) < 10:
+            raise ValueError("--sizes needs sizes of at least 10")
+        for r in recipes:
+            RECIPES[r].config(args.scale)
+        ev.load_dataset(args.data_dir, "train")        # a missing data set is reported before any work
+    except (ValueError, FileNotFoundError) as e:
+        print(f"dpfast bench --utility: {e}", file=sys.stderr)
+        return 2
+    out = args.out or Path("benchmarks") / "results" / f"utility-{args.scale}"
+    opts = Options(out=Path(out), data_dir=args.data_dir, scale=args.scale, sizes=sizes, seed=args.seed,
+                   threads=args.threads, sample_steps=args.sample_steps,
+                   classifier_max_steps=args.classifier_max_steps or None, progress=not args.no_progress,
+                   plots=not args.no_plots, command="dpfast bench " + " ".join(map(shlex.quote, sys.argv[2:]))
+                   if sys.argv[1:2] == ["bench"] else " ".join(map(shlex.quote, sys.argv)))
+    grid = Grid(plan_cells(recipes, epsilons, budgets, baselines), opts)
+    grid.run()
+    print((grid.out / "results.md").read_text())
+    return 0
