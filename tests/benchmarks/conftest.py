@@ -8,5 +8,5 @@ from dpfast._bench import load_benchmarks
 
 _b = load_benchmarks()
 sys.modules.setdefault("benchmarks", _b)
-for _name in ("engines", "harness", "report", "cli", "models"):
+for _name in ("engines", "harness", "report", "cli", "models", "utility"):
     sys.modules.setdefault(f"benchmarks.{_name}", importlib.import_module(f"{_b.__name__}.{_name}"))

@@ -146,12 +146,15 @@ def test_cli_train_sample_evaluate(data_dir, tmp_path):
         assert f["labels"].tolist() == [i % 3 for i in range(30)]
     rep = tmp_path / "eval.json"
     assert main(["evaluate", "--samples", str(samples), "--data-dir", str(data_dir), "--epochs", "1",
-                 "--feature-epochs", "1", "--feature-cache", str(tmp_path / "feat.pt"),
-                 "--out", str(rep)]) == 0
+                 "--feature-steps", "2", "--feature-cache", str(tmp_path / "feat.pt"), "--no-progress",
+                 "--sizes", "20,2000", "--out", str(rep)]) == 0
     report = json.loads(rep.read_text())
-    assert 0 <= report["downstream"]["test_accuracy"] <= 1
-    assert report["downstream"]["validation_samples"] == 3
-    assert "NOT Inception" in report["fid"]["note"] and np.isfinite(report["fid"]["value"])
+    assert list(report["downstream"]) == ["20", "30"]     # 2000 > 30 samples: all of them
+    assert 0 <= report["downstream"]["30"]["test_accuracy"] <= 1
+    assert report["downstream"]["30"]["validation_samples"] == 3
+    feats = report["features"]
+    assert "NOT Inception" in feats["note"] and np.isfinite(feats["fid"])
+    assert 0 <= feats["precision"] <= 1 and 0 <= feats["recall"] <= 1
 
 
 def test_presets():

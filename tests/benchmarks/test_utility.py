@@ -1,0 +1,218 @@
+"""`dpfast bench --utility` end to end at the smallest size: the grid, its baselines, resuming
+(a finished cell is never recomputed, a killed one resumes from its plan and checkpoint), locks,
+time budgets turned into steps without touching the private data, and the evaluation's metrics."""
+import csv
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import utility as U
+from dpfast.diffusion import evaluate as ev
+from dpfast.diffusion.presets import TrainConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "diffusion"))
+from test_data import write_mnist_dir  # noqa: E402
+
+TINY = TrainConfig(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), multiplicity=1,
+                   batch_size=16, lr=1e-3, ema_decay=0.9, max_physical_batch_size=16, accountant="rdp",
+                   backend="torch", device="cpu", sample_steps=2, grid_size=2, grid_every=0,
+                   checkpoint_every=2, epsilon_every_seconds=0.0)
+
+
+@pytest.fixture(autouse=True)
+def tiny_scale(monkeypatch):
+    torch.set_num_threads(1)
+    monkeypatch.setitem(U.RECIPES, "dpdm", U.Recipe("dpdm", "test", {"tiny": TINY, "cpu": TINY}))
+    monkeypatch.setitem(U.CLASSIFIER_DP, "tiny", dict(batch_size=16, lr=1e-3, max_grad_norm=1.0,
+                                                      max_physical_batch_size=16))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_mnist_dir(tmp_path_factory.mktemp("udata") / "idx", n=80, size=8, classes=4)
+
+
+def opts(out, data_dir, **kw):
+    return U.Options(out=out, data_dir=str(data_dir), scale="tiny", sizes=(12, 24), feature_steps=3,
+                     classifier_max_steps=4, progress=False, command="test", log=lambda *a, **k: None, **kw)
+
+
+def test_parse_budget():
+    assert U.parse_budget("300steps") == U.Budget("300steps", steps=300)
+    assert U.parse_budget("10m").seconds == 600 and U.parse_budget("1.5h").seconds == 5400
+    assert U.parse_budget("45s").seconds == 45
+    for bad in ("0steps", "10", "-3m", "fast", "0s"):
+        with pytest.raises(ValueError, match="budget"):
+            U.parse_budget(bad)
+
+
+def test_grid_rows_baselines_and_resume(data_dir, tmp_path, monkeypatch):
+    cells = U.plan_cells(["dpdm"], [4.0], [U.parse_budget("3steps")])
+    assert [c.name for c in cells] == ["dpdm_eps4_3steps", "dp-sgd-classifier_eps4_3steps",
+                                       "dpdm_nonprivate_3steps", "real-data"]
+    grid = U.Grid(cells, opts(tmp_path / "g", data_dir))
+    rows = {r["cell"]: r for r in grid.run()}
+    assert set(rows) == {c.name for c in cells}
+    dp = rows["dpdm_eps4_3steps"]
+    assert dp["steps"] == 3 and 4.0 * 0.95 <= dp["epsilon"] <= 4.0 * 1.01 and dp["end_to_end"] is True
+    assert dp["noise_seed"] == "os (secret)" and dp["commit"] and dp["command"] == "test"
+    assert dp["samples"] == 24 and {"acc_12", "acc_24", "fid", "precision", "recall"} <= set(dp)
+    assert 0 <= dp["precision"] <= 1 and 0 <= dp["recall"] <= 1
+    assert "dpfast train --config" in dp["train_command"]
+    clf = rows["dp-sgd-classifier_eps4_3steps"]
+    assert 4.0 * 0.95 <= clf["epsilon"] <= 4.0 * 1.01 and 0 <= clf["acc_direct"] <= 1
+    assert rows["dpdm_nonprivate_3steps"]["epsilon"] == math.inf
+    assert rows["real-data"]["samples"] == 80
+    with open(tmp_path / "g" / "results.csv") as f:
+        assert [r["cell"] for r in csv.DictReader(f)] == [c.name for c in cells]
+    md = (tmp_path / "g" / "results.md").read_text()
+    assert "DP-SGD classifier on real data" in md and "real data (classifier ceiling)" in md
+    assert (tmp_path / "g" / "accuracy_vs_epsilon.png").stat().st_size > 0
+
+    # a finished cell is never recomputed
+    def boom(self, cell):
+        raise AssertionError(f"recomputed {cell.name}")
+    monkeypatch.setattr(U.Grid, "run_cell", boom)
+    assert len(U.Grid(cells, opts(tmp_path / "g", data_dir)).run()) == 4
+
+
+def test_killed_cell_resumes_from_its_plan(data_dir, tmp_path, monkeypatch):
+    """A cell killed after its plan (and some checkpoints) resumes with the same steps and sigma,
+    and a lock left by a dead process is taken over; a live one is left alone."""
+    cell = U.plan_cells(["dpdm"], [4.0], [U.parse_budget("4steps")], baselines=())[0]
+    out = tmp_path / "k"
+    grid = U.Grid([cell], opts(out, data_dir))
+    real_train = grid.real()[0]
+
+    stop = {"at": 2}
+    from dpfast.diffusion import trainer as T
+    original = T.train
+
+    def killed(cfg, out_dir, **kw):  # the process dies at step 2 (its checkpoint is there)
+        original(cfg.replace(max_steps=stop["at"]), out_dir, **kw)
+        raise KeyboardInterrupt("killed")
+    monkeypatch.setattr(T, "train", killed)
+    with pytest.raises(KeyboardInterrupt):
+        grid.run()
+    d = out / "cells" / cell.name
+    plan = json.loads((d / "plan.json").read_text())
+    assert not (d / "result.json").exists() and torch.load(d / "run" / "checkpoint.pt", weights_only=False)["step"] == 2
+    monkeypatch.setattr(T, "train", original)
+
+    (d / "lock").write_text(f"{os.uname().nodename} {os.getpid()}")       # held by a live process
+    import socket
+    (d / "lock").write_text(f"{socket.gethostname()} {os.getpid()}")
+    assert U.Grid([cell], opts(out, data_dir)).run() == []
+    (d / "lock").write_text(f"{socket.gethostname()} 999999999")         # its process is gone
+    row = U.Grid([cell], opts(out, data_dir)).run()[0]
+    assert row["steps"] == 4 and row["noise_multiplier"] == plan["noise_multiplier"]
+    assert json.loads((d / "run" / "privacy_report.json").read_text())["releases_charged"] == 4
+    assert len(real_train) == 80
+
+
+def test_time_budget_is_turned_into_steps_on_random_data(data_dir, tmp_path, monkeypatch):
+    seen = []
+
+    def pilot(cfg, data):
+        seen.append(data)
+        return 0.5
+    monkeypatch.setattr(U, "pilot_seconds_per_step", pilot)
+    cell = U.plan_cells(["dpdm"], [4.0], [U.parse_budget("2s")], baselines=())[0]
+    row = U.Grid([cell], opts(tmp_path / "t", data_dir)).run()[0]
+    assert row["steps"] == 4 and row["pilot_seconds_per_step"] == 0.5
+    assert len(seen) == 1
+
+
+def test_pilot_times_random_images_of_the_same_shape(data_dir):
+    real = ev.load_dataset(data_dir, "train")
+    fake = U._random_like(real)
+    assert fake.images.shape == real.images.shape and fake.num_classes == real.num_classes
+    assert not torch.equal(fake.images, real.images) and fake.name == "random (pilot)"
+    sps = U.pilot_seconds_per_step(TINY.replace(noise_multiplier=1.0), real)
+    assert 0 < sps < 60
+
+
+def test_cli_errors_are_one_line_and_before_any_work(tmp_path, capsys):
+    from benchmarks.cli import main
+
+    for argv, msg in ((["--recipes", "nope"], "unknown recipe 'nope'"),
+                      (["--budget", "fast"], "budget 'fast'"),
+                      (["--epsilons", "0"], "positive and finite"),
+                      (["--baselines", "opacus"], "unknown baseline"),
+                      (["--data-dir", str(tmp_path / "none")], "No train data")):
+        assert main(["--utility", "--out", str(tmp_path / "o"), *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and err.startswith("dpfast bench --utility:"), err
+    assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- the metrics
+def test_precision_recall_known_answers():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(400, 8, generator=g, dtype=torch.float64).numpy()
+    p, r = ev.precision_recall(real, real.copy())
+    assert p == 1.0 and r == 1.0
+    far = real + 100.0
+    assert ev.precision_recall(real, far) == (0.0, 0.0)
+    # fakes that cover half the real support: precision ~1, recall ~1/2 (and swapped, the reverse)
+    square = torch.rand(2000, 2, generator=g, dtype=torch.float64)
+    left = torch.rand(2000, 2, generator=g, dtype=torch.float64) * torch.tensor([0.5, 1.0], dtype=torch.float64)
+    p, r = ev.precision_recall(square.numpy(), left.numpy())
+    assert p > 0.97 and 0.45 < r < 0.56, (p, r)
+    p, r = ev.precision_recall(left.numpy(), square.numpy())
+    assert 0.45 < p < 0.56 and r > 0.97, (p, r)
+    with pytest.raises(ValueError, match="more than 3 points"):
+        ev.precision_recall(real[:3], real)
+
+
+def test_classifier_respects_its_step_cap():
+    calls = {"n": 0}
+    x = torch.randint(0, 256, (100, 1, 8, 8), dtype=torch.uint8)
+    y = torch.arange(100) % 3
+    orig = torch.optim.Adam.step
+
+    def counting(self, *a, **k):
+        calls["n"] += 1
+        return orig(self, *a, **k)
+    torch.optim.Adam.step = counting
+    try:
+        model, acc, epoch = ev.train_classifier(x, y, x[:10], y[:10], 3, epochs=20, max_steps=7, batch_size=10)
+    finally:
+        torch.optim.Adam.step = orig
+    assert calls["n"] == 7 and epoch == 1
+
+
+def test_feature_network_is_cached_by_data_and_code(data_dir, tmp_path, monkeypatch):
+    real = ev.load_dataset(data_dir, "train")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    a = ev.feature_network(real, steps=2, progress=False)
+    files = list((tmp_path / "dpfast").glob("feature_cnn_*.pt"))
+    assert len(files) == 1
+
+    def no_training(*a, **k):
+        raise AssertionError("retrained")
+    monkeypatch.setattr(torch.optim.Adam, "step", no_training)
+    b = ev.feature_network(real, steps=2, progress=False)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    ev.feature_network(real.subset(60), steps=2, progress=False)        # other data: another key
+    ev.feature_network(real, steps=3, progress=False)                   # other settings: another key
+    assert len(list((tmp_path / "dpfast").glob("feature_cnn_*.pt"))) == 3
+
+
+def test_evaluate_images_sizes_are_nested_and_capped(data_dir):
+    test = ev.load_dataset(data_dir, "test")
+    x = torch.randint(0, 256, (30, 1, 8, 8), dtype=torch.uint8)
+    y = torch.arange(30) % 4
+    rep = ev.evaluate_images(x, y, test, None, sizes=(10, 20, 50), max_steps=2, log=lambda *a: None,
+                             progress=False)
+    assert list(rep["downstream"]) == ["10", "20", "30"]
+    assert rep["downstream"]["30"]["train_samples"] == 27
+    with pytest.raises(ValueError, match="images are"):
+        ev.evaluate_images(x[:, :, :4, :4], y, test, None, log=lambda *a: None)
