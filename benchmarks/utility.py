@@ -29,7 +29,6 @@ import json
 import math
 import os
 import re
-import socket
 import sys
 import tempfile
 import time
@@ -41,7 +40,7 @@ import torch
 from dpfast.diffusion import evaluate as ev
 from dpfast.diffusion.data import ImageDataset
 from dpfast.diffusion.presets import PRESETS, TrainConfig
-from dpfast.diffusion.trainer import atomic_write_json
+from dpfast.diffusion.trainer import atomic_write_bytes, atomic_write_json
 
 PILOT_STEPS = 6          # timed after one warm-up step
 DELTA = 1e-5
@@ -128,37 +127,29 @@ def plan_cells(recipes, epsilons, budgets, baselines=BASELINES) -> list[Cell]:
 
 
 # ----------------------------------------------------------------------------- locks
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+class CellLock:
+    """One process per cell: an exclusive, non-blocking flock on cells/<cell>/lock. The kernel drops
+    it when its process dies, however it dies, so a killed cell is free for the next run at once."""
 
+    def __init__(self, cell_dir: Path):
+        import fcntl
 
-def try_lock(cell_dir: Path) -> bool:
-    """One process per cell: an O_EXCL lock file naming host and pid. A lock left by a dead process
-    on this host is taken over (that cell resumes from its checkpoint)."""
-    cell_dir.mkdir(parents=True, exist_ok=True)
-    lock = cell_dir / "lock"
-    for _ in range(2):
+        cell_dir.mkdir(parents=True, exist_ok=True)
+        self._f = open(cell_dir / "lock", "a+")
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                host, pid = lock.read_text().split()
-            except (OSError, ValueError):
-                return False
-            if host == socket.gethostname() and not _alive(int(pid)):
-                lock.unlink(missing_ok=True)
-                continue
-            return False
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{socket.gethostname()} {os.getpid()}")
-        return True
-    return False
+            fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._f.close()
+            self._f = None
+
+    @property
+    def held(self) -> bool:
+        return self._f is not None
+
+    def release(self) -> None:
+        if self._f is not None:
+            self._f.close()  # closing the file drops the lock
+            self._f = None
 
 
 # ----------------------------------------------------------------------------- pilots
@@ -172,26 +163,25 @@ def _random_like(data: ImageDataset, seed: int = 0) -> ImageDataset:
 
 
 def pilot_seconds_per_step(cfg: TrainConfig, data: ImageDataset) -> float:
-    """Seconds per logical step of `cfg` (private or not), timed on random data."""
-    from dpfast.diffusion.trainer import Trainer
+    """Seconds per logical step of `cfg` (private or not, any recipe `dpfast train` runs), timed on
+    random data: one step (setup, compilation, warm-up), then PILOT_STEPS more in a resumed run."""
+    from dpfast.diffusion import trainer as T
 
     fake = _random_like(data)
     pilot = cfg.replace(steps=PILOT_STEPS + 1, target_epsilon=None, grid_size=1, sample_steps=1,
                         checkpoint_every=10 ** 9, checkpoint_seconds=1e12, time_budget=None, max_steps=None,
-                        noise_multiplier=1.0 if cfg.private else None, subset=None, resolution=None)
+                        noise_multiplier=1.0 if cfg.private else None, subset=None, resolution=None,
+                        data_dir=None, noise_seed=None)
+    quiet = dict(dataset=fake, progress=False, log=lambda *a, **k: None)
     with tempfile.TemporaryDirectory(prefix="dpfast-pilot-") as tmp:
-        trainer = Trainer(pilot, tmp, dataset=fake, progress=False, log=lambda *a, **k: None)
-        trainer.cfg = trainer.cfg.replace(max_steps=1)
-        trainer.train()                         # the warm-up step
-        warm = trainer.elapsed
-        trainer.cfg = trainer.cfg.replace(max_steps=None)
-        trainer.train()
-        return (trainer.elapsed - warm) / PILOT_STEPS
+        first = T.train(pilot.replace(max_steps=1), tmp, **quiet)
+        rest = T.train(pilot, tmp, **quiet)
+    return max(1e-6, (rest["train_seconds"] - first["train_seconds"]) / PILOT_STEPS)
 
 
 def train_dp_classifier(train: ImageDataset, noise_multiplier: float, steps: int, batch_size: int,
                         lr: float, max_grad_norm: float, max_physical_batch_size: int, seed: int = 0,
-                        progress: bool = False, desc: str = "DP-SGD classifier"):
+                        progress: bool = False, desc: str = "DP-SGD classifier", device="cpu"):
     """DPDM's CNN trained with DP-SGD (Poisson batches of expected size `batch_size`, per-sample
     clipping at `max_grad_norm`, Gaussian noise) through dpfast's engine. Returns (model, engine).
     The engine's seed comes from the OS; the final model is kept (no selection on any real data)."""
@@ -203,14 +193,14 @@ def train_dp_classifier(train: ImageDataset, noise_multiplier: float, steps: int
 
     torch.manual_seed(seed)
     c, h, _ = train.image_shape
-    model = ev.CNN(c, h, max(1, train.num_classes))
+    model = ev.CNN(c, h, max(1, train.num_classes)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     engine = PrivacyEngine(accountant="prv")
     q = min(1.0, batch_size / len(train))
     model, optimizer, loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=DataLoader(train, batch_size=batch_size),
         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, poisson_sampling=True,
-        max_physical_batch_size=max_physical_batch_size, sample_rate=q, backend="torch")
+        max_physical_batch_size=max_physical_batch_size, sample_rate=q, backend="auto")
     model.train()
     done = 0
     with tqdm(total=steps, desc=desc, unit="step", disable=not progress, dynamic_ncols=True, leave=False) as bar:
@@ -218,7 +208,7 @@ def train_dp_classifier(train: ImageDataset, noise_multiplier: float, steps: int
             for x, y in loader:
                 optimizer.zero_grad()
                 if len(x):
-                    F.cross_entropy(model(x), y).backward()
+                    F.cross_entropy(model(x.to(device)), y.to(device)).backward()
                 if optimizer.step():
                     done += 1
                     bar.update(1)
@@ -227,12 +217,15 @@ def train_dp_classifier(train: ImageDataset, noise_multiplier: float, steps: int
     return model.eval(), engine
 
 
-def pilot_classifier_seconds_per_step(data: ImageDataset, settings: dict) -> float:
+def pilot_classifier_seconds_per_step(data: ImageDataset, settings: dict, device="cpu") -> float:
+    """Seconds per step of the DP-SGD classifier, timed on random data (setup subtracted)."""
     fake = _random_like(data)
-    train_dp_classifier(fake, 1.0, 1, **settings)
     started = time.perf_counter()
-    train_dp_classifier(fake, 1.0, PILOT_STEPS, **settings)
-    return (time.perf_counter() - started) / PILOT_STEPS
+    train_dp_classifier(fake, 1.0, 1, device=device, **settings)
+    one = time.perf_counter() - started
+    started = time.perf_counter()
+    train_dp_classifier(fake, 1.0, PILOT_STEPS + 1, device=device, **settings)
+    return max(1e-6, (time.perf_counter() - started - one) / PILOT_STEPS)
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -247,6 +240,8 @@ class Options:
     sample_steps: int | None = None       # None: the recipe's
     classifier_max_steps: int | None = ev.CLASSIFIER_MAX_STEPS
     feature_steps: int = ev.FEATURE_STEPS
+    metric_samples: int = ev.METRIC_SAMPLES   # images per side for FID / precision / recall
+    device: str = "auto"       # recipes keep their own device setting; sampling and evaluation use this
     progress: bool = True
     plots: bool = True
     command: str = ""
@@ -260,7 +255,10 @@ class Grid:
         self.cells, self.opts = cells, opts
         self.out = Path(opts.out)
         (self.out / "cells").mkdir(parents=True, exist_ok=True)
-        self.env = environment(torch.device("cpu"))
+        from dpfast.diffusion.trainer import resolve_device
+
+        self.device = resolve_device(opts.device)
+        self.env = environment(self.device)
         if opts.threads:
             torch.set_num_threads(opts.threads)
         self._real = None
@@ -283,12 +281,13 @@ class Grid:
         if self._feature_net is None:
             self._feature_net = ev.feature_network(self.real()[0], steps=self.opts.feature_steps,
                                                    seed=self.opts.seed, log=self.opts.log,
-                                                   progress=self.opts.progress)
+                                                   progress=self.opts.progress, device=self.device)
         return self._feature_net
 
     def base_config(self, recipe: str) -> TrainConfig:
         cfg = RECIPES[recipe].config(self.opts.scale)
-        changes = dict(data_dir=self.opts.data_dir, seed=self.opts.seed, noise_seed=None)
+        changes = dict(data_dir=self.opts.data_dir, seed=self.opts.seed, noise_seed=None,
+                       device=str(self.device))
         if self.opts.threads:
             changes["threads"] = self.opts.threads
         if self.opts.sample_steps:
@@ -299,31 +298,67 @@ class Grid:
     def run(self) -> list[dict]:
         from tqdm import tqdm
 
+        self._check_protocol()
         todo = [c for c in self.cells if not (self.cell_dir(c) / "result.json").exists()]
         self.opts.log(f"utility grid: {len(self.cells)} cells, {len(self.cells) - len(todo)} done, "
                       f"results in {self.out}")
-        skipped = []
+        skipped, failed = [], []
         with tqdm(total=len(self.cells), initial=len(self.cells) - len(todo), desc="utility grid",
                   unit="cell", disable=not self.opts.progress, dynamic_ncols=True) as bar:
             for cell in todo:
                 d = self.cell_dir(cell)
-                if (d / "result.json").exists():      # finished by another process meanwhile
-                    bar.update(1)
-                    continue
-                if not try_lock(d):
+                lock = CellLock(d)
+                if not lock.held:
                     skipped.append(cell.name)
                     continue
                 try:
+                    if (d / "result.json").exists():      # finished by another process meanwhile
+                        bar.update(1)
+                        continue
                     bar.set_postfix_str(cell.name)
-                    row = self.run_cell(cell)
+                    (d / "error.json").unlink(missing_ok=True)
+                    try:
+                        row = self.run_cell(cell)
+                    except (KeyboardInterrupt, SystemExit):
+                        raise
+                    except Exception as e:  # noqa: BLE001 - one failing cell must not stop the grid
+                        import traceback
+
+                        self.opts.log(f"cell {cell.name} failed: {type(e).__name__}: {e}")
+                        atomic_write_json({"cell": cell.name, "error": f"{type(e).__name__}: {e}",
+                                           "traceback": traceback.format_exc()}, d / "error.json")
+                        failed.append(cell.name)
+                        continue
                     atomic_write_json(row, d / "result.json")
                 finally:
-                    (d / "lock").unlink(missing_ok=True)
+                    lock.release()
                 bar.update(1)
                 self.write_outputs()
         if skipped:
             self.opts.log(f"held by another process (rerun later to collect them): {', '.join(skipped)}")
+        if failed:
+            self.opts.log(f"failed (see cells/<cell>/error.json; a rerun retries them): {', '.join(failed)}")
         return self.write_outputs()
+
+    def protocol(self) -> dict:
+        """What makes rows comparable; a grid directory holds one protocol."""
+        o = self.opts
+        return {"scale": o.scale, "seed": o.seed, "sizes": sorted(o.sizes), "sample_steps": o.sample_steps,
+                "classifier_max_steps": o.classifier_max_steps, "feature_steps": o.feature_steps,
+                "metric_samples": o.metric_samples,
+                "data_dir": str(Path(o.data_dir).resolve()) if o.data_dir else None}
+
+    def _check_protocol(self) -> None:
+        path = self.out / "protocol.json"
+        mine = self.protocol()
+        if path.exists():
+            theirs = json.loads(path.read_text())
+            diffs = [f"{k}: {theirs.get(k)!r} -> {v!r}" for k, v in mine.items() if theirs.get(k) != v]
+            if diffs:
+                raise ValueError(f"{self.out} holds a grid made with other settings ({'; '.join(diffs)}): "
+                                 "use another --out, or the same settings to resume it")
+        else:
+            atomic_write_json(mine, path)
 
     def cell_dir(self, cell: Cell) -> Path:
         return self.out / "cells" / cell.name
@@ -352,11 +387,27 @@ class Grid:
                    finished=time.strftime("%Y-%m-%d %H:%M:%S"))
         return row
 
-    def _steps_for(self, budget: Budget, seconds_per_step) -> tuple[int, float | None]:
+    def _steps_for(self, budget: Budget, key: str, seconds_per_step) -> tuple[int, float | None]:
+        """Steps of a cell. A time budget uses one pilot per `key` (recipe, private or not) for the
+        whole grid, so cells that differ only in epsilon get the same steps whatever the machine's
+        load when each was planned (step time does not depend on epsilon)."""
         if budget.steps is not None:
             return budget.steps, None
-        sps = seconds_per_step()
+        sps = self._pilot(key, seconds_per_step)
         return max(1, int(budget.seconds / sps)), sps
+
+    def _pilot(self, key: str, seconds_per_step) -> float:
+        import fcntl
+
+        path = self.out / "pilots.json"
+        with open(self.out / "pilots.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)       # one process pilots a key; the others wait for it
+            pilots = json.loads(path.read_text()) if path.exists() else {}
+            if key not in pilots:
+                self.opts.log(f"timing {key} steps on random data (the pilot for every {key} cell)")
+                pilots[key] = seconds_per_step()
+                atomic_write_json(pilots, path)
+        return pilots[key]
 
     # -- a generator trained by a recipe, then sampled and evaluated
     def _generator(self, cell: Cell) -> dict:
@@ -373,7 +424,8 @@ class Grid:
         def make():
             cfg = base.replace(target_epsilon=cell.epsilon if private else None, noise_multiplier=None)
             # real_train is the private data at the recipe's resolution: only its shape and size are used
-            steps, sps = self._steps_for(cell.budget, lambda: pilot_seconds_per_step(cfg, real_train))
+            key = f"{cell.recipe}:{'private' if private else 'non-private'}"
+            steps, sps = self._steps_for(cell.budget, key, lambda: pilot_seconds_per_step(cfg, real_train))
             cfg = cfg.replace(steps=steps)
             sigma = None
             if private:
@@ -391,12 +443,16 @@ class Grid:
         if result["reason"] in ("SIGINT", "SIGTERM"):
             raise KeyboardInterrupt(f"stopped by {result['reason']} in cell {cell.name} (rerun to resume it)")
         report = result["report"]
-        n = max(self.opts.sizes)
+        if not report["complete"]:
+            raise RuntimeError(f"training stopped at step {report['steps']} of {report['planned_steps']} "
+                               f"({result['reason']})")
+        n = max(max(self.opts.sizes), self.opts.metric_samples)  # every row's feature metrics at one count
         samples, sample_seconds = self._samples(d, n, plan["sample_seed"])
         images, labels = samples
         evaluation = ev.evaluate_images(images, labels, test, self.feature_net(), sizes=self.opts.sizes,
                                         max_steps=self.opts.classifier_max_steps, seed=self.opts.seed,
-                                        log=self.opts.log, progress=self.opts.progress)
+                                        log=self.opts.log, progress=self.opts.progress, device=self.device,
+                                        metric_samples=self.opts.metric_samples)
         atomic_write_json(evaluation, d / "evaluation.json")
         row = self._metrics(evaluation)
         row.update(epsilon=report["epsilon"] if private else math.inf, delta=DELTA if private else "",
@@ -407,7 +463,9 @@ class Grid:
                    samples=len(images), seed=cfg.seed, sample_seed=plan["sample_seed"],
                    noise_seed="os (secret)" if private else "", eval_seed=self.opts.seed,
                    end_to_end=RECIPES[cell.recipe].end_to_end if private else "",
-                   train_command=plan["train_command"], guarantee_lost=report.get("guarantee_lost") or "")
+                   releases_charged=report.get("releases_charged", ""), planned_command=plan["command"],
+                   planned_commit=plan["commit"], train_command=plan["train_command"],
+                   guarantee_lost=report.get("guarantee_lost") or "")
         return row
 
     def _samples(self, d: Path, n: int, seed: int):
@@ -423,7 +481,7 @@ class Grid:
             meta = json.loads(meta_path.read_text())
             if meta["num"] == n:
                 return ev.load_samples(path), meta["seconds"]
-        denoiser, meta = load_denoiser(d / "run")
+        denoiser, meta = load_denoiser(d / "run", self.device)
         cfg, k = meta["config"], meta["num_classes"]
         labels = torch.arange(n) % k if k else None
         started = time.perf_counter()
@@ -433,7 +491,7 @@ class Grid:
             m = min(chunk, n - i)
             imgs = sample_images(denoiser, m, meta["image_shape"], labels=None if labels is None else labels[i:i + m],
                                  sampler=cfg.sampler, num_steps=cfg.sample_steps, guidance=cfg.guidance,
-                                 batch_size=500, seed=seed * 1_000_003 + i)
+                                 batch_size=500, seed=seed * 1_000_003 + i, device=self.device)
             chunks.append(((imgs + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
         images = torch.cat(chunks)
         seconds = round(time.perf_counter() - started, 1)
@@ -465,7 +523,8 @@ class Grid:
         q = min(1.0, settings["batch_size"] / len(real_train))
 
         def make():
-            steps, sps = self._steps_for(cell.budget, lambda: pilot_classifier_seconds_per_step(real_train, settings))
+            steps, sps = self._steps_for(cell.budget, "dp-sgd-classifier", lambda: pilot_classifier_seconds_per_step(
+                real_train, settings, self.device))
             sigma = calibrate_noise_multiplier(cell.epsilon, DELTA, q, steps=steps, accountant="prv")
             return {"steps": steps, "pilot_seconds_per_step": sps, "noise_multiplier": sigma,
                     "settings": settings}
@@ -473,7 +532,8 @@ class Grid:
         plan = self._plan(cell, make)
         started = time.perf_counter()
         model, engine = train_dp_classifier(real_train, plan["noise_multiplier"], plan["steps"],
-                                            seed=self.opts.seed, progress=self.opts.progress, **settings)
+                                            seed=self.opts.seed, progress=self.opts.progress,
+                                            device=self.device, **settings)
         train_seconds = round(time.perf_counter() - started, 1)
         acc = ev.accuracy(model, test.images, test.labels)   # the real test set, touched once
         eps = engine.get_epsilon(DELTA)
@@ -482,13 +542,14 @@ class Grid:
                 "noise_multiplier": plan["noise_multiplier"], "sample_rate": q, "steps": plan["steps"],
                 "train_seconds": train_seconds, "pilot_seconds_per_step": plan["pilot_seconds_per_step"] or "",
                 "seed": self.opts.seed, "noise_seed": "os (secret)", "end_to_end": True,
-                "samples": len(real_train)}
+                "samples": len(real_train), "planned_command": plan["command"], "planned_commit": plan["commit"]}
 
     def _real_data(self, cell: Cell) -> dict:
         real_train, test = self.real()
         evaluation = ev.evaluate_images(real_train.images, real_train.labels, test, self.feature_net(),
                                         sizes=self.opts.sizes, max_steps=self.opts.classifier_max_steps,
-                                        seed=self.opts.seed, log=self.opts.log, progress=self.opts.progress)
+                                        seed=self.opts.seed, log=self.opts.log, progress=self.opts.progress,
+                                        device=self.device, metric_samples=self.opts.metric_samples)
         atomic_write_json(evaluation, self.cell_dir(cell) / "evaluation.json")
         row = self._metrics(evaluation)
         row.update(epsilon=math.inf, samples=len(real_train), eval_seed=self.opts.seed)
@@ -518,20 +579,21 @@ def _columns(sizes) -> list[str]:
     return ["cell", "kind", "recipe", "epsilon_target", "epsilon", "delta", "budget", "steps",
             "noise_multiplier", "sample_rate", "train_seconds", "pilot_seconds_per_step", "samples",
             "sampler", "sample_seconds", *accs, "acc_direct", "fid", "precision", "recall",
-            "feature_metrics_seconds", "end_to_end", "guarantee_lost", "seed", "sample_seed", "noise_seed",
-            "eval_seed", "scale", "cell_seconds", "device", "torch", "commit", "finished", "command",
-            "train_command"]
+            "feature_metrics_seconds", "end_to_end", "releases_charged", "guarantee_lost", "seed",
+            "sample_seed", "noise_seed", "eval_seed", "scale", "cell_seconds", "device", "torch", "commit",
+            "finished", "command", "planned_commit", "planned_command", "train_command"]
 
 
 def write_csv(rows: list[dict], path: Path, sizes) -> None:
+    import io
+
     cols = _columns(sizes)
-    tmp = Path(path).with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({c: r.get(c, "") for c in cols})
-    tmp.replace(path)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: r.get(c, "") for c in cols})
+    atomic_write_bytes(path, lambda f: f.write(buf.getvalue().encode()))
 
 
 def _f(x, spec=".3f") -> str:
@@ -573,7 +635,9 @@ def write_markdown(rows: list[dict], path: Path, opts: Options, env: dict) -> No
              "- downstream accuracy: DPDM's CNN trained on n synthetic images (selection on a synthetic "
              "validation split), real test set touched once; the DP-SGD classifier's is its final model's",
              "- FID / precision / recall: feature space of a CNN trained on the real training set "
-             "(not Inception), 10k samples vs the real test set",
+             f"(not Inception), {opts.metric_samples} samples vs the real test set. That CNN is trained without privacy: "
+             "the feature metrics are an evaluation of private data, not covered by epsilon, and not "
+             "to be released as such",
              f"- command: `{opts.command}`" if opts.command else "", ""]
     head = ["method", "ε target", "ε spent", "budget", "steps", "σ", "train s",
             *[f"acc@{_size(n)}" for n in sizes], "direct acc", "FID", "prec.", "recall", "sample s",
@@ -586,7 +650,8 @@ def write_markdown(rows: list[dict], path: Path, opts: Options, env: dict) -> No
             *[_f(r.get(f"acc_{n}"), ".3f") for n in sizes], _f(r.get("acc_direct"), ".3f"),
             _f(r.get("fid"), ".2f"), _f(r.get("precision"), ".3f"), _f(r.get("recall"), ".3f"),
             _f(r.get("sample_seconds"), ".0f"), str(r.get("end_to_end", "")) or "—"]) + " |")
-    Path(path).write_text("\n".join(line for line in lines if line is not None) + "\n")
+    text = "\n".join(lines) + "\n"
+    atomic_write_bytes(path, lambda f: f.write(text.encode()))
 
 
 def plot_accuracy(rows: list[dict], path: Path, sizes) -> None:
@@ -619,10 +684,8 @@ def plot_accuracy(rows: list[dict], path: Path, sizes) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    tmp = Path(path).with_name(Path(path).name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write_bytes(path, lambda f: fig.savefig(f, dpi=110, format="png"))
     plt.close(fig)
-    tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -670,6 +733,11 @@ def run_from_args(args) -> int:
         sizes = tuple(int(x) for x in args.sizes.split(",") if x.strip())
         if not sizes or min(sizes) < 10:
             raise ValueError("--sizes needs sizes of at least 10")
+        for name in ("threads", "sample_steps", "classifier_max_steps"):
+            value = getattr(args, name)
+            if value is not None and value < (0 if name == "classifier_max_steps" else 1):
+                raise ValueError(f"--{name.replace('_', '-')} must be "
+                                 f"{'>= 0' if name == 'classifier_max_steps' else '>= 1'}, got {value}")
         for r in recipes:
             RECIPES[r].config(args.scale)
         ev.load_dataset(args.data_dir, "train")        # a missing data set is reported before any work
@@ -677,12 +745,16 @@ def run_from_args(args) -> int:
         print(f"dpfast bench --utility: {e}", file=sys.stderr)
         return 2
     out = args.out or Path("benchmarks") / "results" / f"utility-{args.scale}"
+    argv = sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]
     opts = Options(out=Path(out), data_dir=args.data_dir, scale=args.scale, sizes=sizes, seed=args.seed,
-                   threads=args.threads, sample_steps=args.sample_steps,
+                   threads=args.threads, sample_steps=args.sample_steps, device=args.device,
                    classifier_max_steps=args.classifier_max_steps or None, progress=not args.no_progress,
-                   plots=not args.no_plots, command="dpfast bench " + " ".join(map(shlex.quote, sys.argv[2:]))
-                   if sys.argv[1:2] == ["bench"] else " ".join(map(shlex.quote, sys.argv)))
+                   plots=not args.no_plots, command="dpfast bench " + " ".join(map(shlex.quote, argv)))
     grid = Grid(plan_cells(recipes, epsilons, budgets, baselines), opts)
-    grid.run()
+    try:
+        grid.run()
+    except ValueError as e:          # another protocol in --out: said before any work
+        print(f"dpfast bench --utility: {e}", file=sys.stderr)
+        return 2
     print((grid.out / "results.md").read_text())
     return 0

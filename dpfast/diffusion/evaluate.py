@@ -74,8 +74,10 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def _batched(model: nn.Module, x: torch.Tensor, fn, batch: int = 1000) -> torch.Tensor:
+    """fn over batches of uint8 images x, on the model's device; the result on the CPU."""
     model.eval()
-    return torch.cat([fn(to_float(x[i:i + batch])) for i in range(0, len(x), batch)])
+    device = next(model.parameters()).device
+    return torch.cat([fn(to_float(x[i:i + batch].to(device))).cpu() for i in range(0, len(x), batch)])
 
 
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -87,7 +89,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, val_images: tor
                      val_labels: torch.Tensor, num_classes: int, epochs: int = CLASSIFIER_EPOCHS,
                      max_steps: int | None = CLASSIFIER_MAX_STEPS, batch_size: int = 128,
                      lr: float = 3e-4, seed: int = 0, log=None, progress: bool = False,
-                     desc: str = "classifier") -> tuple[CNN, float, int]:
+                     desc: str = "classifier", device="cpu") -> tuple[CNN, float, int]:
     """Adam on cross-entropy for `epochs` epochs or `max_steps` steps, whichever ends first; keeps the
     epoch with the best accuracy on (val_images, val_labels) (a cut last epoch is validated too).
     images: uint8 (N, C, H, W). Returns (model, best validation accuracy, its epoch)."""
@@ -97,7 +99,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, val_images: tor
         raise ValueError("the classifier needs at least one training and one validation image")
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = CNN(images.shape[1], images.shape[2], num_classes)
+    model = CNN(images.shape[1], images.shape[2], num_classes).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     per_epoch = -(-len(images) // batch_size)
     total = per_epoch * epochs if max_steps is None else min(per_epoch * epochs, max_steps)
@@ -110,7 +112,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, val_images: tor
             perm = torch.randperm(len(images), generator=gen)
             for i in range(0, len(images), batch_size):
                 idx = perm[i:i + batch_size]
-                loss = F.cross_entropy(model(to_float(images[idx])), labels[idx])
+                loss = F.cross_entropy(model(to_float(images[idx].to(device))), labels[idx].to(device))
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -139,7 +141,7 @@ def _split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.
 def downstream_accuracy(synth_images: torch.Tensor, synth_labels: torch.Tensor, test: ImageDataset,
                         num_classes: int, epochs: int = CLASSIFIER_EPOCHS,
                         max_steps: int | None = CLASSIFIER_MAX_STEPS, val_fraction: float = 0.1,
-                        seed: int = 0, log=None, progress: bool = False) -> dict:
+                        seed: int = 0, log=None, progress: bool = False, device="cpu") -> dict:
     """Train on labelled images (selecting on a validation split of *them*), test once on the real
     test set."""
     started = time.perf_counter()
@@ -147,7 +149,7 @@ def downstream_accuracy(synth_images: torch.Tensor, synth_labels: torch.Tensor, 
     model, val_acc, epoch = train_classifier(
         synth_images[train_idx], synth_labels[train_idx], synth_images[val_idx], synth_labels[val_idx],
         num_classes, epochs=epochs, max_steps=max_steps, seed=seed, log=log, progress=progress,
-        desc=f"downstream CNN on {len(synth_images)}")
+        desc=f"downstream CNN on {len(synth_images)}", device=device)
     return {"test_accuracy": accuracy(model, test.images, test.labels),
             "synthetic_validation_accuracy": val_acc, "selected_epoch": epoch, "epochs": epochs,
             "max_steps": max_steps, "train_samples": len(train_idx), "validation_samples": len(val_idx),
@@ -168,7 +170,7 @@ def _code_key(steps: int, seed: int) -> str:
     """The feature network changes when the code that builds or trains it does: its source is part
     of the cache key (with torch's major.minor version, whose kernels it was trained with)."""
     h = hashlib.sha1()
-    for obj in (CNN, train_classifier, _split, to_float):
+    for obj in (CNN, train_classifier, _split, to_float, feature_network):
         h.update(inspect.getsource(obj).encode())
     h.update(f"{steps}:{seed}:{'.'.join(torch.__version__.split('.')[:2])}".encode())
     return h.hexdigest()[:12]
@@ -180,10 +182,14 @@ def default_cache_dir() -> Path:
 
 def feature_network(real_train: ImageDataset, steps: int = FEATURE_STEPS,
                     cache: str | os.PathLike | None = None, seed: int = 0, log=None,
-                    progress: bool = True) -> CNN:
+                    progress: bool = True, device="cpu") -> CNN:
     """The feature extractor for FID, precision and recall: DPDM's CNN trained on the real training
     set (selection on a 10% held-out part of it) for `steps` Adam steps. Built at first use and
-    cached, keyed by the data and the code (`cache` is a file path, or None for ~/.cache/dpfast)."""
+    cached, keyed by the data and the code (`cache` is a file path, or None for ~/.cache/dpfast).
+
+    It is trained WITHOUT privacy on the private training set: an evaluation instrument, as FID's
+    reference statistics are, never released by dpfast. The cache file is owner-readable only;
+    treat it (and the feature metrics, which it computes) as private data."""
     from .trainer import atomic_torch_save
 
     key = f"{_dataset_key(real_train)}_{_code_key(steps, seed)}"
@@ -194,7 +200,7 @@ def feature_network(real_train: ImageDataset, steps: int = FEATURE_STEPS,
         if state.get("key") == key:
             model = CNN(c, h, real_train.num_classes)
             model.load_state_dict(state["model"])
-            return model.eval()
+            return model.to(device).eval()
     if log:
         log(f"building the feature network once for this data set ({steps} steps on "
             f"{len(real_train)} real training images; cached at {path})")
@@ -203,9 +209,11 @@ def feature_network(real_train: ImageDataset, steps: int = FEATURE_STEPS,
     model, val_acc, _ = train_classifier(real_train.images[train_idx], real_train.labels[train_idx],
                                          real_train.images[val_idx], real_train.labels[val_idx],
                                          real_train.num_classes, epochs=max(1, epochs), max_steps=steps,
-                                         seed=seed, progress=progress, desc="feature network (once)")
+                                         seed=seed, progress=progress, desc="feature network (once)",
+                                         device=device)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save({"key": key, "model": model.state_dict(), "validation_accuracy": val_acc}, path)
+    state = {"key": key, "model": {k: v.cpu() for k, v in model.state_dict().items()}, "validation_accuracy": val_acc}
+    atomic_torch_save(state, path, secret=True)  # a non-private model of the private training set
     return model
 
 
@@ -269,9 +277,10 @@ def feature_metrics(net: CNN, images: torch.Tensor, reference: torch.Tensor,
     """FID, precision and recall of `images` against `reference`, each side subsampled to at most
     `max_samples` images (FID is biased by the sample count: compare values at the same count)."""
     started = time.perf_counter()
-    gen = torch.Generator().manual_seed(seed)
-    pick = lambda x: x[torch.randperm(len(x), generator=gen)[:max_samples]]  # noqa: E731
-    a, b = features(net, pick(images)), features(net, pick(reference))
+
+    def pick(x, stream):  # one generator per side: the reference subset never depends on the samples
+        return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed * 2 + stream))[:max_samples]]
+    a, b = features(net, pick(images, 0)), features(net, pick(reference, 1))
     fid = frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
     precision, recall = precision_recall(b, a)
     return {"fid": fid, "precision": precision, "recall": recall, "samples": len(a),
@@ -284,7 +293,7 @@ def feature_metrics(net: CNN, images: torch.Tensor, reference: torch.Tensor,
 def evaluate_images(images: torch.Tensor, labels: torch.Tensor | None, test: ImageDataset,
                     feature_net: CNN | None = None, sizes=SIZES, epochs: int = CLASSIFIER_EPOCHS,
                     max_steps: int | None = CLASSIFIER_MAX_STEPS, seed: int = 0, log=print,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, device="cpu", metric_samples: int = METRIC_SAMPLES) -> dict:
     """Downstream accuracy at each size in `sizes` that the images allow (nested random subsets;
     all the images when there are fewer than the smallest size), and, with a feature network, FID,
     precision and recall against the real test set. images: uint8 (N, C, H, W)."""
@@ -301,12 +310,13 @@ def evaluate_images(images: torch.Tensor, labels: torch.Tensor | None, test: Ima
         for n in todo:
             idx = order[:n]
             res = downstream_accuracy(images[idx], labels[idx], test, num_classes, epochs=epochs,
-                                      max_steps=max_steps, seed=seed, progress=progress)
+                                      max_steps=max_steps, seed=seed, progress=progress, device=device)
             report["downstream"][str(n)] = res
             log(f"downstream accuracy, {n} training images: {res['test_accuracy']:.4f} "
                 f"(epoch {res['selected_epoch']} selected on their validation split; {res['seconds']:.0f} s)")
     if feature_net is not None:
-        report["features"] = m = feature_metrics(feature_net, images, test.images, seed=seed)
+        report["features"] = m = feature_metrics(feature_net, images, test.images, max_samples=metric_samples,
+                                                 seed=seed)
         log(f"feature-space FID {m['fid']:.3f} (not Inception FID), precision {m['precision']:.3f}, "
             f"recall {m['recall']:.3f} vs the real test set ({m['seconds']:.0f} s)")
     return report

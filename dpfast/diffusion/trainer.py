@@ -423,6 +423,10 @@ class Trainer:
         if self.resume_state is not None:
             self.log(f"resuming from step {self.step} of {self.total_steps} ({self.ckpt_path})")
         atomic_write_json(cfg.to_dict(), self.out / "config.json")
+        if self.engine is not None and self.resume_state is None:
+            # before the first release: a run killed before its first periodic checkpoint then
+            # resumes from step 0 (the ledger charges what it released) instead of refusing to start
+            self.save_checkpoint()
         start = self.started
         last_ckpt = last_eps_time = time.monotonic()
         eps = self.engine.get_epsilon(cfg.delta) if self.engine is not None else math.inf
