@@ -90,6 +90,11 @@ RECIPES: dict[str, Recipe] = {
         "dpdm", "DPDM (Dockhorn et al.): DP-SGD from scratch, EDM loss, noise multiplicity",
         {"cpu": PRESETS["demo"].replace(grid_every=0, checkpoint_every=50, sample_steps=10),
          "paper": PRESETS["dpdm-fmnist-eps10"]}),
+    "dp-mepf": Recipe(
+        "dp-mepf", "DP-MEPF (Harder et al.): one noisy release of mean embeddings in the feature space of a "
+                   "network trained on public data (sklearn digits), then a generator trained on them",
+        {"cpu": PRESETS["dp-mepf-eps10"].replace(resolution=14, device="cpu", threads=1),
+         "paper": PRESETS["dp-mepf-eps10"]}),
 }
 BASELINES = ("dp-sgd-classifier", "real-data")
 
@@ -171,7 +176,7 @@ def pilot_seconds_per_step(cfg: TrainConfig, data: ImageDataset) -> float:
     pilot = cfg.replace(steps=PILOT_STEPS + 1, target_epsilon=None, grid_size=1, sample_steps=1,
                         checkpoint_every=10 ** 9, checkpoint_seconds=1e12, time_budget=None, max_steps=None,
                         noise_multiplier=1.0 if cfg.private else None, subset=None, resolution=None,
-                        data_dir=None, noise_seed=None)
+                        data_dir=None, noise_seed=None, mepf_feature_steps=1)
     quiet = dict(dataset=fake, progress=False, log=lambda *a, **k: None)
     with tempfile.TemporaryDirectory(prefix="dpfast-pilot-") as tmp:
         first = T.train(pilot.replace(max_steps=1), tmp, **quiet)
@@ -459,8 +464,9 @@ class Grid:
                    noise_multiplier=plan["noise_multiplier"] or "", sample_rate=report["sample_rate"],
                    steps=report["steps"], train_seconds=round(result["train_seconds"], 1),
                    pilot_seconds_per_step=plan["pilot_seconds_per_step"] or "",
-                   sample_seconds=sample_seconds, sampler=f"{cfg.sampler} {cfg.sample_steps} steps",
-                   samples=len(images), seed=cfg.seed, sample_seed=plan["sample_seed"],
+                   sample_seconds=sample_seconds,
+                   sampler=f"{cfg.sampler} {cfg.sample_steps} steps" if cfg.recipe == "dpdm" else "generator",
+                   samples=len(images), seed=cfg.seed, release_seconds=round(result.get("release_seconds", 0.0), 1) or "", sample_seed=plan["sample_seed"],
                    noise_seed="os (secret)" if private else "", eval_seed=self.opts.seed,
                    end_to_end=RECIPES[cell.recipe].end_to_end if private else "",
                    releases_charged=report.get("releases_charged", ""), planned_command=plan["command"],
@@ -472,8 +478,7 @@ class Grid:
         import numpy as np
         from tqdm import tqdm
 
-        from dpfast.diffusion.samplers import sample_images
-        from dpfast.diffusion.trainer import atomic_write_bytes, load_denoiser
+        from dpfast.diffusion.trainer import atomic_write_bytes, load_sampler
 
         path = d / "samples.npz"
         meta_path = d / "samples.json"
@@ -481,17 +486,15 @@ class Grid:
             meta = json.loads(meta_path.read_text())
             if meta["num"] == n:
                 return ev.load_samples(path), meta["seconds"]
-        denoiser, meta = load_denoiser(d / "run", self.device)
-        cfg, k = meta["config"], meta["num_classes"]
+        draw, meta = load_sampler(d / "run", self.device)
+        k = meta["num_classes"]
         labels = torch.arange(n) % k if k else None
         started = time.perf_counter()
         chunks, chunk = [], 1000
         for i in tqdm(range(0, n, chunk), desc="sampling", unit="k images", disable=not self.opts.progress,
                       dynamic_ncols=True, leave=False):
             m = min(chunk, n - i)
-            imgs = sample_images(denoiser, m, meta["image_shape"], labels=None if labels is None else labels[i:i + m],
-                                 sampler=cfg.sampler, num_steps=cfg.sample_steps, guidance=cfg.guidance,
-                                 batch_size=500, seed=seed * 1_000_003 + i, device=self.device)
+            imgs = draw(m, None if labels is None else labels[i:i + m], seed=seed * 1_000_003 + i)
             chunks.append(((imgs + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
         images = torch.cat(chunks)
         seconds = round(time.perf_counter() - started, 1)
@@ -577,7 +580,7 @@ class Grid:
 def _columns(sizes) -> list[str]:
     accs = [c for n in sorted(sizes) for c in (f"acc_{n}", f"acc_{n}_seconds")]
     return ["cell", "kind", "recipe", "epsilon_target", "epsilon", "delta", "budget", "steps",
-            "noise_multiplier", "sample_rate", "train_seconds", "pilot_seconds_per_step", "samples",
+            "noise_multiplier", "sample_rate", "train_seconds", "pilot_seconds_per_step", "release_seconds", "samples",
             "sampler", "sample_seconds", *accs, "acc_direct", "fid", "precision", "recall",
             "feature_metrics_seconds", "end_to_end", "releases_charged", "guarantee_lost", "seed",
             "sample_seed", "noise_seed", "eval_seed", "scale", "cell_seconds", "device", "torch", "commit",

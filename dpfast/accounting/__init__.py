@@ -164,6 +164,12 @@ class Accountant:
             self._history.append((sigma, q, n))
         self._steps += n
 
+    def release(self, noise_multiplier: float) -> None:
+        """Record one Gaussian mechanism on the whole data set (a one-shot release: DP-MEPF's noisy
+        embeddings) whose noise standard deviation is noise_multiplier x its L2 sensitivity. It is the
+        phase (noise_multiplier, sample_rate=1, steps=1), composed with every other phase."""
+        self.step(noise_multiplier, 1.0, 1)
+
     @property
     def history(self) -> list[Phase]:
         return list(self._history)

@@ -97,12 +97,11 @@ def cmd_sample(args) -> int:
     import numpy as np
     import torch
 
-    from .samplers import sample_images
-    from .trainer import atomic_write_bytes, load_denoiser, resolve_device, save_grid
+    from .trainer import atomic_write_bytes, load_sampler, resolve_device, save_grid
 
     _set_threads(args.threads)
     device = resolve_device(args.device)
-    denoiser, meta = load_denoiser(args.model, device)
+    draw, meta = load_sampler(args.model, device)
     k = meta["num_classes"]
     if k == 0:
         labels = None
@@ -113,10 +112,8 @@ def cmd_sample(args) -> int:
     else:
         labels = torch.full((args.num,), int(args.labels), dtype=torch.long)
     extra = {"S_churn": args.churn} if args.sampler == "edm" else {"stochastic": args.stochastic}
-    cfg = meta["config"]
-    images = sample_images(denoiser, args.num, meta["image_shape"], labels=labels, sampler=args.sampler,
-                           num_steps=args.steps, guidance=cfg.guidance if args.guidance is None else args.guidance,
-                           batch_size=args.batch_size, seed=args.seed, device=device, **extra)
+    images = draw(args.num, labels, seed=args.seed, sampler=args.sampler, num_steps=args.steps,
+                  guidance=args.guidance, batch_size=args.batch_size, **extra)
     as_uint8 = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -164,7 +161,9 @@ def add_commands(subparsers) -> None:
     _add_config_options(p)
     p.set_defaults(func=cmd_train)
 
-    p = subparsers.add_parser("sample", help="draw labelled samples from a trained model into a .npz")
+    p = subparsers.add_parser("sample", help="draw labelled samples from a trained model into a .npz",
+                              description="Samples from any recipe's run (a diffusion model, or a DP-MEPF "
+                                          "generator: the sampler options apply to diffusion models only).")
     p.add_argument("--model", required=True, help="run directory, model.pt or checkpoint.pt")
     p.add_argument("--num", type=int, default=10000)
     p.add_argument("--out", required=True, help="output .npz (images uint8 N x C x H x W, labels)")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 
 @dataclass
 class TrainConfig:
+    recipe: str = "dpdm"                   # dpdm (DP-SGD diffusion, this file's defaults) | dp-mepf
     # data
     data_dir: str | None = None            # None: Fashion-MNIST from Debian's dataset-fashion-mnist
     subset: int | None = None              # train on the first N images only (DP protects those N)
@@ -72,6 +73,11 @@ class TrainConfig:
     time_budget: float | None = None       # seconds for this invocation (setup included), then
                                            # checkpoint, write samples + report, and exit
     epsilon_every_seconds: float = 30.0    # how often the progress bar recomputes epsilon
+    # public data and DP-MEPF (dpfast.recipes.dp_mepf; nf is its generator's width, batch_size its
+    # generated batch per step, steps its generator steps)
+    public_data: str = "digits"            # a dpfast.diffusion.public source name, or a path
+    mepf_moments: str = "mean+second"      # mean | mean+second: the feature moments released and matched
+    mepf_feature_steps: int = 1500         # training steps of the feature network on the public data
 
     def to_dict(self) -> dict:
         return {f.name: list(v) if isinstance(v, tuple) else v
@@ -102,6 +108,11 @@ def _dpdm(eps: float) -> TrainConfig:
     return TrainConfig(target_epsilon=eps)
 
 
+def _mepf(eps: float) -> TrainConfig:
+    return TrainConfig(recipe="dp-mepf", target_epsilon=eps, steps=2000, batch_size=100, lr=1e-3, nf=16,
+                       ema_decay=0.99, multiplicity=1, checkpoint_every=500, grid_every=0, device="auto")
+
+
 PRESETS: dict[str, TrainConfig] = {
     # CPU, a few minutes on 2 cores: all of Fashion-MNIST average-pooled to 14x14 (each row ~4x
     # cheaper than 28x28), a 180k-parameter U-Net, 200 DP-SGD steps at eps=10, delta=1e-5. Using the
@@ -116,6 +127,9 @@ PRESETS: dict[str, TrainConfig] = {
     "dpdm-fmnist-eps10": _dpdm(10.0),
     "dpdm-fmnist-eps1": _dpdm(1.0),
     "dpdm-fmnist-eps0.2": _dpdm(0.2),
+    # DP-MEPF at 28x28 on CPU: one release, then 2000 generator steps of 100 images
+    "dp-mepf-eps10": _mepf(10.0),
+    "dp-mepf-eps1": _mepf(1.0),
 }
 
 

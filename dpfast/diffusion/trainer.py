@@ -108,6 +108,17 @@ def build_denoiser(cfg: TrainConfig, image_shape, num_classes: int) -> EDMPrecon
     return EDMPrecond(net, sigma_data=cfg.sigma_data)
 
 
+def prepare_dataset(cfg: TrainConfig, dataset: ImageDataset | None = None) -> ImageDataset:
+    """The run's private training set: cfg.data_dir (or `dataset`), its subset and resolution."""
+    if dataset is None:
+        dataset = load_dataset(cfg.data_dir, "train")
+    if cfg.subset is not None:
+        dataset = dataset.subset(cfg.subset)
+    if cfg.resolution is not None:
+        dataset = dataset.downsample(cfg.resolution)
+    return dataset
+
+
 def total_steps_of(cfg: TrainConfig, dataset_size: int) -> int:
     """Logical steps of the run: cfg.steps, or epochs / q (expected passes over the data under
     Poisson sampling, the accountant's definition)."""
@@ -191,13 +202,7 @@ class Trainer:
             if self.device.type == "cuda":
                 self.device = self.dist.device  # this rank's GPU (LOCAL_RANK)
 
-        if dataset is None:
-            dataset = load_dataset(cfg.data_dir, "train")
-        if cfg.subset is not None:
-            dataset = dataset.subset(cfg.subset)
-        if cfg.resolution is not None:
-            dataset = dataset.downsample(cfg.resolution)
-        self.dataset = dataset
+        self.dataset = dataset = prepare_dataset(cfg, dataset)
         self.num_classes = dataset.num_classes if cfg.class_conditional else 0
         self.q = sample_rate_of(cfg, len(dataset))
         self.total_steps = total_steps_of(cfg, len(dataset))
@@ -528,13 +533,23 @@ class Trainer:
                        f"C={cfg.max_grad_norm:g}, {cfg.accountant} accountant")
 
 
+def trainer_class(cfg: TrainConfig):
+    """The trainer of cfg.recipe (dpfast.recipes.TRAINERS)."""
+    import importlib
+
+    from dpfast.recipes import TRAINERS
+
+    if cfg.recipe not in TRAINERS:
+        raise ValueError(f"unknown recipe {cfg.recipe!r}; choose one of {sorted(TRAINERS)}")
+    module, name = TRAINERS[cfg.recipe].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def train(cfg: TrainConfig, out_dir, **kwargs) -> dict:
-    return Trainer(cfg, out_dir, **kwargs).train()
+    return trainer_class(cfg)(cfg, out_dir, **kwargs).train()
 
 
-def load_denoiser(path: str | os.PathLike, device="cpu") -> tuple[EDMPrecond, dict]:
-    """The EMA denoiser of a run: `path` is a run directory, its model.pt, or its checkpoint.pt.
-    Returns (denoiser in eval mode, {"config", "image_shape", "num_classes", "step"})."""
+def _model_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_dir():  # the newer of model.pt (end of an invocation) and checkpoint.pt
         found = [p for p in (path / "model.pt", path / "checkpoint.pt") if p.exists()]
@@ -542,7 +557,44 @@ def load_denoiser(path: str | os.PathLike, device="cpu") -> tuple[EDMPrecond, di
     if not path.exists():
         raise FileNotFoundError(f"no model at {path}: give a run directory of `dpfast train`, or its "
                                 "model.pt / checkpoint.pt")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    return path
+
+
+def load_sampler(path: str | os.PathLike, device="cpu"):
+    """What `dpfast sample` needs from any recipe's run: (draw, meta) where
+    draw(num, labels, seed, **options) returns (num, C, H, W) images in [-1, 1] and meta has
+    "config", "image_shape", "num_classes", "step", "kind" ("diffusion" or "dp-mepf-generator").
+    Diffusion options: sampler, num_steps, guidance, batch_size, and the sampler's own (S_churn, ...)."""
+    file = _model_file(path)
+    state = torch.load(file, map_location="cpu", weights_only=False)
+    if state.get("kind") == "dp-mepf-generator":
+        from dpfast.recipes.dp_mepf import load_generator
+
+        gen = load_generator(state, device)
+        meta = {"config": TrainConfig.from_dict(state["config"]), "image_shape": tuple(state["image_shape"]),
+                "num_classes": state["num_classes"], "step": state["step"], "kind": state["kind"]}
+
+        def draw(num, labels=None, seed=0, batch_size=500, **ignored):
+            return gen.sample(num, labels, seed=seed, batch_size=batch_size, device=device)
+        return draw, meta
+    denoiser, meta = load_denoiser(file, device)
+    meta["kind"] = "diffusion"
+    cfg = meta["config"]
+
+    def draw(num, labels=None, seed=0, sampler=None, num_steps=None, guidance=None, batch_size=500, **extra):
+        return sample_images(denoiser, num, meta["image_shape"], labels=labels, sampler=sampler or cfg.sampler,
+                             num_steps=num_steps or cfg.sample_steps,
+                             guidance=cfg.guidance if guidance is None else guidance, batch_size=batch_size,
+                             seed=seed, device=device, **extra)
+    return draw, meta
+
+
+def load_denoiser(path: str | os.PathLike, device="cpu") -> tuple[EDMPrecond, dict]:
+    """The EMA denoiser of a run: `path` is a run directory, its model.pt, or its checkpoint.pt.
+    Returns (denoiser in eval mode, {"config", "image_shape", "num_classes", "step"})."""
+    state = torch.load(_model_file(path), map_location="cpu", weights_only=False)
+    if state.get("kind") == "dp-mepf-generator":
+        raise ValueError(f"{path} is a DP-MEPF generator, not a diffusion model: use load_sampler")
     cfg = TrainConfig.from_dict(state["config"])
     image_shape = tuple(state["image_shape"])
     if "shadow" not in state["ema"]:                          # model.pt: EMA weights and buffers

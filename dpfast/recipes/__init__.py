@@ -1,0 +1,9 @@
+"""The seed papers' recipes, one file each, over the shared parts in `dpfast.diffusion` (models,
+losses, samplers, data, public data) and the engine. DPDM is `dpfast.diffusion.trainer` itself.
+
+- `dp_mepf`: DP-MEPF (Harder et al.): one private release of mean embeddings in a public feature
+  space, then a generator trained on them (post-processing).
+"""
+
+# the value of TrainConfig.recipe -> "module:Trainer" (imported when a run uses it)
+TRAINERS = {"dpdm": "dpfast.diffusion.trainer:Trainer", "dp-mepf": "dpfast.recipes.dp_mepf:MEPFTrainer"}

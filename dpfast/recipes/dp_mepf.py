@@ -1,0 +1,544 @@
+"""DP-MEPF (Harder, Jalali Asadabadi, Sutherland and Park, "Pre-trained perceptual features improve
+differentially private image generation"): spend the privacy budget once, on noisy per-class mean
+embeddings of the private data in the feature space of a network trained on public data, then train
+a generator to match them for as long as it likes.
+
+    dpfast train --preset dp-mepf-eps10 --out runs/mepf10
+
+Steps, and where each one's privacy comes from:
+
+1. **The feature network** is trained on public data only (`dpfast.diffusion.public`: by default
+   scikit-learn's bundled digits, rescaled to the private images' size). It never sees private data.
+   `phi(x)` concatenates the flattened activations of its convolutional layers, as the paper
+   does with VGG; a user can pass any `nn.Module` and layer names instead (`FeatureMap`).
+2. **The release** is one Gaussian mechanism on a vector of sums (`release_embeddings`). Each record
+   (x, y) contributes
+       v(x, y) = [ e_y (x) phi(x)/||phi(x)||,  e_y (x) psi(x)/||psi(x)||,  e_y ],  psi = phi^2 elementwise
+   (the second block only when second moments are matched). With add/remove-one adjacency two
+   neighbouring data sets differ by one record, so their sums differ by one v(x, y), whose norm is
+   ||v||^2 = 1 + 1 + 1: the L2 sensitivity is sqrt(3) (sqrt(2) with first moments only). Under
+   add/remove the class sizes are private too, which is why the last block releases a noisy count per
+   class; the means are then noisy sums divided by noisy counts (post-processing). Gaussian noise of
+   standard deviation `sigma * sensitivity` on every coordinate is the Gaussian mechanism with noise
+   multiplier sigma: the accountant's phase (sigma, sample_rate=1, steps=1), calibrated for the target
+   epsilon with the same API as DP-SGD and composable with DP-SGD phases (`Accountant.release`). The
+   noise is dpfast's 64-bit Box-Muller Philox stream keyed by 64 bits from the OS that are never
+   stored; its truncation at |z| <= 9.49 adds `truncation_delta` (1e-14 or less here) to delta.
+3. **The generator** is trained on the released vector only: its loss compares the generator's own
+   feature means with the noisy targets. Nothing after the release reads the private data (the
+   trainer drops its reference to the data set before the generator's first step; a test checks it),
+   so the generator, its samples and everything downstream are post-processing.
+
+The paper divides by the true class counts (its adjacency replaces a record, so the counts are
+public); dpfast's add/remove adjacency does not allow that, hence the noisy counts.
+"""
+from __future__ import annotations
+
+import math
+import secrets
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dpfast.diffusion import public as public_data
+from dpfast.diffusion.data import ImageDataset
+from dpfast.diffusion.presets import TrainConfig
+
+MOMENTS = ("mean", "mean+second")
+
+
+# ----------------------------------------------------------------------------- the feature network
+class PublicCNN(nn.Module):
+    """A small VGG-like classifier trained on public data; its five ReLU outputs are the features."""
+
+    FEATURE_LAYERS = ("b0", "b1", "b2", "b3", "b4")
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 16):
+        super().__init__()
+        w = width
+        self.b0 = nn.Sequential(nn.Conv2d(in_channels, w, 3, padding=1), nn.ReLU())
+        self.b1 = nn.Sequential(nn.Conv2d(w, w, 3, padding=1), nn.ReLU())
+        self.b2 = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU())
+        self.b3 = nn.Sequential(nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU())
+        self.b4 = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, max(1, num_classes)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for name in self.FEATURE_LAYERS:
+            x = getattr(self, name)(x)
+        return self.head(x)
+
+
+class FeatureMap(nn.Module):
+    """phi(x): the flattened outputs of `layers` (module names of `net`) concatenated, (B, D).
+    `net` is frozen and kept in eval mode; gradients still flow to the input (the generator's)."""
+
+    def __init__(self, net: nn.Module, layers):
+        super().__init__()
+        self.net = net.eval().requires_grad_(False)
+        self.layers = tuple(layers)
+        modules = dict(net.named_modules())
+        missing = [n for n in self.layers if n not in modules]
+        if missing:
+            raise ValueError(f"feature layers {missing} are not modules of the feature network")
+        self._outs: list = []
+        for n in self.layers:
+            modules[n].register_forward_hook(lambda mod, inp, out: self._outs.append(out))
+
+    def train(self, mode: bool = True):  # the feature network stays in eval mode
+        super().train(mode)
+        self.net.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._outs = []
+        self.net(x)
+        outs, self._outs = self._outs, []
+        return torch.cat([o.flatten(1) for o in outs], dim=1)
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm (a zero row stays zero: its norm, 0, is within the bound too)."""
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+
+def embed(features: torch.Tensor, moments: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(phi / ||phi||, psi / ||psi||) of a batch of features, psi = phi^2; each row has norm <= 1."""
+    first = _unit(features)
+    second = _unit(features * features) if moments == "mean+second" else None
+    return first, second
+
+
+def train_public_feature_net(public: ImageDataset, steps: int, seed: int = 0, width: int = 16,
+                             batch_size: int = 128, lr: float = 1e-3, progress: bool = False) -> PublicCNN:
+    """Supervised training on the public images (random 2-pixel shifts as augmentation)."""
+    from tqdm import tqdm
+
+    if public.num_classes < 2:
+        raise ValueError(f"public data {public.name!r} has no labels: the feature network is a classifier")
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = PublicCNN(public.image_shape[0], public.num_classes, width)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    x_all = public.images.float() / 127.5 - 1.0
+    for _ in tqdm(range(steps), desc="feature network (public data)", unit="step", disable=not progress,
+                  dynamic_ncols=True, leave=False):
+        idx = torch.randint(0, len(public), (batch_size,), generator=g)
+        x = x_all[idx]
+        dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=g))
+        x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+        loss = F.cross_entropy(net(x), public.labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+# ----------------------------------------------------------------------------- the release
+@dataclass
+class Release:
+    """The released (noisy) vector, split into its parts, and how it was made."""
+    sums: torch.Tensor            # (C, D) noisy per-class sums of phi/||phi||
+    second_sums: torch.Tensor | None
+    counts: torch.Tensor          # (C,) noisy per-class counts
+    noise_multiplier: float
+    sensitivity: float
+    moments: str
+
+    def targets(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-class means: noisy sums / noisy counts (counts below 1 are read as 1)."""
+        n = self.counts.clamp_min(1.0)[:, None]
+        return self.sums / n, None if self.second_sums is None else self.second_sums / n
+
+    def state_dict(self) -> dict:
+        return {"sums": self.sums, "second_sums": self.second_sums, "counts": self.counts,
+                "noise_multiplier": self.noise_multiplier, "sensitivity": self.sensitivity,
+                "moments": self.moments}
+
+    @classmethod
+    def from_state_dict(cls, s: dict) -> "Release":
+        return cls(s["sums"], s["second_sums"], s["counts"], s["noise_multiplier"], s["sensitivity"], s["moments"])
+
+
+def sensitivity(moments: str) -> float:
+    return math.sqrt(3.0 if moments == "mean+second" else 2.0)
+
+
+@torch.no_grad()
+def exact_sums(feature_map: FeatureMap, data: ImageDataset, num_classes: int, moments: str,
+               batch_size: int = 500, device="cpu", progress: bool = False):
+    """The noiseless vector sum_i v(x_i, y_i), in float64: ((C, D), (C, D) or None, (C,))."""
+    from tqdm import tqdm
+
+    if num_classes < 1:
+        raise ValueError("num_classes must be >= 1")
+    labels = data.labels if num_classes > 1 else torch.zeros(len(data), dtype=torch.long)
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes})")
+    sums = second = None
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    for i in tqdm(range(0, len(data), batch_size), desc="private embedding (one pass)", unit="batch",
+                  disable=not progress, dynamic_ncols=True, leave=False):
+        x = (data.images[i:i + batch_size].float() / 127.5 - 1.0).to(device)
+        y = labels[i:i + batch_size]
+        first, sq = embed(feature_map(x).double().cpu(), moments)
+        if sums is None:
+            sums = torch.zeros(num_classes, first.shape[1], dtype=torch.float64)
+            second = torch.zeros_like(sums) if sq is not None else None
+        sums.index_add_(0, y, first)
+        if sq is not None:
+            second.index_add_(0, y, sq)
+        counts += torch.bincount(y, minlength=num_classes).double()
+    if sums is None:
+        raise ValueError("the private data set is empty")
+    return sums, second, counts
+
+
+def release_embeddings(feature_map: FeatureMap, data: ImageDataset, num_classes: int, moments: str,
+                       noise_multiplier: float, device="cpu", progress: bool = False,
+                       seed: int | None = None) -> Release:
+    """The Gaussian mechanism on sum_i v(x_i, y_i) (module docstring): noise of standard deviation
+    noise_multiplier * sensitivity on every coordinate. `seed` is for tests only: by default 64 bits
+    come from the OS and are never stored."""
+    from dpfast.random import normal_f64
+
+    if moments not in MOMENTS:
+        raise ValueError(f"moments must be one of {MOMENTS}, got {moments!r}")
+    sums, second, counts = exact_sums(feature_map, data, num_classes, moments, device=device, progress=progress)
+    parts = [sums.flatten()] + ([second.flatten()] if second is not None else []) + [counts]
+    flat = torch.cat(parts)
+    std = float(noise_multiplier) * sensitivity(moments)
+    key = secrets.randbits(64) if seed is None else int(seed)
+    noisy = flat + torch.from_numpy(normal_f64(flat.numel(), seed=key, step=0)) * std
+    del key
+    c, d = sums.shape
+    out_sums = noisy[:c * d].view(c, d)
+    out_second = noisy[c * d:2 * c * d].view(c, d) if second is not None else None
+    out_counts = noisy[-c:]
+    return Release(out_sums.float(), None if out_second is None else out_second.float(), out_counts,
+                   float(noise_multiplier), sensitivity(moments), moments)
+
+
+# ----------------------------------------------------------------------------- the generator
+class _UpBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, up: bool):
+        super().__init__()
+        self.up = up
+        self.n1, self.c1 = nn.GroupNorm(min(8, cin), cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.n2, self.c2 = nn.GroupNorm(min(8, cout), cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x):
+        if self.up:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        h = self.c1(F.silu(self.n1(x)))
+        h = self.c2(F.silu(self.n2(h)))
+        return h + self.skip(x)
+
+
+def _start_size(size: int) -> tuple[int, int]:
+    """(s0, u): size = s0 * 2^u with s0 >= 4 and u as large as possible."""
+    u = 0
+    while size % 2 ** (u + 1) == 0 and size // 2 ** (u + 1) >= 4:
+        u += 1
+    return size // 2 ** u, u
+
+
+class Generator(nn.Module):
+    """A small class-conditional ResNet generator: (z, label) -> image in [-1, 1]."""
+
+    def __init__(self, image_shape, num_classes: int, z_dim: int = 64, width: int = 32):
+        super().__init__()
+        c, h, w = image_shape
+        if h != w:
+            raise ValueError(f"the generator makes square images, got {h}x{w}")
+        self.image_shape, self.num_classes, self.z_dim = tuple(image_shape), num_classes, z_dim
+        self.s0, ups = _start_size(h)
+        ch = 4 * width
+        self.embed = nn.Embedding(max(1, num_classes), z_dim)
+        self.fc = nn.Linear(2 * z_dim, ch * self.s0 * self.s0)
+        blocks, cin = [], ch
+        for i in range(max(1, ups)):
+            cout = max(width, cin // 2)
+            blocks.append(_UpBlock(cin, cout, up=i < ups))
+            cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.out = nn.Sequential(nn.GroupNorm(min(8, cin), cin), nn.SiLU(), nn.Conv2d(cin, c, 3, padding=1))
+        self._ch = ch
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        if labels is None:
+            labels = torch.zeros(len(z), dtype=torch.long, device=z.device)
+        h = self.fc(torch.cat([z, self.embed(labels)], dim=1)).view(len(z), self._ch, self.s0, self.s0)
+        return torch.tanh(self.out(self.blocks(h)))
+
+    @torch.no_grad()
+    def sample(self, num: int, labels: torch.Tensor | None = None, seed: int = 0, batch_size: int = 500,
+               device="cpu") -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        out = []
+        was = self.training
+        self.eval()
+        for i in range(0, num, batch_size):
+            m = min(batch_size, num - i)
+            z = torch.randn(m, self.z_dim, generator=g).to(device)
+            y = None if labels is None else labels[i:i + m].to(device)
+            out.append(self(z, y).cpu())
+        self.train(was)
+        return torch.cat(out) if out else torch.empty((0, *self.image_shape))
+
+
+def matching_loss(gen_features: torch.Tensor, labels: torch.Tensor, targets, moments: str,
+                  num_classes: int) -> torch.Tensor:
+    """Sum over the classes in the batch of ||mean embedding of the generated images - target||^2
+    (the MMD with the perceptual-feature kernel), for the first and, optionally, second moment."""
+    first, second = embed(gen_features, moments)
+    onehot = F.one_hot(labels, num_classes).to(first.dtype)          # (B, C)
+    n = onehot.sum(0)
+    present = n > 0
+    means = (onehot.T @ first)[present] / n[present, None]
+    loss = ((means - targets[0][present]) ** 2).sum(1).mean()
+    if second is not None:
+        means2 = (onehot.T @ second)[present] / n[present, None]
+        loss = loss + ((means2 - targets[1][present]) ** 2).sum(1).mean()
+    return loss
+
+
+# ----------------------------------------------------------------------------- the recipe's trainer
+class MEPFTrainer:
+    """`dpfast train` for cfg.recipe == "dp-mepf". Output directory:
+        feature_net.pt       the public-data feature network
+        release_started.json written just before the release; with no embeddings.pt beside it a
+                             release happened (privacy spent) but its result was lost: refused
+        embeddings.pt        the released noisy sums and counts (differentially private: shareable)
+        checkpoint.pt        generator, EMA, optimizer, step (no secrets: the noise key is never kept)
+        model.pt             the EMA generator for `dpfast sample`
+        privacy_report.json  samples.png  config.json
+    """
+
+    def __init__(self, cfg: TrainConfig, out_dir, dataset: ImageDataset | None = None, progress: bool = True,
+                 log=print):
+        import os
+
+        from dpfast.diffusion.trainer import _check_resumable, prepare_dataset, resolve_device
+
+        self.started = time.monotonic()
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("dp-mepf runs in one process (its one pass over the data takes seconds); "
+                             "run it without torchrun")
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.ckpt_path = self.out / "checkpoint.pt"
+        self.resume_state = None
+        if self.ckpt_path.exists():
+            self.resume_state = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+            cfg = _check_resumable(TrainConfig.from_dict(self.resume_state["config"]), cfg)
+        if cfg.mepf_moments not in MOMENTS:
+            raise ValueError(f"mepf_moments must be one of {MOMENTS}, got {cfg.mepf_moments!r}")
+        if cfg.steps is None:
+            raise ValueError("dp-mepf needs --steps (generator steps; its privacy does not depend on them)")
+        if cfg.private and cfg.noise_multiplier is None and cfg.target_epsilon is None:
+            raise ValueError("a private run needs target_epsilon or noise_multiplier")
+        self.cfg, self.log, self.progress = cfg, log, progress
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = resolve_device(cfg.device)
+        self.dataset = prepare_dataset(cfg, dataset)
+        self.image_shape = self.dataset.image_shape
+        self.num_classes = self.dataset.num_classes if cfg.class_conditional else 0
+        self.total_steps = int(cfg.steps)
+        self.noise_multiplier = None
+        if cfg.private:
+            self.noise_multiplier = cfg.noise_multiplier
+            if self.noise_multiplier is None:
+                from dpfast.accounting import calibrate_noise_multiplier
+
+                self.noise_multiplier = calibrate_noise_multiplier(cfg.target_epsilon, cfg.delta, 1.0, steps=1,
+                                                                   accountant=cfg.accountant)
+        self.step, self.elapsed = 0, 0.0
+
+    # -- the release (the only use of the private data)
+    def _feature_map(self) -> FeatureMap:
+        from dpfast.diffusion.trainer import atomic_torch_save
+
+        path = self.out / "feature_net.pt"
+        c = self.image_shape[0]
+        if path.exists():
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            net = PublicCNN(c, state["num_classes"], state["width"])
+            net.load_state_dict(state["model"])
+        else:
+            public = public_data.load_public(self.cfg.public_data, self.image_shape, private_dir=self.cfg.data_dir)
+            self.log(f"feature network: {self.cfg.mepf_feature_steps} steps on public data "
+                     f"({public_data.describe(self.cfg.public_data)})")
+            net = train_public_feature_net(public, self.cfg.mepf_feature_steps, seed=self.cfg.seed,
+                                           progress=self.progress)
+            atomic_torch_save({"model": net.state_dict(), "num_classes": public.num_classes, "width": 16,
+                               "public_data": self.cfg.public_data}, path)
+        return FeatureMap(net, PublicCNN.FEATURE_LAYERS).to(self.device)
+
+    def _release(self, fmap: FeatureMap) -> Release:
+        from dpfast.diffusion.trainer import atomic_torch_save, atomic_write_json
+
+        path, marker = self.out / "embeddings.pt", self.out / "release_started.json"
+        if path.exists():
+            return Release.from_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        if marker.exists():
+            raise RuntimeError(f"{marker} says a release was made but its result was never saved (the run "
+                               "died during it): that privacy is spent. Start again in a new --out, and count "
+                               "both releases.")
+        atomic_write_json({"started": time.strftime("%Y-%m-%d %H:%M:%S")}, marker)
+        classes = max(1, self.num_classes)
+        if self.cfg.private:
+            release = release_embeddings(fmap, self.dataset, classes, self.cfg.mepf_moments, self.noise_multiplier,
+                                         device=self.device, progress=self.progress)
+        else:  # the non-private baseline: the exact means
+            sums, second, counts = exact_sums(fmap, self.dataset, classes, self.cfg.mepf_moments,
+                                              device=self.device, progress=self.progress)
+            release = Release(sums.float(), None if second is None else second.float(), counts, 0.0,
+                              sensitivity(self.cfg.mepf_moments), self.cfg.mepf_moments)
+        atomic_torch_save(release.state_dict(), path)
+        return release
+
+    # -- reports
+    def privacy_report(self, release: Release) -> dict:
+        common = {"recipe": "dp-mepf", "steps": self.step, "planned_steps": self.total_steps,
+                  "complete": self.step >= self.total_steps, "sample_rate": 1.0,
+                  "public_data": public_data.describe(self.cfg.public_data),
+                  "noisy_count_total": float(release.counts.sum()), "moments": release.moments}
+        if not self.cfg.private:
+            return {"private": False, "epsilon": None, "note": "exact feature means: NOT private", **common}
+        from dpfast.accounting import epsilon_report
+        from dpfast.random import truncation_delta
+
+        rep = epsilon_report([(self.noise_multiplier, 1.0, 1)], self.cfg.delta, self.cfg.accountant).to_dict()
+        return {"private": True, "epsilon": rep["epsilon"], "delta": self.cfg.delta, "end_to_end": True,
+                "guarantee_lost": None, "releases_charged": 1,
+                "adjacency": "add/remove-one (one release of the whole data set)",
+                "mechanism": "Gaussian, one-shot: per-class sums of unit-normalised features"
+                             + (" and of their squares" if release.moments == "mean+second" else "")
+                             + ", and per-class counts",
+                "noise_multiplier": self.noise_multiplier, "sensitivity": release.sensitivity,
+                "noise_std": self.noise_multiplier * release.sensitivity,
+                "truncation_delta": truncation_delta(self.noise_multiplier, 1, 1.0),
+                "target_epsilon": self.cfg.target_epsilon if self.cfg.noise_multiplier is None else None,
+                "accountant": rep["accountant"], "history": [[self.noise_multiplier, 1.0, 1]],
+                "epsilon_lower": rep["epsilon_lower"], "epsilon_estimate": rep["epsilon_estimate"],
+                "feature_network": "PublicCNN trained on the public data only", **common}
+
+    # -- training
+    def _save_checkpoint(self, gen, ema, opt, rng) -> None:
+        from dpfast.diffusion.trainer import atomic_torch_save
+
+        atomic_torch_save({"config": self.cfg.to_dict(), "step": self.step, "elapsed": self.elapsed,
+                           "image_shape": list(self.image_shape), "num_classes": self.num_classes,
+                           "kind": "dp-mepf-generator", "generator": gen.state_dict(), "ema": ema.state_dict(),
+                           "optimizer": opt.state_dict(), "rng": rng.get_state()}, self.ckpt_path)
+
+    def train(self) -> dict:
+        from dpfast.diffusion.ema import EMA
+        from dpfast.diffusion.trainer import _StopOnSignal, atomic_torch_save, atomic_write_json, grid_labels, save_grid
+
+        cfg = self.cfg
+        atomic_write_json(cfg.to_dict(), self.out / "config.json")
+        setup = time.perf_counter()
+        fmap = self._feature_map()
+        release = self._release(fmap)
+        setup = time.perf_counter() - setup
+        self.dataset = None   # nothing below reads the private data: the generator sees `release` only
+        targets = tuple(None if t is None else t.to(self.device) for t in release.targets())
+        classes = max(1, self.num_classes)
+        torch.manual_seed(cfg.seed)
+        gen = Generator(self.image_shape, self.num_classes, width=cfg.nf).to(self.device)
+        ema = EMA(gen, cfg.ema_decay)
+        opt = torch.optim.Adam(gen.parameters(), lr=cfg.lr)
+        rng = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
+        if self.resume_state is not None:
+            s = self.resume_state
+            gen.load_state_dict(s["generator"])
+            ema.load_state_dict(s["ema"])
+            opt.load_state_dict(s["optimizer"])
+            rng.set_state(s["rng"])
+            self.step, self.elapsed = s["step"], s["elapsed"]
+            self.log(f"resuming the generator from step {self.step} of {self.total_steps}")
+        eps = self.privacy_report(release).get("epsilon")
+        self.log(f"DP-MEPF: released {'noisy ' if cfg.private else 'EXACT (not private) '}per-class embeddings "
+                 f"({release.sums.shape[1]} features x {classes} classes, {release.moments}); generator "
+                 f"{sum(p.numel() for p in gen.parameters()):,} parameters, {self.total_steps} steps"
+                 + (f"; epsilon {eps:.4g} at delta={cfg.delta:g} (sigma={self.noise_multiplier:.4g})" if cfg.private else ""))
+        stop_at = self.total_steps if cfg.max_steps is None else min(self.total_steps, cfg.max_steps)
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=stop_at, initial=self.step, unit="step", dynamic_ncols=True, mininterval=1.0,
+                       file=sys.stderr, desc="generator")
+        reason, last_ckpt, stop = "done", time.monotonic(), _StopOnSignal()
+        first = self.step
+        labels = torch.arange(cfg.batch_size, device=self.device) % classes
+        try:
+            while self.step < stop_at:
+                t0 = time.monotonic()
+                if cfg.time_budget is not None and t0 - self.started > cfg.time_budget:
+                    reason = "time budget"
+                    break
+                if stop.received:
+                    reason = stop.received
+                    break
+                z = torch.randn(cfg.batch_size, gen.z_dim, generator=rng, device=self.device)
+                loss = matching_loss(fmap(gen(z, labels if self.num_classes else None)), labels, targets,
+                                     release.moments, classes)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                ema.update(gen)
+                self.step += 1
+                self.elapsed += time.monotonic() - t0
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{float(loss):.3g}", refresh=False)
+                if self.step % cfg.checkpoint_every == 0 or time.monotonic() - last_ckpt >= cfg.checkpoint_seconds:
+                    self._save_checkpoint(gen, ema, opt, rng)
+                    last_ckpt = time.monotonic()
+        finally:
+            stop.restore()
+            if bar is not None:
+                bar.close()
+        self._save_checkpoint(gen, ema, opt, rng)
+        sample_gen = ema.copy_to(Generator(self.image_shape, self.num_classes, width=cfg.nf).to(self.device))
+        atomic_torch_save({"kind": "dp-mepf-generator", "config": cfg.to_dict(), "step": self.step,
+                           "image_shape": list(self.image_shape), "num_classes": self.num_classes,
+                           "ema": sample_gen.state_dict()}, self.out / "model.pt")
+        n = cfg.grid_size * cfg.grid_size
+        save_grid(sample_gen.sample(n, grid_labels(cfg, self.num_classes), seed=cfg.seed, device=self.device),
+                  self.out / "samples.png", nrow=cfg.grid_size)
+        report = self.privacy_report(release)
+        atomic_write_json(report, self.out / "privacy_report.json")
+        done = self.step >= self.total_steps
+        self.log(f"trained {self.step - first} generator steps in {self.elapsed:.1f} s (all invocations)")
+        eps_line = (f"epsilon spent: {report['epsilon']:.4g} at delta={cfg.delta:g} (one Gaussian release, "
+                    f"{report['accountant']} accountant, sigma={self.noise_multiplier:.4g}, sensitivity "
+                    f"{release.sensitivity:.4g})" if cfg.private else "no privacy: exact feature means (--no-private)")
+        status = "finished" if done else (f"stopped ({reason}) at step {self.step}/{self.total_steps}; run the "
+                                          "same command again to resume")
+        self.log(f"{status}. {eps_line}")
+        self.log(f"samples: {self.out / 'samples.png'}  model: {self.out / 'model.pt'}  privacy report: "
+                 f"{self.out / 'privacy_report.json'}")
+        return {"status": status, "reason": reason, "steps": self.step, "report": report,
+                "train_seconds": self.elapsed, "release_seconds": setup}
+
+
+def load_generator(state: dict, device="cpu") -> Generator:
+    """The EMA generator from a model.pt or checkpoint.pt state of a dp-mepf run."""
+    cfg = TrainConfig.from_dict(state["config"])
+    gen = Generator(tuple(state["image_shape"]), state["num_classes"], width=cfg.nf)
+    weights = state["ema"]["shadow"] if "shadow" in state["ema"] else state["ema"]
+    gen.load_state_dict(weights)
+    return gen.to(device).eval()
+
+
