@@ -66,7 +66,8 @@ class ImageDataset(Dataset):
     """(image, label) pairs: image float32 (C, H, W) in [-1, 1], label a long scalar (0 when
     the data has no labels; `num_classes` is then 0)."""
 
-    def __init__(self, images: np.ndarray | torch.Tensor, labels, num_classes: int, name: str = ""):
+    def __init__(self, images: np.ndarray | torch.Tensor, labels, num_classes: int, name: str = "",
+                 classes_declared: bool = True):
         images = torch.as_tensor(np.asarray(images, dtype=np.uint8))
         if images.ndim == 3:                      # (N, H, W) grey-scale -> (N, 1, H, W)
             images = images[:, None]
@@ -74,6 +75,9 @@ class ImageDataset(Dataset):
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
         self.num_classes = num_classes
         self.name = name
+        # False when num_classes was read off the labels (labels.max() + 1): then it is a function of
+        # the (private) labels, and a private class-conditional run needs a declared count instead
+        self.classes_declared = classes_declared
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -87,7 +91,7 @@ class ImageDataset(Dataset):
 
     def subset(self, n: int) -> "ImageDataset":
         """The first n items (a fixed subset: DP then protects the members of this subset)."""
-        return ImageDataset(self.images[:n], self.labels[:n], self.num_classes, self.name)
+        return ImageDataset(self.images[:n], self.labels[:n], self.num_classes, self.name, self.classes_declared)
 
     def downsample(self, resolution: int) -> "ImageDataset":
         """Average-pools the images by an integer factor down to resolution x resolution (for quick
@@ -98,7 +102,8 @@ class ImageDataset(Dataset):
         if h % resolution:
             raise ValueError(f"can only downsample {h}x{h} images by an integer factor, not to {resolution}")
         pooled = torch.nn.functional.avg_pool2d(self.images.float(), h // resolution)
-        return ImageDataset(pooled.round().to(torch.uint8), self.labels, self.num_classes, self.name)
+        return ImageDataset(pooled.round().to(torch.uint8), self.labels, self.num_classes, self.name,
+                            self.classes_declared)
 
 
 def _find(data_dir: Path, prefix: str, kind: str) -> Path | None:
@@ -174,10 +179,10 @@ def load_dataset(data_dir: str | os.PathLike | None = None, split: str = "train"
             images = images.transpose(0, 3, 1, 2)
         if len(images) != len(labels):
             raise ValueError(f"{pair[0]} has {len(images)} images but {pair[1]} has {len(labels)} labels")
+        if data_dir is None:                       # Fashion-MNIST: 10 classes, whatever the labels say
+            return ImageDataset(images, labels, 10, name=str(root))
         num_classes = int(labels.max()) + 1 if len(labels) else 0
-        if data_dir is None and num_classes < 10:
-            num_classes = 10
-        return ImageDataset(images, labels, num_classes, name=str(root))
+        return ImageDataset(images, labels, num_classes, name=str(root), classes_declared=False)
     if (root / split).is_dir():
         return load_image_folder(root / split)
     has_images = any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.rglob("*"))

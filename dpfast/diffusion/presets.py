@@ -21,6 +21,9 @@ class TrainConfig:
     data_dir: str | None = None            # None: Fashion-MNIST from Debian's dataset-fashion-mnist
     subset: int | None = None              # train on the first N images only (DP protects those N)
     resolution: int | None = None          # average-pool images down to this size (integer factor)
+    num_classes: int | None = None         # the public number of classes; None: the data's declared one
+                                           # (Fashion-MNIST 10, an image folder's sub-folders). IDX files
+                                           # other than Fashion-MNIST need it in private runs
     # model (DDPM++)
     nf: int = 32
     ch_mult: tuple = (1, 2, 2)

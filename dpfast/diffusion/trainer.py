@@ -116,6 +116,19 @@ def prepare_dataset(cfg: TrainConfig, dataset: ImageDataset | None = None) -> Im
         dataset = dataset.subset(cfg.subset)
     if cfg.resolution is not None:
         dataset = dataset.downsample(cfg.resolution)
+    if cfg.num_classes is not None:
+        if cfg.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {cfg.num_classes}")
+        dataset = ImageDataset(dataset.images, dataset.labels, cfg.num_classes, dataset.name)
+    if cfg.private and cfg.class_conditional and not dataset.classes_declared:
+        raise ValueError(f"the number of classes of {dataset.name or 'the data'} would be read off its labels "
+                         f"(labels.max() + 1 = {dataset.num_classes}), which is private: a class-conditional model "
+                         "would reveal it. Pass --num-classes N (the public number of classes), or "
+                         "--no-class-conditional")
+    # curator-side input validation, before any privacy is spent (what a release sees is unaffected)
+    if dataset.num_classes and len(dataset) and not (0 <= int(dataset.labels.min())
+                                                      and int(dataset.labels.max()) < dataset.num_classes):
+        raise ValueError(f"labels of {dataset.name or 'the data'} must lie in [0, {dataset.num_classes})")
     return dataset
 
 

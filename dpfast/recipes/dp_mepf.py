@@ -21,9 +21,21 @@ Steps, and where each one's privacy comes from:
    class; the means are then noisy sums divided by noisy counts (post-processing). Gaussian noise of
    standard deviation `sigma * sensitivity` on every coordinate is the Gaussian mechanism with noise
    multiplier sigma: the accountant's phase (sigma, sample_rate=1, steps=1), calibrated for the target
-   epsilon with the same API as DP-SGD and composable with DP-SGD phases (`Accountant.release`). The
-   noise is dpfast's 64-bit Box-Muller Philox stream keyed by 64 bits from the OS that are never
-   stored; its truncation at |z| <= 9.49 adds `truncation_delta` (1e-14 or less here) to delta.
+   epsilon with the same API as DP-SGD and composable with DP-SGD phases (`Accountant.release`).
+   The noise is dpfast's secure noise (`release_embeddings`): the vector is put on a power-of-two
+   grid and an exact discrete Gaussian integer is added (ChaCha20 under a 256-bit key from the OS,
+   never stored), so no floating-point sample depends on the data (the attacks of Jin et al. 2022 on
+   floating-point Gaussian samplers do not apply; a float64 count plus Box-Muller noise would leak
+   whether a small class is empty). The grid adds at most sqrt(dim) * grid to the sensitivity; the
+   accountant charges the effective noise multiplier that leaves. The release is accounted with RDP:
+   Canonne, Kamath and Steinke (2020) prove the discrete Gaussian's Renyi divergence is at most the
+   continuous Gaussian's, so the RDP epsilon is proven for it; the PRV value (tighter, the continuous
+   curve) is reported beside it as `epsilon_prv`.
+   The number of classes C is public: a declared class count (Fashion-MNIST's 10, an image folder's
+   sub-folders, or --num-classes), never labels.max() + 1 of the private labels (refused), so the
+   released shapes do not depend on the data. The feature dimension comes from a dummy input. A
+   record whose features are not finite contributes a zero vector. The one pass over the private
+   data has no progress bar (its length would show N); timing is not covered.
 3. **The generator** is trained on the released vector only: its loss compares the generator's own
    feature means with the noisy targets. Nothing after the release reads the private data (the
    trainer drops its reference to the data set before the generator's first step; a test checks it),
@@ -34,8 +46,8 @@ public); dpfast's add/remove adjacency does not allow that, hence the noisy coun
 """
 from __future__ import annotations
 
+import json
 import math
-import secrets
 import sys
 import time
 from dataclasses import dataclass
@@ -146,82 +158,120 @@ class Release:
     sums: torch.Tensor            # (C, D) noisy per-class sums of phi/||phi||
     second_sums: torch.Tensor | None
     counts: torch.Tensor          # (C,) noisy per-class counts
-    noise_multiplier: float
+    noise_multiplier: float       # nominal: noise std / sensitivity
     sensitivity: float
     moments: str
+    effective_noise_multiplier: float = 0.0   # what the accountant charges (the grid's, below nominal)
+    config: dict | None = None    # the run's configuration when it was released
 
     def targets(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-class means: noisy sums / noisy counts (counts below 1 are read as 1)."""
-        n = self.counts.clamp_min(1.0)[:, None]
+        n = self.counts.clamp_min(1.0)[:, None].to(self.sums.dtype)
         return self.sums / n, None if self.second_sums is None else self.second_sums / n
 
     def state_dict(self) -> dict:
         return {"sums": self.sums, "second_sums": self.second_sums, "counts": self.counts,
                 "noise_multiplier": self.noise_multiplier, "sensitivity": self.sensitivity,
-                "moments": self.moments}
+                "moments": self.moments, "effective_noise_multiplier": self.effective_noise_multiplier,
+                "config": self.config}
 
     @classmethod
     def from_state_dict(cls, s: dict) -> "Release":
-        return cls(s["sums"], s["second_sums"], s["counts"], s["noise_multiplier"], s["sensitivity"], s["moments"])
+        return cls(s["sums"], s["second_sums"], s["counts"], s["noise_multiplier"], s["sensitivity"], s["moments"],
+                   s.get("effective_noise_multiplier", 0.0), s.get("config"))
 
 
 def sensitivity(moments: str) -> float:
     return math.sqrt(3.0 if moments == "mean+second" else 2.0)
 
 
+def release_dim(num_classes: int, feature_dim: int, moments: str) -> int:
+    """Coordinates of the released vector: C*D sums (twice with second moments) and C counts."""
+    return num_classes * feature_dim * (2 if moments == "mean+second" else 1) + num_classes
+
+
+def feature_dim(feature_map: "FeatureMap", image_shape, device="cpu") -> int:
+    """D, from a public dummy input: the released shape never depends on the private data."""
+    with torch.no_grad():
+        return int(feature_map(torch.zeros(1, *image_shape, device=device)).shape[1])
+
+
 @torch.no_grad()
 def exact_sums(feature_map: FeatureMap, data: ImageDataset, num_classes: int, moments: str,
-               batch_size: int = 500, device="cpu", progress: bool = False):
-    """The noiseless vector sum_i v(x_i, y_i), in float64: ((C, D), (C, D) or None, (C,))."""
-    from tqdm import tqdm
+               batch_size: int = 500, device="cpu"):
+    """The noiseless vector sum_i v(x_i, y_i), in float64: ((C, D), (C, D) or None, (C,)).
 
+    A record whose features are not all finite contributes a zero vector (norm 0, within the
+    bound), so a diverged feature network cannot reveal which classes hold records. The class count
+    C is the run's public one (labels outside [0, C) are refused before this, by prepare_dataset)."""
     if num_classes < 1:
         raise ValueError("num_classes must be >= 1")
-    labels = data.labels if num_classes > 1 else torch.zeros(len(data), dtype=torch.long)
-    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes})")
-    sums = second = None
+    d = feature_dim(feature_map, data.image_shape, device)
+    sums = torch.zeros(num_classes, d, dtype=torch.float64)
+    second = torch.zeros_like(sums) if moments == "mean+second" else None
     counts = torch.zeros(num_classes, dtype=torch.float64)
-    for i in tqdm(range(0, len(data), batch_size), desc="private embedding (one pass)", unit="batch",
-                  disable=not progress, dynamic_ncols=True, leave=False):
+    labels = data.labels if num_classes > 1 else torch.zeros(len(data), dtype=torch.long)
+    for i in range(0, len(data), batch_size):  # no progress bar: its length would show N
         x = (data.images[i:i + batch_size].float() / 127.5 - 1.0).to(device)
         y = labels[i:i + batch_size]
-        first, sq = embed(feature_map(x).double().cpu(), moments)
-        if sums is None:
-            sums = torch.zeros(num_classes, first.shape[1], dtype=torch.float64)
-            second = torch.zeros_like(sums) if sq is not None else None
+        feats = feature_map(x).double().cpu()
+        ok = torch.isfinite(feats).all(dim=1, keepdim=True)
+        first, sq = embed(torch.where(ok, feats, torch.zeros_like(feats)), moments)
         sums.index_add_(0, y, first)
         if sq is not None:
             second.index_add_(0, y, sq)
         counts += torch.bincount(y, minlength=num_classes).double()
-    if sums is None:
-        raise ValueError("the private data set is empty")
     return sums, second, counts
 
 
+def integer_noise(n: int, key: bytes, scale_s: int) -> torch.Tensor:
+    """n draws of the exact discrete Gaussian N_Z(0, scale_s^2) from ChaCha20 under `key`
+    (dpfast.random_secure; the compiled dpfast._C sampler when built, the reference otherwise)."""
+    from dpfast import random_secure as rs
+    from dpfast._ext import ext
+
+    if ext is not None and hasattr(ext, "discrete_gaussian_cpu"):
+        out = torch.empty(n, dtype=torch.int64)
+        ext.discrete_gaussian_cpu(out.data_ptr(), n, 0, key, int(scale_s), 0)
+        return out
+    return torch.from_numpy(rs.discrete_gaussian(n, key=key, step=0, scale_s=int(scale_s)))
+
+
+def noise_multiplier_for(target: float, dim: int, moments: str) -> float:
+    """The nominal noise multiplier whose effective one (after the grid, `secure_noise_multiplier`)
+    is at least `target`."""
+    from dpfast.random_secure import secure_noise_multiplier
+
+    sigma = float(target)
+    while secure_noise_multiplier(sigma, dim=dim, max_grad_norm=sensitivity(moments)) < target:
+        sigma *= 1.0001
+    return sigma
+
+
 def release_embeddings(feature_map: FeatureMap, data: ImageDataset, num_classes: int, moments: str,
-                       noise_multiplier: float, device="cpu", progress: bool = False,
-                       seed: int | None = None) -> Release:
-    """The Gaussian mechanism on sum_i v(x_i, y_i) (module docstring): noise of standard deviation
-    noise_multiplier * sensitivity on every coordinate. `seed` is for tests only: by default 64 bits
-    come from the OS and are never stored."""
-    from dpfast.random import normal_f64
+                       noise_multiplier: float, device="cpu", key: bytes | None = None) -> Release:
+    """The release (module docstring), with dpfast's secure noise: the vector V is put on the grid
+    g = 2^grid_exp (a = rint(V / g), exact in float64), an integer k ~ N_Z(0, S^2) is drawn exactly
+    from ChaCha20 under a fresh 256-bit key from the OS (`key` is for tests only), and the release is
+    (a + k) g. No floating-point sample ever depends on the data, so the attacks on floating-point
+    Gaussian samplers (Jin et al. 2022) do not apply; the rounding adds at most sqrt(dim) g to the
+    sensitivity, which the effective noise multiplier S g / (sensitivity + sqrt(dim) g) accounts."""
+    from dpfast import random_secure as rs
 
     if moments not in MOMENTS:
         raise ValueError(f"moments must be one of {MOMENTS}, got {moments!r}")
-    sums, second, counts = exact_sums(feature_map, data, num_classes, moments, device=device, progress=progress)
-    parts = [sums.flatten()] + ([second.flatten()] if second is not None else []) + [counts]
-    flat = torch.cat(parts)
-    std = float(noise_multiplier) * sensitivity(moments)
-    key = secrets.randbits(64) if seed is None else int(seed)
-    noisy = flat + torch.from_numpy(normal_f64(flat.numel(), seed=key, step=0)) * std
-    del key
+    sums, second, counts = exact_sums(feature_map, data, num_classes, moments, device=device)
+    flat = torch.cat([sums.flatten()] + ([second.flatten()] if second is not None else []) + [counts])
+    delta_l2 = sensitivity(moments)
+    scale_s, grid_exp = rs.secure_grid(float(noise_multiplier) * delta_l2)
+    a = torch.round(torch.ldexp(flat, torch.tensor(-grid_exp, dtype=torch.float64))).to(torch.int64)
+    k = integer_noise(flat.numel(), rs.new_key() if key is None else rs.check_key(key), scale_s)
+    noisy = torch.ldexp((a + k).to(torch.float64), torch.tensor(grid_exp, dtype=torch.float64))
     c, d = sums.shape
-    out_sums = noisy[:c * d].view(c, d)
     out_second = noisy[c * d:2 * c * d].view(c, d) if second is not None else None
-    out_counts = noisy[-c:]
-    return Release(out_sums.float(), None if out_second is None else out_second.float(), out_counts,
-                   float(noise_multiplier), sensitivity(moments), moments)
+    effective = rs.secure_noise_multiplier(noise_multiplier, dim=flat.numel(), max_grad_norm=delta_l2)
+    return Release(noisy[:c * d].view(c, d), out_second, noisy[-c:], float(noise_multiplier), delta_l2, moments,
+                   effective)
 
 
 # ----------------------------------------------------------------------------- the generator
@@ -352,14 +402,6 @@ class MEPFTrainer:
         self.image_shape = self.dataset.image_shape
         self.num_classes = self.dataset.num_classes if cfg.class_conditional else 0
         self.total_steps = int(cfg.steps)
-        self.noise_multiplier = None
-        if cfg.private:
-            self.noise_multiplier = cfg.noise_multiplier
-            if self.noise_multiplier is None:
-                from dpfast.accounting import calibrate_noise_multiplier
-
-                self.noise_multiplier = calibrate_noise_multiplier(cfg.target_epsilon, cfg.delta, 1.0, steps=1,
-                                                                   accountant=cfg.accountant)
         self.step, self.elapsed = 0, 0.0
 
     # -- the release (the only use of the private data)
@@ -370,6 +412,8 @@ class MEPFTrainer:
         c = self.image_shape[0]
         if path.exists():
             state = torch.load(path, map_location="cpu", weights_only=False)
+            if (state.get("public_data"), state.get("image_shape")) != (self.cfg.public_data, list(self.image_shape)):
+                raise ValueError(f"{path} was trained on other public data or another image size: use a new --out")
             net = PublicCNN(c, state["num_classes"], state["width"])
             net.load_state_dict(state["model"])
         else:
@@ -379,56 +423,76 @@ class MEPFTrainer:
             net = train_public_feature_net(public, self.cfg.mepf_feature_steps, seed=self.cfg.seed,
                                            progress=self.progress)
             atomic_torch_save({"model": net.state_dict(), "num_classes": public.num_classes, "width": 16,
-                               "public_data": self.cfg.public_data}, path)
+                               "public_data": self.cfg.public_data, "image_shape": list(self.image_shape)}, path)
+        if not all(torch.isfinite(p).all() for p in net.parameters()):
+            raise ValueError("the feature network (public data only) has non-finite weights: retrain it with "
+                             "fewer --mepf-feature-steps or another --public-data")
         return FeatureMap(net, PublicCNN.FEATURE_LAYERS).to(self.device)
 
-    def _release(self, fmap: FeatureMap) -> Release:
-        from dpfast.diffusion.trainer import atomic_torch_save, atomic_write_json
+    def _noise_multiplier(self, dim: int) -> float:
+        """Nominal sigma: the configured one, or calibrated (RDP, proven for the discrete Gaussian)
+        so that the effective sigma the accountant charges meets the target epsilon."""
+        cfg = self.cfg
+        if cfg.noise_multiplier is not None:
+            return float(cfg.noise_multiplier)
+        from dpfast.accounting import calibrate_noise_multiplier
 
+        target = calibrate_noise_multiplier(cfg.target_epsilon, cfg.delta, 1.0, steps=1, accountant="rdp")
+        return noise_multiplier_for(target, dim, cfg.mepf_moments)
+
+    def _release(self, fmap: FeatureMap) -> Release:
+        from dpfast.diffusion.trainer import _check_resumable, atomic_torch_save, atomic_write_json
+
+        cfg = self.cfg
         path, marker = self.out / "embeddings.pt", self.out / "release_started.json"
+        saved = json.loads(marker.read_text()).get("config") if marker.exists() else None
+        if saved is not None:  # the release's settings can never change afterwards (only run control)
+            self.cfg = cfg = _check_resumable(TrainConfig.from_dict(saved), cfg)
         if path.exists():
             return Release.from_state_dict(torch.load(path, map_location="cpu", weights_only=False))
         if marker.exists():
             raise RuntimeError(f"{marker} says a release was made but its result was never saved (the run "
                                "died during it): that privacy is spent. Start again in a new --out, and count "
                                "both releases.")
-        atomic_write_json({"started": time.strftime("%Y-%m-%d %H:%M:%S")}, marker)
         classes = max(1, self.num_classes)
-        if self.cfg.private:
-            release = release_embeddings(fmap, self.dataset, classes, self.cfg.mepf_moments, self.noise_multiplier,
-                                         device=self.device, progress=self.progress)
+        dim = release_dim(classes, feature_dim(fmap, self.image_shape, self.device), cfg.mepf_moments)
+        sigma = self._noise_multiplier(dim) if cfg.private else 0.0
+        atomic_write_json({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "config": cfg.to_dict()}, marker)
+        if cfg.private:
+            release = release_embeddings(fmap, self.dataset, classes, cfg.mepf_moments, sigma, device=self.device)
         else:  # the non-private baseline: the exact means
-            sums, second, counts = exact_sums(fmap, self.dataset, classes, self.cfg.mepf_moments,
-                                              device=self.device, progress=self.progress)
-            release = Release(sums.float(), None if second is None else second.float(), counts, 0.0,
-                              sensitivity(self.cfg.mepf_moments), self.cfg.mepf_moments)
+            sums, second, counts = exact_sums(fmap, self.dataset, classes, cfg.mepf_moments, device=self.device)
+            release = Release(sums, second, counts, 0.0, sensitivity(cfg.mepf_moments), cfg.mepf_moments, 0.0)
+        release.config = cfg.to_dict()
         atomic_torch_save(release.state_dict(), path)
         return release
 
     # -- reports
     def privacy_report(self, release: Release) -> dict:
+        """Built from the release itself (its stored settings), never from the current config."""
         common = {"recipe": "dp-mepf", "steps": self.step, "planned_steps": self.total_steps,
                   "complete": self.step >= self.total_steps, "sample_rate": 1.0,
-                  "public_data": public_data.describe(self.cfg.public_data),
+                  "public_data": public_data.describe(self.cfg.public_data), "num_classes": release.counts.numel(),
                   "noisy_count_total": float(release.counts.sum()), "moments": release.moments}
-        if not self.cfg.private:
+        if release.noise_multiplier == 0:
             return {"private": False, "epsilon": None, "note": "exact feature means: NOT private", **common}
         from dpfast.accounting import epsilon_report
-        from dpfast.random import truncation_delta
 
-        rep = epsilon_report([(self.noise_multiplier, 1.0, 1)], self.cfg.delta, self.cfg.accountant).to_dict()
-        return {"private": True, "epsilon": rep["epsilon"], "delta": self.cfg.delta, "end_to_end": True,
+        delta = (release.config or self.cfg.to_dict())["delta"]
+        sigma_eff = release.effective_noise_multiplier
+        rep = epsilon_report([(sigma_eff, 1.0, 1)], delta, "rdp").to_dict()
+        prv = epsilon_report([(sigma_eff, 1.0, 1)], delta, "prv").epsilon
+        return {"private": True, "epsilon": rep["epsilon"], "delta": delta, "end_to_end": True,
                 "guarantee_lost": None, "releases_charged": 1,
                 "adjacency": "add/remove-one (one release of the whole data set)",
-                "mechanism": "Gaussian, one-shot: per-class sums of unit-normalised features"
-                             + (" and of their squares" if release.moments == "mean+second" else "")
+                "mechanism": "discrete Gaussian (exact, ChaCha20), one-shot: per-class sums of unit-normalised "
+                             "features" + (" and of their squares" if release.moments == "mean+second" else "")
                              + ", and per-class counts",
-                "noise_multiplier": self.noise_multiplier, "sensitivity": release.sensitivity,
-                "noise_std": self.noise_multiplier * release.sensitivity,
-                "truncation_delta": truncation_delta(self.noise_multiplier, 1, 1.0),
-                "target_epsilon": self.cfg.target_epsilon if self.cfg.noise_multiplier is None else None,
-                "accountant": rep["accountant"], "history": [[self.noise_multiplier, 1.0, 1]],
-                "epsilon_lower": rep["epsilon_lower"], "epsilon_estimate": rep["epsilon_estimate"],
+                "noise_multiplier": release.noise_multiplier, "effective_noise_multiplier": sigma_eff,
+                "sensitivity": release.sensitivity, "noise_std": release.noise_multiplier * release.sensitivity,
+                "accountant": "rdp (proven for the discrete Gaussian)", "epsilon_prv": prv,
+                "history": [[sigma_eff, 1.0, 1]],
+                "target_epsilon": (release.config or {}).get("target_epsilon"),
                 "feature_network": "PublicCNN trained on the public data only", **common}
 
     # -- training
@@ -451,7 +515,7 @@ class MEPFTrainer:
         release = self._release(fmap)
         setup = time.perf_counter() - setup
         self.dataset = None   # nothing below reads the private data: the generator sees `release` only
-        targets = tuple(None if t is None else t.to(self.device) for t in release.targets())
+        targets = tuple(None if t is None else t.to(self.device, torch.float32) for t in release.targets())
         classes = max(1, self.num_classes)
         torch.manual_seed(cfg.seed)
         gen = Generator(self.image_shape, self.num_classes, width=cfg.nf).to(self.device)
@@ -470,7 +534,8 @@ class MEPFTrainer:
         self.log(f"DP-MEPF: released {'noisy ' if cfg.private else 'EXACT (not private) '}per-class embeddings "
                  f"({release.sums.shape[1]} features x {classes} classes, {release.moments}); generator "
                  f"{sum(p.numel() for p in gen.parameters()):,} parameters, {self.total_steps} steps"
-                 + (f"; epsilon {eps:.4g} at delta={cfg.delta:g} (sigma={self.noise_multiplier:.4g})" if cfg.private else ""))
+                 + (f"; epsilon {eps:.4g} at delta={cfg.delta:g} (sigma={release.noise_multiplier:.4g})"
+                    if eps is not None else ""))
         stop_at = self.total_steps if cfg.max_steps is None else min(self.total_steps, cfg.max_steps)
         bar = None
         if self.progress:
@@ -521,9 +586,9 @@ class MEPFTrainer:
         atomic_write_json(report, self.out / "privacy_report.json")
         done = self.step >= self.total_steps
         self.log(f"trained {self.step - first} generator steps in {self.elapsed:.1f} s (all invocations)")
-        eps_line = (f"epsilon spent: {report['epsilon']:.4g} at delta={cfg.delta:g} (one Gaussian release, "
-                    f"{report['accountant']} accountant, sigma={self.noise_multiplier:.4g}, sensitivity "
-                    f"{release.sensitivity:.4g})" if cfg.private else "no privacy: exact feature means (--no-private)")
+        eps_line = (f"epsilon spent: {report['epsilon']:.4g} at delta={report['delta']:g} (one discrete Gaussian "
+                    f"release, RDP accountant, sigma={release.noise_multiplier:.4g}, sensitivity "
+                    f"{release.sensitivity:.4g})" if report["private"] else "no privacy: exact feature means (--no-private)")
         status = "finished" if done else (f"stopped ({reason}) at step {self.step}/{self.total_steps}; run the "
                                           "same command again to resume")
         self.log(f"{status}. {eps_line}")

@@ -18,7 +18,7 @@ from dpfast.diffusion.presets import TrainConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "diffusion"))
 from test_data import write_mnist_dir  # noqa: E402
 
-TINY = TrainConfig(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), multiplicity=1,
+TINY = TrainConfig(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), multiplicity=1, num_classes=4,
                    batch_size=16, lr=1e-3, ema_decay=0.9, max_physical_batch_size=16, accountant="rdp",
                    backend="torch", device="cpu", sample_steps=2, grid_size=2, grid_every=0,
                    checkpoint_every=2, epsilon_every_seconds=0.0)

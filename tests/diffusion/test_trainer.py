@@ -14,7 +14,7 @@ pytest.importorskip("dpfast.engine", reason="dpfast.engine (the DP engine) is no
 
 # 8x8 images, a U-Net with attention at 4x4; Poisson batches of ~12 of 48 samples, K=2 rows each, in
 # physical chunks of 5 samples, so logical steps span several chunks (and may have empty ones).
-TINY = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), multiplicity=2,
+TINY = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), multiplicity=2, num_classes=3,
             batch_size=12, steps=6, lr=1e-3, ema_decay=0.9, max_physical_batch_size=5,
             target_epsilon=None, noise_multiplier=1.0, accountant="rdp", backend="torch",
             noise_seed=1234, seed=0, device="cpu", sample_steps=3, grid_size=2, grid_every=0,
@@ -133,6 +133,7 @@ def test_cli_train_sample_evaluate(data_dir, tmp_path):
 
     out = tmp_path / "cli"
     args = ["train", "--preset", "demo", "--out", str(out), "--data-dir", str(data_dir), "--no-progress",
+            "--num-classes", "3",
             "--resolution", "none", "--nf", "8", "--ch-mult", "1,2", "--attn-resolutions", "", "--batch-size", "12",
             "--steps", "2", "--multiplicity", "2", "--noise-multiplier", "1.0", "--accountant", "rdp",
             "--backend", "torch", "--sample-steps", "2", "--grid-size", "2", "--augment", "flip+crop"]
@@ -194,7 +195,8 @@ def test_train_under_torchrun_two_processes(data_dir, tmp_path):
             "--batch-size", "12", "--steps", "3", "--max-physical-batch-size", "5", "--noise-multiplier", "1.0",
             "--accountant", "rdp", "--sample-steps", "2", "--grid-size", "2", "--device", "cpu"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dpfast",
-           "train", "--preset", "demo", "--out", str(out), "--data-dir", str(data_dir), "--no-progress", *args]
+           "train", "--preset", "demo", "--out", str(out), "--data-dir", str(data_dir), "--no-progress",
+           "--num-classes", "3", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, start_new_session=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -203,3 +205,17 @@ def test_train_under_torchrun_two_processes(data_dir, tmp_path):
     assert report["steps"] == 3 and report["sample_rate"] == pytest.approx(12 / 48)
     state = final_state(out)
     assert isinstance(state["loss_rng"], list) and len(state["loss_rng"]) == 2
+
+
+def test_class_count_read_off_private_labels_is_refused(data_dir, tmp_path):
+    """IDX files other than Fashion-MNIST say nothing about the number of classes; labels.max() + 1
+    is a function of the private labels (one record with a new highest label would change the
+    model's shape), so a private class-conditional run needs it declared."""
+    cfg = TrainConfig(data_dir=str(data_dir), **dict(TINY, num_classes=None))
+    with pytest.raises(ValueError, match="read off its labels.*--num-classes"):
+        run(cfg, tmp_path / "c")
+    with pytest.raises(ValueError, match=r"labels of .* must lie in \[0, 2\)"):
+        run(TrainConfig(data_dir=str(data_dir), **dict(TINY, num_classes=2)), tmp_path / "d")
+    assert not (tmp_path / "c" / "checkpoint.pt").exists()
+    run(TrainConfig(data_dir=str(data_dir), **dict(TINY, num_classes=None, class_conditional=False, steps=1)),
+        tmp_path / "e")

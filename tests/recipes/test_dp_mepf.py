@@ -17,7 +17,7 @@ from dpfast.recipes import dp_mepf as M
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "diffusion"))
 from test_data import write_mnist_dir  # noqa: E402
 
-TINY = TrainConfig(recipe="dp-mepf", steps=4, batch_size=12, nf=8, lr=1e-3, ema_decay=0.9, multiplicity=1,
+TINY = TrainConfig(recipe="dp-mepf", steps=4, batch_size=12, nf=8, num_classes=4, lr=1e-3, ema_decay=0.9, multiplicity=1,
                    target_epsilon=5.0, accountant="rdp", device="cpu", grid_size=2, checkpoint_every=2,
                    mepf_feature_steps=3)
 
@@ -60,21 +60,50 @@ def test_sensitivity_is_attained_and_never_exceeded(moments):
     assert M.sensitivity(moments) == math.sqrt(3.0 if moments == "mean+second" else 2.0)
 
 
-def test_release_adds_noise_of_sigma_times_sensitivity():
+def test_release_is_the_grid_plus_discrete_gaussian_noise_on_every_block():
+    """Each block (sums, second-moment sums, counts) carries noise of std sigma * sqrt(3) on the grid;
+    the counts too (the paper's exact counts would be a leak under add/remove)."""
+    from dpfast import random_secure as rs
+
     fmap, data = _fmap(), _data(n=64)
-    exact = torch.cat([t.flatten() for t in M.exact_sums(fmap, data, 4, "mean+second")])
-    rel = M.release_embeddings(fmap, data, 4, "mean+second", noise_multiplier=2.0, seed=5)
-    noisy = torch.cat([rel.sums.double().flatten(), rel.second_sums.double().flatten(), rel.counts])
-    noise = noisy - exact
-    assert noise.std().item() == pytest.approx(2.0 * math.sqrt(3.0), rel=0.02)  # tens of thousands of draws
-    assert abs(noise.mean().item()) < 0.05
-    again = M.release_embeddings(fmap, data, 4, "mean+second", noise_multiplier=2.0)  # OS key
+    sums, second, counts = M.exact_sums(fmap, data, 4, "mean+second")
+    sigma, key = 2.0, bytes(range(32))
+    rel = M.release_embeddings(fmap, data, 4, "mean+second", noise_multiplier=sigma, key=key)
+    std = sigma * math.sqrt(3.0)
+    scale_s, grid_exp = rs.secure_grid(std)
+    g = 2.0 ** grid_exp
+    for noisy, exact in ((rel.sums, sums), (rel.second_sums, second)):
+        noise = (noisy - exact).flatten()
+        assert noise.std().item() == pytest.approx(std, rel=0.05) and abs(noise.mean().item()) < 0.2
+    # the counts: (round(count / g) + k) * g, with k the key's last 4 integer draws
+    n = rel.sums.numel() * 2 + 4
+    k = M.integer_noise(n, key, scale_s)[-4:]
+    assert torch.equal(rel.counts, (torch.round(counts / g) + k.double()) * g)
+    assert (rel.counts - counts).abs().min() > 0          # noise on every count
+    grid_units = torch.cat([rel.sums.flatten(), rel.counts]) / g
+    assert torch.equal(grid_units, grid_units.round())    # every released value is on the grid
+    again = M.release_embeddings(fmap, data, 4, "mean+second", noise_multiplier=sigma)  # a key from the OS
     assert not torch.equal(again.counts, rel.counts)
+    assert rel.effective_noise_multiplier < sigma and rel.effective_noise_multiplier > 0.999 * sigma
+
+
+def test_empty_data_and_non_finite_features_release_only_noise():
+    fmap = _fmap()
+    empty = ImageDataset(torch.zeros(0, 1, 8, 8, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), 4)
+    sums, second, counts = M.exact_sums(fmap, empty, 4, "mean+second")
+    assert sums.shape == (4, M.feature_dim(fmap, (1, 8, 8))) and float(counts.sum()) == 0 and float(sums.abs().sum()) == 0
+    rel = M.release_embeddings(fmap, empty, 4, "mean+second", noise_multiplier=1.0)
+    assert rel.sums.shape == sums.shape
+    with torch.no_grad():
+        fmap.net.b0[0].weight.fill_(float("nan"))
+    sums, second, counts = M.exact_sums(fmap, _data(), 4, "mean+second")
+    assert float(sums.abs().sum()) == 0 and float(counts.sum()) == 24   # zero vectors, counted
 
 
 def test_one_shot_accounting_is_the_gaussian_mechanism():
     """The accountant's phase (sigma, q=1, 1 step) against the analytic Gaussian mechanism (Balle &
-    Wang 2018): the calibrated sigma meets delta at epsilon, and 1% less noise does not."""
+    Wang 2018): the calibrated sigma meets delta at epsilon, and 1% less noise does not. The recipe
+    accounts with RDP (proven for the discrete Gaussian), which is above the tight value."""
     from scipy.stats import norm
 
     def delta(eps, s):  # sensitivity 1, std s
@@ -82,6 +111,8 @@ def test_one_shot_accounting_is_the_gaussian_mechanism():
     for eps in (1.0, 10.0):
         s = calibrate_noise_multiplier(eps, 1e-5, 1.0, steps=1)
         assert delta(eps, s) <= 1e-5 and delta(eps, 0.99 * s) > 1e-5
+        s_rdp = calibrate_noise_multiplier(eps, 1e-5, 1.0, steps=1, accountant="rdp")
+        assert s_rdp > s and delta(eps, s_rdp) < 1e-5
     acc = Accountant.create("prv")
     acc.release(3.75)
     acc.step(0.7, 0.002, 600)
@@ -89,6 +120,19 @@ def test_one_shot_accounting_is_the_gaussian_mechanism():
     assert both > epsilon_report([(3.75, 1.0, 1)], 1e-5).epsilon
     assert both > epsilon_report([(0.7, 0.002, 600)], 1e-5).epsilon
     assert acc.history[0] == (3.75, 1.0, 1)
+
+
+def test_a_changed_config_after_the_release_is_refused(data_dir, tmp_path):
+    """The release's settings are fixed once it started: a rerun that would report a non-private
+    release as private, or another epsilon, is refused (the report is built from the release)."""
+    cfg = TINY.replace(data_dir=str(data_dir), private=False, target_epsilon=None)
+    out = tmp_path / "r"
+    M.MEPFTrainer(cfg.replace(max_steps=1), out, progress=False, log=lambda *a: None).train()
+    (out / "checkpoint.pt").unlink()          # as if killed before its first checkpoint
+    with pytest.raises(ValueError, match="different configuration.*private"):
+        M.MEPFTrainer(cfg.replace(private=True, target_epsilon=1.0), out, progress=False, log=lambda *a: None).train()
+    rep = M.MEPFTrainer(cfg, out, progress=False, log=lambda *a: None).train()["report"]
+    assert rep["private"] is False and rep["epsilon"] is None
 
 
 class CountingData(ImageDataset):
@@ -124,6 +168,9 @@ def test_the_generator_never_reads_the_private_data(data_dir, tmp_path, monkeypa
     report = result["report"]
     assert report["epsilon"] <= 5.0 * (1 + 1e-9) and report["end_to_end"] and report["releases_charged"] == 1
     assert report["sensitivity"] == pytest.approx(math.sqrt(3))
+    stored = torch.load(tmp_path / "r" / "embeddings.pt", weights_only=False)
+    assert report["noise_multiplier"] == stored["noise_multiplier"] and report["history"][0][0] == stored[
+        "effective_noise_multiplier"]
     assert "dataset_size" not in report      # the exact N is private under add/remove
 
 
@@ -155,7 +202,7 @@ def test_cli_train_sample_evaluate_and_public_data_checks(data_dir, tmp_path):
     out = tmp_path / "cli"
     assert main(["train", "--preset", "dp-mepf-eps10", "--out", str(out), "--data-dir", str(data_dir),
                  "--no-progress", "--steps", "3", "--nf", "8", "--batch-size", "8", "--mepf-feature-steps", "2",
-                 "--device", "cpu", "--grid-size", "2", "--mepf-moments", "mean"]) == 0
+                 "--device", "cpu", "--grid-size", "2", "--mepf-moments", "mean", "--num-classes", "4"]) == 0
     report = json.loads((out / "privacy_report.json").read_text())
     assert report["sensitivity"] == pytest.approx(math.sqrt(2)) and report["epsilon"] <= 10.0 * (1 + 1e-9)
     samples = tmp_path / "s.npz"
