@@ -12,4 +12,12 @@ PY=${PYTHON:-python3}
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q torch==2.13.0
 .venv/bin/pip install -q .
-exec .venv/bin/dpfast train --preset demo --out runs/demo "$@"
+.venv/bin/dpfast train --preset demo --out runs/demo "$@"
+cat <<'NEXT'
+
+next: the dpfast command lives in .venv, so first
+    source .venv/bin/activate
+then, for example (sampling ~1 minute, evaluation ~2 minutes the first time on 2 cores):
+    dpfast sample --model runs/demo --num 2000 --out runs/demo/samples.npz --grid runs/demo/grid.png
+    dpfast evaluate --samples runs/demo/samples.npz --out runs/demo/eval.json
+NEXT

@@ -372,7 +372,11 @@ class MEPFTrainer:
     """
 
     def __init__(self, cfg: TrainConfig, out_dir, dataset: ImageDataset | None = None, progress: bool = True,
-                 log=print):
+                 log=print, feature_map: FeatureMap | None = None):
+        """feature_map: your own phi, e.g. FeatureMap(torchvision_vgg_with_your_weights, ["features.3", ...]).
+        It must have been trained on public data only (dpfast cannot check that); pass the same one
+        again when a run resumes. None: PublicCNN trained on cfg.public_data."""
+        self.user_feature_map = feature_map
         import os
 
         from dpfast.diffusion.trainer import _check_resumable, prepare_dataset, resolve_device
@@ -408,6 +412,11 @@ class MEPFTrainer:
     def _feature_map(self) -> FeatureMap:
         from dpfast.diffusion.trainer import atomic_torch_save
 
+        if self.user_feature_map is not None:
+            fmap = self.user_feature_map
+            if not all(torch.isfinite(p).all() for p in fmap.parameters()):
+                raise ValueError("the feature map has non-finite weights")
+            return fmap.to(self.device)
         path = self.out / "feature_net.pt"
         c = self.image_shape[0]
         if path.exists():
@@ -457,7 +466,8 @@ class MEPFTrainer:
         classes = max(1, self.num_classes)
         dim = release_dim(classes, feature_dim(fmap, self.image_shape, self.device), cfg.mepf_moments)
         sigma = self._noise_multiplier(dim) if cfg.private else 0.0
-        atomic_write_json({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "config": cfg.to_dict()}, marker)
+        atomic_write_json({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "config": cfg.to_dict(),
+                           "feature_map": "user" if self.user_feature_map is not None else "PublicCNN"}, marker)
         if cfg.private:
             release = release_embeddings(fmap, self.dataset, classes, cfg.mepf_moments, sigma, device=self.device)
         else:  # the non-private baseline: the exact means
@@ -493,7 +503,9 @@ class MEPFTrainer:
                 "accountant": "rdp (proven for the discrete Gaussian)", "epsilon_prv": prv,
                 "history": [[sigma_eff, 1.0, 1]],
                 "target_epsilon": (release.config or {}).get("target_epsilon"),
-                "feature_network": "PublicCNN trained on the public data only", **common}
+                "feature_network": ("a user-supplied feature map (its training data is the user's responsibility)"
+                                    if self.user_feature_map is not None else
+                                    "PublicCNN trained on the public data only"), **common}
 
     # -- training
     def _save_checkpoint(self, gen, ema, opt, rng) -> None:

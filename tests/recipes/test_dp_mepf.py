@@ -234,3 +234,18 @@ def test_presets_and_config_errors(data_dir, tmp_path):
     from dpfast.diffusion.trainer import trainer_class
     with pytest.raises(ValueError, match="unknown recipe"):
         trainer_class(TINY.replace(recipe="dp-magic"))
+
+
+def test_a_user_feature_map_plugs_in(data_dir, tmp_path):
+    """Any nn.Module and layer names (a torchvision VGG with its own weights, here a small Sequential)."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2), nn.ReLU())
+    fmap = M.FeatureMap(net, ["1", "3"])
+    result = M.MEPFTrainer(TINY.replace(data_dir=str(data_dir)), tmp_path / "u", progress=False,
+                           log=lambda *a: None, feature_map=fmap).train()
+    assert result["status"] == "finished" and "user-supplied" in result["report"]["feature_network"]
+    assert not (tmp_path / "u" / "feature_net.pt").exists()
+    with pytest.raises(ValueError, match="not modules"):
+        M.FeatureMap(net, ["nope"])
