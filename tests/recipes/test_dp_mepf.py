@@ -22,12 +22,7 @@ TINY = TrainConfig(recipe="dp-mepf", steps=4, batch_size=12, nf=8, num_classes=4
                    mepf_feature_steps=3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
