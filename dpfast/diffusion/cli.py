@@ -80,13 +80,17 @@ def cmd_train(args) -> int:
     from .data import DatasetNotFoundError
     from .trainer import train
 
-    cfg = config_from_args(args)
+    try:
+        cfg = config_from_args(args).validate()
+    except (ValueError, OSError) as e:  # bad options or --config: said before anything else happens
+        print(f"dpfast train: {e}", file=sys.stderr)
+        return 2
     if args.print_config:
         print(cfg.dumps())
         return 0
     try:
         result = train(cfg, args.out, progress=not args.no_progress)
-    except DatasetNotFoundError as e:
+    except (DatasetNotFoundError, ValueError) as e:  # missing data, a refused setting, another run in --out
         print(f"dpfast train: {e}", file=sys.stderr)
         return 2
     # a stop by signal exits as the shell would report the signal (128 + its number)

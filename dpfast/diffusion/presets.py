@@ -82,6 +82,56 @@ class TrainConfig:
     mepf_moments: str = "mean+second"      # mean | mean+second: the feature moments released and matched
     mepf_feature_steps: int = 1500         # training steps of the feature network on the public data
 
+    def validate(self) -> "TrainConfig":
+        """Every field checked before any data is read or any privacy is spent; one-line errors."""
+        from .augment import AUGMENT_CHOICES
+
+        def check(ok, msg):
+            if not ok:
+                raise ValueError(msg)
+        choices = {"recipe": ("dpdm", "dp-mepf"), "sampler": ("ddim", "edm"), "mode": ("bk", "two-pass"),
+                   "backend": ("torch", "triton", "auto"), "accountant": ("prv", "rdp"),
+                   "augment": AUGMENT_CHOICES, "embedding_type": ("positional", "fourier"),
+                   "mepf_moments": ("mean", "mean+second")}
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            check(value in allowed, f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}; got {value!r}")
+        for name in ("nf", "num_res_blocks", "multiplicity", "batch_size", "max_physical_batch_size",
+                     "sample_steps", "grid_size", "checkpoint_every", "mepf_feature_steps"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value >= 1, f"--{name.replace('_', '-')} must be an integer >= 1; got {value!r}")
+        for name in ("steps", "max_steps", "subset", "resolution", "num_classes"):
+            value = getattr(self, name)
+            check(value is None or (isinstance(value, int) and value >= (0 if name == "max_steps" else 1)),
+                  f"--{name.replace('_', '-')} must be a positive integer or none; got {value!r}")
+        for name in ("lr", "max_grad_norm", "epochs", "sigma_data", "checkpoint_seconds"):
+            value = getattr(self, name)
+            check(value > 0 and math.isfinite(value), f"--{name.replace('_', '-')} must be > 0; got {value!r}")
+        for name in ("target_epsilon", "noise_multiplier", "time_budget"):
+            value = getattr(self, name)
+            check(value is None or (value >= 0 if name == "time_budget" else value > 0) and math.isfinite(value),
+                  f"--{name.replace('_', '-')} must be > 0 (or none); got {value!r}")
+        check(0 < self.delta < 1, f"--delta must be in (0, 1); got {self.delta!r}")
+        check(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1); got {self.ema_decay!r}")
+        check(0 <= self.label_dropout < 1, f"--label-dropout must be in [0, 1); got {self.label_dropout!r}")
+        check(0 <= self.dropout < 1, f"--dropout must be in [0, 1); got {self.dropout!r}")
+        check(self.p_std > 0, f"--p-std must be > 0; got {self.p_std!r}")
+        check(self.guidance >= 0, f"--guidance must be >= 0; got {self.guidance!r}")
+        check(self.threads is None or self.threads >= 0, f"--threads must be >= 0; got {self.threads!r}")
+        if self.private:
+            check(self.target_epsilon is not None or self.noise_multiplier is not None,
+                  "a private run needs --target-epsilon or --noise-multiplier")
+        if self.device not in ("auto", "cpu"):
+            import torch
+
+            try:
+                dev = torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(f"--device must be auto, cpu, cuda or cuda:N; got {self.device!r}") from None
+            check(dev.type != "cuda" or torch.cuda.is_available(),
+                  f"--device {self.device}: no CUDA device is available here (use --device cpu or auto)")
+        return self
+
     def to_dict(self) -> dict:
         return {f.name: list(v) if isinstance(v, tuple) else v
                 for f, v in ((f, getattr(self, f.name)) for f in fields(self))}

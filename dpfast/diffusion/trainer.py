@@ -434,9 +434,27 @@ class Trainer:
         max_steps = self.cfg.max_steps
         return self.total_steps if max_steps is None else min(self.total_steps, max_steps)
 
+    def _already_finished(self) -> dict | None:
+        """A finished run whose final outputs were all written: rerunning it changes nothing."""
+        report_path, model_path = self.out / "privacy_report.json", self.out / "model.pt"
+        if self.resume_state is None or self.step < self.total_steps or not (report_path.exists() and model_path.exists()):
+            return None
+        if min(report_path.stat().st_mtime, model_path.stat().st_mtime) < self.ckpt_path.stat().st_mtime:
+            return None  # killed while writing its final outputs: write them again
+        report = json.loads(report_path.read_text())
+        eps = report.get("epsilon")
+        self.log(f"already finished ({self.step} steps): nothing to do. "
+                 + (f"epsilon spent: {eps:.4g} at delta={report['delta']:g}" if eps is not None else "not private")
+                 + f"; privacy report: {report_path}")
+        return {"status": "finished", "reason": "done", "steps": self.step, "report": report,
+                "train_seconds": self.elapsed}
+
     def train(self) -> dict:
         cfg = self.cfg
         stop_at = self._stop_step()
+        done = self._already_finished()
+        if done is not None:
+            return done
         self.log(self.describe())
         if self.resume_state is not None:
             self.log(f"resuming from step {self.step} of {self.total_steps} ({self.ckpt_path})")
@@ -559,6 +577,7 @@ def trainer_class(cfg: TrainConfig):
 
 
 def train(cfg: TrainConfig, out_dir, **kwargs) -> dict:
+    cfg.validate()
     return trainer_class(cfg)(cfg, out_dir, **kwargs).train()
 
 

@@ -219,3 +219,29 @@ def test_class_count_read_off_private_labels_is_refused(data_dir, tmp_path):
     assert not (tmp_path / "c" / "checkpoint.pt").exists()
     run(TrainConfig(data_dir=str(data_dir), **dict(TINY, num_classes=None, class_conditional=False, steps=1)),
         tmp_path / "e")
+
+
+def test_bad_options_are_one_line_errors_before_anything_runs(tmp_path, capsys):
+    from dpfast.diffusion.cli import main
+
+    for argv, msg in ((["--sampler", "foo"], "--sampler must be one of ddim, edm"),
+                      (["--mode", "twopass"], "--mode must be one of bk, two-pass"),
+                      (["--noise-multiplier", "-1"], "--noise-multiplier must be > 0"),
+                      (["--target-epsilon", "-3"], "--target-epsilon must be > 0"),
+                      (["--batch-size", "0"], "--batch-size must be an integer >= 1"),
+                      (["--delta", "2"], "--delta must be in (0, 1)"),
+                      (["--recipe", "magic"], "--recipe must be one of")):
+        assert main(["train", "--out", str(tmp_path / "o"), "--no-progress", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("dpfast train: ") and msg in err and "\n" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_finished_run_is_a_no_op(data_dir, tmp_path):
+    cfg = TrainConfig(data_dir=str(data_dir), **dict(TINY, steps=2))
+    run(cfg, tmp_path / "f")
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "f").iterdir() if p.is_file()}
+    again = run(cfg, tmp_path / "f")
+    assert again["status"] == "finished" and again["steps"] == 2
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "f").iterdir() if p.is_file()}
+    assert after == before        # nothing rewritten: the privacy report keeps its epsilon
