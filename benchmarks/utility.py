@@ -164,7 +164,8 @@ def _random_like(data: ImageDataset, seed: int = 0) -> ImageDataset:
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, data.images.shape, dtype=torch.uint8, generator=g)
     labels = torch.randint(0, max(1, data.num_classes), (len(data),), generator=g)
-    return ImageDataset(images, labels, data.num_classes, name="random (pilot)")
+    return ImageDataset(images, labels, data.num_classes, name="random (pilot)",
+                        classes_declared=data.classes_declared)
 
 
 def pilot_seconds_per_step(cfg: TrainConfig, data: ImageDataset) -> float:
@@ -246,6 +247,7 @@ class Options:
     classifier_max_steps: int | None = ev.CLASSIFIER_MAX_STEPS
     feature_steps: int = ev.FEATURE_STEPS
     metric_samples: int = ev.METRIC_SAMPLES   # images per side for FID / precision / recall
+    num_classes: int | None = None            # the public class count (None: the data's declared one)
     device: str = "auto"       # recipes keep their own device setting; sampling and evaluation use this
     progress: bool = True
     plots: bool = True
@@ -271,8 +273,15 @@ class Grid:
 
     # -- shared inputs, loaded once
     def real(self) -> tuple[ImageDataset, ImageDataset]:
+        """The real training and test sets, with the grid's public class count."""
         if self._real is None:
-            self._real = ev.real_splits(self.opts.data_dir, self.eval_resolution())
+            train, test = ev.real_splits(self.opts.data_dir, self.eval_resolution())
+            if self.opts.num_classes is not None:
+                train, test = (ImageDataset(d.images, d.labels, self.opts.num_classes, d.name) for d in (train, test))
+            elif not train.classes_declared:
+                raise ValueError(f"the number of classes of {train.name} would be read off its private labels: "
+                                 "pass --num-classes N")
+            self._real = train, test
         return self._real
 
     def eval_resolution(self) -> int | None:
@@ -292,7 +301,7 @@ class Grid:
     def base_config(self, recipe: str) -> TrainConfig:
         cfg = RECIPES[recipe].config(self.opts.scale)
         changes = dict(data_dir=self.opts.data_dir, seed=self.opts.seed, noise_seed=None,
-                       device=str(self.device))
+                       device=str(self.device), num_classes=self.opts.num_classes)
         if self.opts.threads:
             changes["threads"] = self.opts.threads
         if self.opts.sample_steps:
@@ -350,7 +359,7 @@ class Grid:
         o = self.opts
         return {"scale": o.scale, "seed": o.seed, "sizes": sorted(o.sizes), "sample_steps": o.sample_steps,
                 "classifier_max_steps": o.classifier_max_steps, "feature_steps": o.feature_steps,
-                "metric_samples": o.metric_samples,
+                "metric_samples": o.metric_samples, "num_classes": o.num_classes,
                 "data_dir": str(Path(o.data_dir).resolve()) if o.data_dir else None}
 
     def _check_protocol(self) -> None:
@@ -706,6 +715,8 @@ def add_arguments(p) -> None:
     g.add_argument("--sizes", default=",".join(map(str, ev.SIZES)),
                    help="downstream training-set sizes (default: 2000,10000,50000)")
     g.add_argument("--data-dir", default=None, help="private data (default: Fashion-MNIST from Debian)")
+    g.add_argument("--num-classes", type=int, default=None,
+                   help="the public number of classes (needed for IDX files other than Fashion-MNIST)")
     g.add_argument("--threads", type=int, default=1, help="CPU threads per process (default: 1; run the "
                    "same command in several terminals to use more cores)")
     g.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: the recipe's)")
@@ -750,6 +761,7 @@ def run_from_args(args) -> int:
     out = args.out or Path("benchmarks") / "results" / f"utility-{args.scale}"
     argv = sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]
     opts = Options(out=Path(out), data_dir=args.data_dir, scale=args.scale, sizes=sizes, seed=args.seed,
+                   num_classes=args.num_classes,
                    threads=args.threads, sample_steps=args.sample_steps, device=args.device,
                    classifier_max_steps=args.classifier_max_steps or None, progress=not args.no_progress,
                    plots=not args.no_plots, command="dpfast bench " + " ".join(map(shlex.quote, argv)))

@@ -78,11 +78,12 @@ def _set_threads(n: int) -> None:
 # ----------------------------------------------------------------------------- commands
 def cmd_train(args) -> int:
     from .data import DatasetNotFoundError
+    from .presets import ConfigError
     from .trainer import train
 
     try:
         cfg = config_from_args(args).validate()
-    except (ValueError, OSError) as e:  # bad options or --config: said before anything else happens
+    except (ValueError, OSError) as e:  # bad options or --config (JSON): said before anything else happens
         print(f"dpfast train: {e}", file=sys.stderr)
         return 2
     if args.print_config:
@@ -90,7 +91,7 @@ def cmd_train(args) -> int:
         return 0
     try:
         result = train(cfg, args.out, progress=not args.no_progress)
-    except (DatasetNotFoundError, ValueError) as e:  # missing data, a refused setting, another run in --out
+    except (DatasetNotFoundError, ConfigError) as e:  # missing data, a refused setting, another run in --out
         print(f"dpfast train: {e}", file=sys.stderr)
         return 2
     # a stop by signal exits as the shell would report the signal (128 + its number)

@@ -179,7 +179,8 @@ def load_dataset(data_dir: str | os.PathLike | None = None, split: str = "train"
             images = images.transpose(0, 3, 1, 2)
         if len(images) != len(labels):
             raise ValueError(f"{pair[0]} has {len(images)} images but {pair[1]} has {len(labels)} labels")
-        if data_dir is None:                       # Fashion-MNIST: 10 classes, whatever the labels say
+        if data_dir is None or root.resolve() == Path(FASHION_MNIST_DIR).resolve():
+            # Fashion-MNIST: 10 classes, whatever the labels say
             return ImageDataset(images, labels, 10, name=str(root))
         num_classes = int(labels.max()) + 1 if len(labels) else 0
         return ImageDataset(images, labels, num_classes, name=str(root), classes_declared=False)

@@ -14,6 +14,11 @@ import math
 from dataclasses import dataclass, fields
 
 
+class ConfigError(ValueError):
+    """A setting that cannot run (or cannot run privately): reported as a one-line error, before
+    any privacy is spent."""
+
+
 @dataclass
 class TrainConfig:
     recipe: str = "dpdm"                   # dpdm (DP-SGD diffusion, this file's defaults) | dp-mepf
@@ -88,7 +93,15 @@ class TrainConfig:
 
         def check(ok, msg):
             if not ok:
-                raise ValueError(msg)
+                raise ConfigError(msg)
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def finite(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        for name in ("private", "class_conditional"):
+            check(isinstance(getattr(self, name), bool), f"{name} must be true or false; got {getattr(self, name)!r}")
         choices = {"recipe": ("dpdm", "dp-mepf"), "sampler": ("ddim", "edm"), "mode": ("bk", "two-pass"),
                    "backend": ("torch", "triton", "auto"), "accountant": ("prv", "rdp"),
                    "augment": AUGMENT_CHOICES, "embedding_type": ("positional", "fourier"),
@@ -99,25 +112,36 @@ class TrainConfig:
         for name in ("nf", "num_res_blocks", "multiplicity", "batch_size", "max_physical_batch_size",
                      "sample_steps", "grid_size", "checkpoint_every", "mepf_feature_steps"):
             value = getattr(self, name)
-            check(isinstance(value, int) and value >= 1, f"--{name.replace('_', '-')} must be an integer >= 1; got {value!r}")
+            check(is_int(value) and value >= 1, f"--{name.replace('_', '-')} must be an integer >= 1; got {value!r}")
+        for name in ("crop_padding", "grid_every", "seed"):
+            value = getattr(self, name)
+            check(is_int(value) and value >= 0, f"--{name.replace('_', '-')} must be an integer >= 0; got {value!r}")
         for name in ("steps", "max_steps", "subset", "resolution", "num_classes"):
             value = getattr(self, name)
-            check(value is None or (isinstance(value, int) and value >= (0 if name == "max_steps" else 1)),
+            check(value is None or (is_int(value) and value >= (0 if name == "max_steps" else 1)),
                   f"--{name.replace('_', '-')} must be a positive integer or none; got {value!r}")
         for name in ("lr", "max_grad_norm", "epochs", "sigma_data", "checkpoint_seconds"):
             value = getattr(self, name)
-            check(value > 0 and math.isfinite(value), f"--{name.replace('_', '-')} must be > 0; got {value!r}")
+            check(finite(value) and value > 0, f"--{name.replace('_', '-')} must be > 0; got {value!r}")
         for name in ("target_epsilon", "noise_multiplier", "time_budget"):
             value = getattr(self, name)
-            check(value is None or (value >= 0 if name == "time_budget" else value > 0) and math.isfinite(value),
+            check(value is None or finite(value) and (value >= 0 if name == "time_budget" else value > 0),
                   f"--{name.replace('_', '-')} must be > 0 (or none); got {value!r}")
         check(0 < self.delta < 1, f"--delta must be in (0, 1); got {self.delta!r}")
         check(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1); got {self.ema_decay!r}")
         check(0 <= self.label_dropout < 1, f"--label-dropout must be in [0, 1); got {self.label_dropout!r}")
         check(0 <= self.dropout < 1, f"--dropout must be in [0, 1); got {self.dropout!r}")
-        check(self.p_std > 0, f"--p-std must be > 0; got {self.p_std!r}")
-        check(self.guidance >= 0, f"--guidance must be >= 0; got {self.guidance!r}")
-        check(self.threads is None or self.threads >= 0, f"--threads must be >= 0; got {self.threads!r}")
+        check(finite(self.p_mean), f"--p-mean must be finite; got {self.p_mean!r}")
+        check(finite(self.p_std) and self.p_std > 0, f"--p-std must be > 0; got {self.p_std!r}")
+        check(finite(self.guidance) and self.guidance >= 0, f"--guidance must be >= 0; got {self.guidance!r}")
+        check(finite(self.epsilon_every_seconds) and self.epsilon_every_seconds >= 0,
+              f"--epsilon-every-seconds must be >= 0; got {self.epsilon_every_seconds!r}")
+        check(self.threads is None or is_int(self.threads) and self.threads >= 0,
+              f"--threads must be an integer >= 0; got {self.threads!r}")
+        check(self.noise_seed is None or is_int(self.noise_seed) and self.noise_seed >= 0,
+              f"--noise-seed must be an integer >= 0 or none; got {self.noise_seed!r}")
+        check(all(is_int(v) and v >= 1 for v in self.ch_mult) and len(self.ch_mult) >= 1,
+              f"--ch-mult must be positive integers; got {self.ch_mult!r}")
         if self.private:
             check(self.target_epsilon is not None or self.noise_multiplier is not None,
                   "a private run needs --target-epsilon or --noise-multiplier")
@@ -127,7 +151,7 @@ class TrainConfig:
             try:
                 dev = torch.device(self.device)
             except RuntimeError:
-                raise ValueError(f"--device must be auto, cpu, cuda or cuda:N; got {self.device!r}") from None
+                raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N; got {self.device!r}") from None
             check(dev.type != "cuda" or torch.cuda.is_available(),
                   f"--device {self.device}: no CUDA device is available here (use --device cpu or auto)")
         return self

@@ -36,7 +36,7 @@ from .augment import make_augment
 from .data import ImageDataset, load_dataset
 from .edm import EDMPrecond, edm_loss_rows
 from .ema import EMA
-from .presets import RUN_CONTROL_FIELDS, TrainConfig
+from .presets import RUN_CONTROL_FIELDS, ConfigError, TrainConfig
 from .samplers import sample_images
 from .unet import DDPMpp, count_parameters
 
@@ -118,17 +118,16 @@ def prepare_dataset(cfg: TrainConfig, dataset: ImageDataset | None = None) -> Im
         dataset = dataset.downsample(cfg.resolution)
     if cfg.num_classes is not None:
         if cfg.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {cfg.num_classes}")
+            raise ConfigError(f"num_classes must be >= 1, got {cfg.num_classes}")
         dataset = ImageDataset(dataset.images, dataset.labels, cfg.num_classes, dataset.name)
     if cfg.private and cfg.class_conditional and not dataset.classes_declared:
-        raise ValueError(f"the number of classes of {dataset.name or 'the data'} would be read off its labels "
-                         f"(labels.max() + 1 = {dataset.num_classes}), which is private: a class-conditional model "
-                         "would reveal it. Pass --num-classes N (the public number of classes), or "
-                         "--no-class-conditional")
+        raise ConfigError(f"the number of classes of {dataset.name or 'the data'} would be read off its labels "
+                          "(labels.max() + 1), which is private: a class-conditional model would reveal it. Pass "
+                          "--num-classes N (the public number of classes), or --no-class-conditional")
     # curator-side input validation, before any privacy is spent (what a release sees is unaffected)
     if dataset.num_classes and len(dataset) and not (0 <= int(dataset.labels.min())
                                                       and int(dataset.labels.max()) < dataset.num_classes):
-        raise ValueError(f"labels of {dataset.name or 'the data'} must lie in [0, {dataset.num_classes})")
+        raise ConfigError(f"labels of {dataset.name or 'the data'} must lie in [0, {dataset.num_classes})")
     return dataset
 
 
@@ -154,13 +153,36 @@ def grid_labels(cfg: TrainConfig, num_classes: int) -> torch.Tensor | None:
 
 
 def _check_resumable(saved: TrainConfig, cfg: TrainConfig) -> TrainConfig:
-    """The resumed run keeps the checkpoint's config; only run-control fields may change."""
+    """The resumed run keeps the checkpoint's config; only run-control fields may change. A run made
+    before --num-classes existed (num_classes none) may declare it on resume."""
+    if saved.num_classes is None and cfg.num_classes is not None:
+        saved = saved.replace(num_classes=cfg.num_classes)
     diffs = [f"{k}: {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in saved.to_dict()
              if k not in RUN_CONTROL_FIELDS and getattr(saved, k) != getattr(cfg, k)]
     if diffs:
-        raise ValueError("the output directory holds a run with a different configuration ("
-                         + "; ".join(diffs) + "). Use another --out, or the same settings to resume it.")
+        raise ConfigError("the output directory holds a run with a different configuration ("
+                          + "; ".join(diffs) + "). Use another --out, or the same settings to resume it.")
     return saved.replace(**{k: getattr(cfg, k) for k in RUN_CONTROL_FIELDS})
+
+
+class OutLock:
+    """One process trains in an output directory: an exclusive flock on out/.lock, dropped by the
+    kernel when the process dies. Two processes resuming one checkpoint would release the same noise
+    keys on different batches."""
+
+    def __init__(self, out: Path):
+        import fcntl
+
+        self._f = open(Path(out) / ".lock", "a+")
+        try:
+            fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._f.close()
+            raise ConfigError(f"another process is training in {out}; wait for it or use another --out") from None
+
+    def release(self) -> None:
+        if not self._f.closed:
+            self._f.close()
 
 
 class _StopOnSignal:
@@ -202,6 +224,7 @@ class Trainer:
         self.log = log if self.is_main else (lambda *a, **k: None)
         self.progress = progress and self.is_main
         self.resume_state = None
+        self.lock = OutLock(self.out) if self.is_main else None
         if self.ckpt_path.exists():
             self.resume_state = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
             cfg = _check_resumable(TrainConfig.from_dict(self.resume_state["config"]), cfg)
@@ -441,7 +464,13 @@ class Trainer:
             return None
         if min(report_path.stat().st_mtime, model_path.stat().st_mtime) < self.ckpt_path.stat().st_mtime:
             return None  # killed while writing its final outputs: write them again
-        report = json.loads(report_path.read_text())
+        try:
+            report = json.loads(report_path.read_text())
+        except ValueError:
+            return None
+        fresh = self.privacy_report()  # the ledger may have charged releases the saved report never saw
+        if any(report.get(k) != fresh.get(k) for k in ("steps", "releases_charged", "guarantee_lost", "private")):
+            return None
         eps = report.get("epsilon")
         self.log(f"already finished ({self.step} steps): nothing to do. "
                  + (f"epsilon spent: {eps:.4g} at delta={report['delta']:g}" if eps is not None else "not private")
@@ -450,11 +479,16 @@ class Trainer:
                 "train_seconds": self.elapsed}
 
     def train(self) -> dict:
+        try:
+            done = self._already_finished()
+            return done if done is not None else self._train()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _train(self) -> dict:
         cfg = self.cfg
         stop_at = self._stop_step()
-        done = self._already_finished()
-        if done is not None:
-            return done
         self.log(self.describe())
         if self.resume_state is not None:
             self.log(f"resuming from step {self.step} of {self.total_steps} ({self.ckpt_path})")
@@ -571,7 +605,7 @@ def trainer_class(cfg: TrainConfig):
     from dpfast.recipes import TRAINERS
 
     if cfg.recipe not in TRAINERS:
-        raise ValueError(f"unknown recipe {cfg.recipe!r}; choose one of {sorted(TRAINERS)}")
+        raise ConfigError(f"unknown recipe {cfg.recipe!r}; choose one of {sorted(TRAINERS)}")
     module, name = TRAINERS[cfg.recipe].split(":")
     return getattr(importlib.import_module(module), name)
 

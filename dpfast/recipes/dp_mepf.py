@@ -379,25 +379,27 @@ class MEPFTrainer:
         self.user_feature_map = feature_map
         import os
 
-        from dpfast.diffusion.trainer import _check_resumable, prepare_dataset, resolve_device
+        from dpfast.diffusion.presets import ConfigError
+        from dpfast.diffusion.trainer import OutLock, _check_resumable, prepare_dataset, resolve_device
 
         self.started = time.monotonic()
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ValueError("dp-mepf runs in one process (its one pass over the data takes seconds); "
-                             "run it without torchrun")
+            raise ConfigError("dp-mepf runs in one process (its one pass over the data takes seconds); "
+                              "run it without torchrun")
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
+        self.lock = OutLock(self.out)
         self.ckpt_path = self.out / "checkpoint.pt"
         self.resume_state = None
         if self.ckpt_path.exists():
             self.resume_state = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
             cfg = _check_resumable(TrainConfig.from_dict(self.resume_state["config"]), cfg)
         if cfg.mepf_moments not in MOMENTS:
-            raise ValueError(f"mepf_moments must be one of {MOMENTS}, got {cfg.mepf_moments!r}")
+            raise ConfigError(f"mepf_moments must be one of {MOMENTS}, got {cfg.mepf_moments!r}")
         if cfg.steps is None:
-            raise ValueError("dp-mepf needs --steps (generator steps; its privacy does not depend on them)")
+            raise ConfigError("dp-mepf needs --steps (generator steps; its privacy does not depend on them)")
         if cfg.private and cfg.noise_multiplier is None and cfg.target_epsilon is None:
-            raise ValueError("a private run needs target_epsilon or noise_multiplier")
+            raise ConfigError("a private run needs target_epsilon or noise_multiplier")
         self.cfg, self.log, self.progress = cfg, log, progress
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -517,6 +519,12 @@ class MEPFTrainer:
                            "optimizer": opt.state_dict(), "rng": rng.get_state()}, self.ckpt_path)
 
     def train(self) -> dict:
+        try:
+            return self._train()
+        finally:
+            self.lock.release()
+
+    def _train(self) -> dict:
         from dpfast.diffusion.ema import EMA
         from dpfast.diffusion.trainer import _StopOnSignal, atomic_torch_save, atomic_write_json, grid_labels, save_grid
 

@@ -39,7 +39,7 @@ def data_dir(tmp_path_factory):
 
 def opts(out, data_dir, **kw):
     return U.Options(out=out, data_dir=str(data_dir), scale="tiny", sizes=(12, 24), feature_steps=3,
-                     classifier_max_steps=4, metric_samples=30, progress=False, command="test", log=lambda *a, **k: None, **kw)
+                     classifier_max_steps=4, metric_samples=30, num_classes=4, progress=False, command="test", log=lambda *a, **k: None, **kw)
 
 
 def test_parse_budget():

@@ -245,3 +245,19 @@ def test_a_finished_run_is_a_no_op(data_dir, tmp_path):
     assert again["status"] == "finished" and again["steps"] == 2
     after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "f").iterdir() if p.is_file()}
     assert after == before        # nothing rewritten: the privacy report keeps its epsilon
+
+
+def test_one_process_per_output_directory(data_dir, tmp_path):
+    """A second process resuming the same checkpoint would release the same noise keys on other
+    batches: the output directory is locked while a run trains in it."""
+    from dpfast.diffusion.presets import ConfigError
+    from dpfast.diffusion.trainer import OutLock, Trainer
+
+    cfg = TrainConfig(data_dir=str(data_dir), **dict(TINY, steps=1))
+    (tmp_path / "l").mkdir()
+    held = OutLock(tmp_path / "l")
+    with pytest.raises(ConfigError, match="another process is training"):
+        Trainer(cfg, tmp_path / "l", progress=False, log=lambda *a: None)
+    held.release()
+    assert run(cfg, tmp_path / "l")["steps"] == 1
+    assert run(cfg, tmp_path / "l")["status"] == "finished"   # the lock is free again after a run
