@@ -425,8 +425,7 @@ class Grid:
 
     # -- a generator trained by a recipe, then sampled and evaluated
     def _generator(self, cell: Cell) -> dict:
-        from dpfast.accounting import calibrate_noise_multiplier
-        from dpfast.diffusion.trainer import sample_rate_of, train
+        from dpfast.diffusion.trainer import train
 
         d = self.cell_dir(cell)
         real_train, test = self.real()
@@ -436,18 +435,15 @@ class Grid:
             raise ValueError(f"recipe {cell.recipe}: the utility grid trains on the whole data set (subset=None)")
 
         def make():
+            # the recipe calibrates its own noise for the target (DP-SGD over `steps` steps, or DP-MEPF's
+            # one release, whatever the steps): the grid only fixes the target and the step count
             cfg = base.replace(target_epsilon=cell.epsilon if private else None, noise_multiplier=None)
             # real_train is the private data at the recipe's resolution: only its shape and size are used
             key = f"{cell.recipe}:{'private' if private else 'non-private'}"
             steps, sps = self._steps_for(cell.budget, key, lambda: pilot_seconds_per_step(cfg, real_train))
             cfg = cfg.replace(steps=steps)
-            sigma = None
-            if private:
-                sigma = calibrate_noise_multiplier(cell.epsilon, DELTA, sample_rate_of(cfg, len(real_train)),
-                                                   steps=steps, accountant=cfg.accountant)
-                cfg = cfg.replace(noise_multiplier=sigma, target_epsilon=None)
             return {"config": cfg.to_dict(), "steps": steps, "pilot_seconds_per_step": sps,
-                    "noise_multiplier": sigma, "sample_seed": self.opts.seed + 7,
+                    "sample_seed": self.opts.seed + 7,
                     "train_command": f"dpfast train --config {d / 'config.json'} --out {d / 'run'}"}
 
         plan = self._plan(cell, make)
@@ -470,7 +466,7 @@ class Grid:
         atomic_write_json(evaluation, d / "evaluation.json")
         row = self._metrics(evaluation)
         row.update(epsilon=report["epsilon"] if private else math.inf, delta=DELTA if private else "",
-                   noise_multiplier=plan["noise_multiplier"] or "", sample_rate=report["sample_rate"],
+                   noise_multiplier=report.get("noise_multiplier") or "", sample_rate=report["sample_rate"],
                    steps=report["steps"], train_seconds=round(result["train_seconds"], 1),
                    pilot_seconds_per_step=plan["pilot_seconds_per_step"] or "",
                    sample_seconds=sample_seconds,

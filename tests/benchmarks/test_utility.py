@@ -104,8 +104,9 @@ def test_killed_cell_resumes_from_its_plan(data_dir, tmp_path, monkeypatch):
     plan = json.loads((d / "plan.json").read_text())
     assert torch.load(d / "run" / "checkpoint.pt", weights_only=False)["step"] == 0
     monkeypatch.setattr(EMA, "update", original)
+    first_sigma = torch.load(d / "run" / "checkpoint.pt", weights_only=False)["noise_multiplier"]
     row = U.Grid([cell], opts(out, data_dir)).run()[0]
-    assert row["steps"] == 4 and row["noise_multiplier"] == plan["noise_multiplier"]
+    assert row["steps"] == 4 == plan["steps"] and row["noise_multiplier"] == first_sigma
     assert row["releases_charged"] == 7 and row["epsilon"] > 4.0  # the 3rd release happened before its EMA update
     assert not (d / "error.json").exists()
 
@@ -250,3 +251,17 @@ def test_evaluate_images_sizes_are_nested_and_capped(data_dir):
     assert rep["downstream"]["30"]["train_samples"] == 27
     with pytest.raises(ValueError, match="images are"):
         ev.evaluate_images(x[:, :, :4, :4], y, test, None, log=lambda *a: None)
+
+
+def test_every_recipe_meets_its_target_epsilon_in_the_grid(data_dir, tmp_path, monkeypatch):
+    """The grid fixes the target and the steps; each recipe calibrates its own noise (DP-SGD over the
+    steps, DP-MEPF's one release whatever the steps), so every private row spends its target."""
+    mepf = TrainConfig(recipe="dp-mepf", steps=3, batch_size=8, nf=8, multiplicity=1, num_classes=4,
+                       mepf_feature_steps=2, device="cpu", grid_size=2, accountant="rdp")
+    monkeypatch.setitem(U.RECIPES, "dp-mepf", U.Recipe("dp-mepf", "test", {"tiny": mepf}))
+    cells = U.plan_cells(["dpdm", "dp-mepf"], [1.0, 4.0], [U.parse_budget("3steps")], baselines=())
+    rows = U.Grid(cells, opts(tmp_path / "e", data_dir)).run()
+    private = [r for r in rows if r["epsilon_target"] != math.inf]
+    assert len(private) == 4
+    for r in private:
+        assert 0.9 * r["epsilon_target"] <= r["epsilon"] <= r["epsilon_target"] * (1 + 1e-9), r
