@@ -116,9 +116,18 @@ def cmd_sample(args) -> int:
         labels = torch.randint(0, k, (args.num,), generator=torch.Generator().manual_seed(args.seed))
     else:
         labels = torch.full((args.num,), int(args.labels), dtype=torch.long)
+    from tqdm import tqdm
+
     extra = {"S_churn": args.churn} if args.sampler == "edm" else {"stochastic": args.stochastic}
-    images = draw(args.num, labels, seed=args.seed, sampler=args.sampler, num_steps=args.steps,
-                  guidance=args.guidance, batch_size=args.batch_size, **extra)
+    chunks = []
+    with tqdm(total=args.num, desc="sampling", unit="image", disable=args.no_progress, dynamic_ncols=True) as bar:
+        for i in range(0, args.num, args.batch_size):  # one seed per batch: the same images however split
+            m = min(args.batch_size, args.num - i)
+            chunks.append(draw(m, None if labels is None else labels[i:i + m], seed=args.seed * 1_000_003 + i,
+                               sampler=args.sampler, num_steps=args.steps, guidance=args.guidance,
+                               batch_size=args.batch_size, **extra))
+            bar.update(m)
+    images = torch.cat(chunks) if chunks else torch.empty((0, *meta["image_shape"]))
     as_uint8 = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -182,6 +191,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--grid", help="also write a PNG grid of the first 100 samples")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default)")
     p.set_defaults(func=cmd_sample)
 
