@@ -65,7 +65,13 @@ def main(argv=None) -> int:
     if func is None:
         parser.print_help()
         return 0
-    ret = func(args)
+    try:
+        ret = func(args)
+    except BrokenPipeError:  # `dpfast ... | head -1`: the reader left; not an error of ours
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return int(ret or 0)
 
 

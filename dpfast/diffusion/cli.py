@@ -105,8 +105,16 @@ def cmd_sample(args) -> int:
     from .trainer import atomic_write_bytes, load_sampler, resolve_device, save_grid
 
     _set_threads(args.threads)
-    device = resolve_device(args.device)
-    draw, meta = load_sampler(args.model, device)
+    try:
+        device = resolve_device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: no CUDA device is available here")
+        if args.num < 1 or args.batch_size < 1:
+            raise ValueError("--num and --batch-size must be >= 1")
+        draw, meta = load_sampler(args.model, device)
+    except (OSError, ValueError) as e:
+        print(f"dpfast sample: {e}", file=sys.stderr)
+        return 2
     k = meta["num_classes"]
     if k == 0:
         labels = None
@@ -149,6 +157,10 @@ def cmd_evaluate(args) -> int:
     from .trainer import atomic_write_json
 
     _set_threads(args.threads)
+    samples = Path(args.samples)
+    if not samples.is_file():
+        print(f"dpfast evaluate: {samples} is not a file (give the .npz written by `dpfast sample`)", file=sys.stderr)
+        return 2
     report = evaluate(args.samples, data_dir=args.data_dir, sizes=args.sizes, epochs=args.epochs,
                       max_steps=args.max_steps or None, feature_steps=args.feature_steps,
                       feature_cache=args.feature_cache, accuracy_metric=not args.no_accuracy,

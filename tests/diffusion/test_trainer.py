@@ -261,3 +261,13 @@ def test_one_process_per_output_directory(data_dir, tmp_path):
     held.release()
     assert run(cfg, tmp_path / "l")["steps"] == 1
     assert run(cfg, tmp_path / "l")["status"] == "finished"   # the lock is free again after a run
+
+
+def test_sample_and_evaluate_bad_paths_are_one_line_errors(tmp_path, capsys):
+    from dpfast.diffusion.cli import main
+
+    assert main(["sample", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "s.npz")]) == 2
+    assert capsys.readouterr().err.startswith("dpfast sample: no model at")
+    for target in (tmp_path / "missing.npz", tmp_path):
+        assert main(["evaluate", "--samples", str(target)]) == 2
+        assert "is not a file" in capsys.readouterr().err
