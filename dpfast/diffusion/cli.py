@@ -36,15 +36,20 @@ def _int_tuple(text: str) -> tuple:
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     """One option per TrainConfig field, typed from its annotation. An option left out is absent from
     the namespace (argparse.SUPPRESS), so "not given" and "none" stay distinct."""
-    group = parser.add_argument_group("configuration (overrides the preset)")
+    group = parser.add_argument_group(
+        "configuration (overrides the preset; shown: the value the default preset 'demo' uses)")
+    demo = PRESETS["demo"]
+    text_choices = {"recipe": "dpdm|dp-mepf", "sampler": "ddim|edm", "mode": "bk|two-pass",
+                    "backend": "torch|triton|auto", "accountant": "prv|rdp", "augment": "none|flip|crop|flip+crop",
+                    "embedding_type": "positional|fourier", "mepf_moments": "mean|mean+second"}
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         ann = str(f.type)
-        default = f.default
+        default = getattr(demo, f.name)
         if ann == "bool":
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS,
-                               help=f"(base default: {default})")
+                               help=f"(demo: {default})")
             continue
         if ann == "tuple":
             kind, shown = _int_tuple, "ints"
@@ -54,9 +59,10 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             shown = base
             if "None" in ann:
                 kind, shown = _none_or(kind), f"{base} or none"
+        choices = f"{text_choices[f.name]}; " if f.name in text_choices else ""
         group.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS,
                            metavar=shown.split()[0].upper(),
-                           help=f"({shown}; base default {default!r})")
+                           help=f"({choices}{shown}; demo: {default!r})")
 
 
 def config_from_args(args) -> TrainConfig:
