@@ -664,33 +664,43 @@ def write_markdown(rows: list[dict], path: Path, opts: Options, env: dict) -> No
 
 def plot_accuracy(rows: list[dict], path: Path, sizes) -> None:
     """Downstream accuracy against epsilon: a line per recipe and budget, the DP-SGD classifier,
-    and the non-private generator and real data as horizontal references."""
+    and each non-private generator (dashed, in its recipe's colour) and real data (grey) as
+    horizontal references."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    colours = {}
+
+    def colour(name):
+        return colours.setdefault(name, f"C{len(colours)}")
     private = [r for r in rows if r["epsilon_target"] != math.inf]
     eps_values = sorted({r["epsilon_target"] for r in private}) or [1.0, 10.0]
-    for key in dict.fromkeys((_label(r), r.get("budget")) for r in private):
+    for key in dict.fromkeys((r["recipe"], _label(r), r.get("budget")) for r in private):
         pts = sorted((r["epsilon_target"], headline_accuracy(r, sizes)[0]) for r in private
-                     if (_label(r), r.get("budget")) == key and headline_accuracy(r, sizes)[0] is not None)
+                     if (r["recipe"], _label(r), r.get("budget")) == key and headline_accuracy(r, sizes)[0] is not None)
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]}, {key[1]}")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colour(key[0]),
+                    label=f"{key[1]}, {key[2]}")
     for r in rows:
         if r["epsilon_target"] == math.inf:
             acc = headline_accuracy(r, sizes)[0]
             if acc is not None:
-                ax.axhline(acc, linestyle="--", linewidth=1, color="grey" if r["kind"] == "real-data" else None,
+                real = r["kind"] == "real-data"
+                ax.axhline(acc, linestyle=":" if real else "--", linewidth=1.2,
+                           color="grey" if real else colour(r["recipe"]),
                            label=_label(r) + (f", {r['budget']}" if r.get("budget") else ""))
     ax.set_xscale("log")
     ax.set_xticks(eps_values, [f"{e:g}" for e in eps_values])
     ax.minorticks_off()
     ax.set_xlabel("epsilon (delta = 1e-5)")
-    ax.set_ylabel(f"downstream test accuracy (largest n of {', '.join(map(str, sorted(sizes)))})")
+    ax.set_ylabel(f"downstream accuracy (n = {max(sizes):,})")
     ax.set_ylim(0, 1)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("real test accuracy of a CNN trained on synthetic data (DP-SGD classifier: on real data)",
+                 fontsize=8)
     fig.tight_layout()
     atomic_write_bytes(path, lambda f: fig.savefig(f, dpi=110, format="png"))
     plt.close(fig)
