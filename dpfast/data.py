@@ -142,6 +142,7 @@ class DPDataLoader:
         # it would yield a logical step (a Poisson batch) that a newer one yields too.
         self._generation += 1
         generation = self._generation
+        token = object()  # this iterator, for the optimizer (an id could be reused by another object)
         plan = _Plan(self, self.step, self.steps_per_epoch - (self.step % self.steps_per_epoch))
         if not plan.chunks:
             return
@@ -155,9 +156,9 @@ class DPDataLoader:
                               "new `for` loop only after leaving the previous one)")
             if not idx:
                 batch = _empty_like_batch(self.collate_fn, self.dataset)
-            self._drawn = max(self._drawn, step + 1)
             if self.optimizer is not None:
-                self.optimizer._announce_chunk(len(idx), is_last, step, is_first, batch)
+                self.optimizer._announce_chunk(len(idx), is_last, step, is_first, batch, source=token)
+            self._drawn = max(self._drawn, step + 1)  # after a refusal above, this step was never drawn
             if is_last:
                 # advanced before the yield: a loop that stops (checkpoint, time budget) right after the
                 # optimizer.step() of this chunk must resume at the next logical step

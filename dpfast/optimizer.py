@@ -65,6 +65,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self._acc: dict[int, torch.Tensor] = {}
         self._chunk: tuple[int, bool] | None = None  # announced by the DPDataLoader: (samples, is_last)
         self._chunk_pending = False
+        self._chunk_source = None      # the loader iterator that announced the pending chunk
         self.steps = 0                 # logical steps released; also the noise key of the next release
         self._last_key = -1            # noise key of the last release: keys strictly increase
         self._last_sampler_step = -1   # the loader's step of the last release: batches are never reused
@@ -127,29 +128,58 @@ class DPOptimizer(torch.optim.Optimizer):
 
     # ----------------------------------------------------------- the loader's handshake
     def _announce_chunk(self, samples: int, is_last: bool, step: int | None = None,
-                        is_first: bool = False, batch=None) -> None:
+                        is_first: bool = False, batch=None, source=None) -> None:
         """The loader's handshake: the next step() covers ``samples`` samples of the loader's logical
         step ``step`` (which keys Poisson membership, not the noise), and ``is_last`` ends that batch.
         Every trainable layer of the next forward must see ``samples * K`` rows; ``batch`` lets the
         module check the row layout of what it is given (repeat vs repeat_interleave)."""
+        if self._chunk_pending and source is not None and source is self._chunk_source:
+            # the same live iterator yields again before step(): a loop that accumulates gradients over
+            # several loader batches, or one that fetches ahead. Dropping the earlier batch would lose its
+            # samples silently, and summing two Poisson batches into one release is not the mechanism the
+            # accountant charges (a record drawn in both would count twice).
+            self._discard_unreleased()
+            raise DPError(
+                "the private data loader was asked for its next batch before optimizer.step() was called for the "
+                "previous one. Gradient accumulation over loader batches is not supported (each Poisson batch is "
+                "one release): call optimizer.step() after every batch the loader yields, and for a larger "
+                "logical batch raise the loader's batch_size (the expected logical batch) and set "
+                "max_physical_batch_size for memory; dpfast then accumulates the physical chunks of each logical "
+                "batch itself, and optimizer.step() returns True when a logical step was taken. A wrapper that "
+                "fetches ahead (a prefetcher, accelerate's or Lightning's loader wrappers), a body that skips "
+                "step() (continue), or next() on the same iterator trigger this too")
         if is_first and (self._acc or self._refused is not None or self._chunk_pending):
             # a new logical batch starts (or the loop broke off and the loader re-drew the same one):
             # what was accumulated of an unfinished batch must not count again
             warnings.warn("discarding an unfinished logical batch (the loop left the data loader before "
                           "its last chunk); nothing of it was released", stacklevel=3)
-            self._acc.clear()
-            self._refused = None
-            self._chunk_pending = False
-            self.private_module.tape.reset()
+            self._discard_unreleased()
         if self._chunk_pending:
             raise DPError("the data loader produced a new batch but optimizer.step() was not called for the "
                           "previous one: call optimizer.step() once for every batch the private loader yields")
         self._chunk = (samples, is_last)
         self._chunk_pending = True
+        self._chunk_source = source
         self.private_module.expect_chunk(samples, batch)
         self.private_module.snapshot_state(force=True)
         if step is not None:
             self.sampler_step = int(step)
+
+    def _discard_unreleased(self) -> None:
+        """Drops what was computed of a batch that will never be released. Its forward may have written
+        state (a running statistic) that the next chunk's snapshot would otherwise make invisible: that
+        state would then be released with the model, so it loses the guarantee (epsilon infinite)."""
+        written = self.private_module.written_state()
+        if written:
+            self._refuse(PrivacyLeakError(
+                f"a batch that was never released wrote {written[:5]} (parameters or persistent buffers) during "
+                "its forward/backward: that state is released with the model without noise"))
+        self._acc.clear()
+        self._refused = None
+        self._chunk_pending = False
+        self._chunk_source = None
+        self.private_module.expect_chunk(None, None)
+        self.private_module.tape.reset()
 
     # ----------------------------------------------------------- the step
     def zero_grad(self, set_to_none: bool = True) -> None:

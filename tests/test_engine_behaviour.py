@@ -360,3 +360,80 @@ def test_make_private_with_epsilon_meets_the_target_after_the_planned_epochs(acc
     assert o.steps == 20
     eps = engine.get_epsilon(1e-5)
     assert 0.9 * 3.0 < eps <= 3.0
+
+
+def test_gradient_accumulation_over_loader_batches_is_refused_not_silently_dropped():
+    """Issue 17: backward on several loader batches, then one step(), used to drop every batch but the
+    last with one warning (149 samples in, 44 released). Now the loader refuses at the second batch,
+    naming the dpfast way (a larger batch_size with max_physical_batch_size); nothing is released."""
+    import warnings
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dpfast import PrivacyEngine
+    from dpfast.errors import DPError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 1))
+    loader = DataLoader(TensorDataset(torch.randn(300, 4)), batch_size=50)
+    engine = PrivacyEngine(seed=1)
+    model, opt, loader = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                             data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(DPError, match="Gradient accumulation over loader batches is not supported.*max_physical_batch_size"):
+        for i, (x,) in enumerate(loader):
+            (model(x) ** 2).mean().backward()
+            if i % 2 == 1:
+                opt.step()
+                opt.zero_grad()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert engine.accountant.steps == 0 and engine.get_epsilon(1e-5) < float("inf")
+    # leaving a loop before step() and starting a new one is still allowed (that batch is dropped)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for (x,) in loader:
+            (model(x) ** 2).mean().backward()
+            break
+        for (x,) in loader:
+            opt.zero_grad()
+            (model(x) ** 2).mean().backward()
+            assert opt.step()
+            break
+    assert engine.accountant.steps == 1
+
+
+def test_a_discarded_batch_that_wrote_state_loses_the_guarantee():
+    """A batch left before step() is dropped; if its forward wrote a persistent buffer (a record's
+    value), the next chunk's snapshot would hide the write and the model would carry it out: epsilon
+    becomes infinite instead (review finding on the discard paths)."""
+    import warnings
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dpfast import PrivacyEngine
+
+    class Remember(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 1)
+            self.register_buffer("last", torch.zeros(4))
+
+        def forward(self, x):
+            if len(x):
+                self.last.copy_(x[0].detach())
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    model = Remember()
+    loader = DataLoader(TensorDataset(torch.randn(300, 4)), batch_size=50)
+    engine = PrivacyEngine(seed=1)
+    model, opt, loader = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                             data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for (x,) in loader:
+            (model(x) ** 2).mean().backward()
+            break                         # left before step(): the batch is discarded
+        for (x,) in loader:               # the new iterator discards it, and sees the write
+            break
+    assert engine.get_epsilon(1e-5) == float("inf") and "PrivacyLeakError" in engine.why_no_privacy
