@@ -74,6 +74,10 @@ class DPOptimizer(torch.optim.Optimizer):
         self._refused: BaseException | None = None  # an earlier chunk of this logical batch failed
         self.last_norms: torch.Tensor | None = None
         self.stats = {"samples": 0, "clipped": 0, "chunks": 0}
+        # did the last step() take a logical step? The same as its return value, for loops whose
+        # wrapper loses it (accelerate's AcceleratedOptimizer.step returns None): advance LR
+        # schedulers, EMA and global_step only when it is True
+        self.took_step = False
 
     # ----------------------------------------------------------- torch.optim.Optimizer surface
     @property
@@ -195,6 +199,7 @@ class DPOptimizer(torch.optim.Optimizer):
     def step(self, closure=None) -> bool:
         """Returns True when a logical step was taken (noise added, parameters updated), False after an
         intermediate physical chunk of a larger logical batch."""
+        self.took_step = False
         if closure is not None:
             with torch.enable_grad():
                 closure()
@@ -241,6 +246,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self.original_optimizer.step()
         for p in self._watched:
             p.grad = None  # the released gradient has been used; keep p.grad free for the leak check
+        self.took_step = True
         return True
 
     @property

@@ -437,3 +437,29 @@ def test_a_discarded_batch_that_wrote_state_loses_the_guarantee():
         for (x,) in loader:               # the new iterator discards it, and sees the write
             break
     assert engine.get_epsilon(1e-5) == float("inf") and "PrivacyLeakError" in engine.why_no_privacy
+
+
+def test_took_step_marks_logical_steps_for_schedulers_and_ema():
+    """With physical chunks, 10 loader batches are fewer logical steps: took_step (= step()'s return,
+    which accelerate's wrapper loses) is True exactly on logical steps."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dpfast import PrivacyEngine
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 1))
+    loader = DataLoader(TensorDataset(torch.randn(200, 4)), batch_size=40)
+    engine = PrivacyEngine(seed=3)
+    model, opt, loader = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                             data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
+                                             max_physical_batch_size=8)
+    chunks = logical = 0
+    for (x,) in loader:
+        opt.zero_grad()
+        if len(x):
+            (model(x) ** 2).mean().backward()
+        returned = opt.step()
+        assert opt.took_step is returned
+        chunks += 1
+        logical += opt.took_step
+    assert logical == engine.accountant.steps == len(loader) and chunks > logical
