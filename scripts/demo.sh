@@ -17,7 +17,7 @@ cat <<'NEXT'
 
 next: the dpfast command lives in .venv, so first
     source .venv/bin/activate
-then, for example (sampling ~30 s; evaluation ~1 minute the first time, on 2 cores):
+then, for example (sampling ~25 s; evaluation ~1 minute the first time, on 2 cores):
     dpfast sample --model runs/demo --num 2000 --out runs/demo/samples.npz --grid runs/demo/grid.png
     dpfast evaluate --samples runs/demo/samples.npz --out runs/demo/eval.json
 NEXT
