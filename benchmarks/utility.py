@@ -27,7 +27,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import re
 import sys
 import tempfile
@@ -481,9 +480,8 @@ class Grid:
 
     def _samples(self, d: Path, n: int, seed: int):
         import numpy as np
-        from tqdm import tqdm
 
-        from dpfast.diffusion.trainer import atomic_write_bytes, load_sampler
+        from dpfast.diffusion.trainer import atomic_write_bytes, draw_batches, load_sampler, to_uint8
 
         path = d / "samples.npz"
         meta_path = d / "samples.json"
@@ -495,13 +493,7 @@ class Grid:
         k = meta["num_classes"]
         labels = torch.arange(n) % k if k else None
         started = time.perf_counter()
-        chunks, chunk = [], 1000
-        for i in tqdm(range(0, n, chunk), desc="sampling", unit="k images", disable=not self.opts.progress,
-                      dynamic_ncols=True, leave=False):
-            m = min(chunk, n - i)
-            imgs = draw(m, None if labels is None else labels[i:i + m], seed=seed * 1_000_003 + i)
-            chunks.append(((imgs + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
-        images = torch.cat(chunks)
+        images = to_uint8(draw_batches(draw, n, labels, seed, batch_size=1000, progress=self.opts.progress))
         seconds = round(time.perf_counter() - started, 1)
         arrays = {"images": images.numpy()}
         if labels is not None:

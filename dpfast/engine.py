@@ -196,12 +196,10 @@ class PrivacyEngine:
         if self.secure_mode and "max_grad_norm" in kwargs:
             # the accountant charges the grid's effective sigma, a little below the nominal one: raise the
             # nominal sigma until the charged one meets the calibrated value
-            from .random_secure import secure_noise_multiplier
+            from .random_secure import nominal_noise_multiplier
 
             dim = sum(p.numel() for g in optimizer.param_groups for p in g["params"] if p.requires_grad)
-            target, C = sigma, kwargs["max_grad_norm"]
-            while secure_noise_multiplier(sigma, dim=max(1, dim), max_grad_norm=C) < target:
-                sigma *= 1.0001
+            sigma = nominal_noise_multiplier(sigma, max(1, dim), max_grad_norm=kwargs["max_grad_norm"])
         return self.make_private(module=module, optimizer=optimizer, data_loader=data_loader,
                                  noise_multiplier=sigma, sample_rate=q, **kwargs)
 

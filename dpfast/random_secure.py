@@ -67,6 +67,7 @@ __all__ = [
     "chacha20_blocks",
     "secure_grid",
     "secure_noise_multiplier",
+    "nominal_noise_multiplier",
     "discrete_gaussian",
     "secure_finalize_values",
     "poisson_mask_secure",
@@ -303,6 +304,17 @@ def secure_noise_multiplier(noise_multiplier: float, dim: int, *, max_grad_norm:
     scale_s, grid_exp = secure_grid(float(noise_multiplier) * c, grid_bits)
     g = math.ldexp(1.0, grid_exp)
     return scale_s * g / (c + math.sqrt(int(dim)) * g)
+
+
+def nominal_noise_multiplier(effective: float, dim: int, *, max_grad_norm: float = 1.0,
+                             grid_bits: int = DEFAULT_GRID_BITS) -> float:
+    """The smallest nominal noise multiplier (on a 0.01% ladder from ``effective`` up) whose
+    ``secure_noise_multiplier`` is at least ``effective``: what to ask the secure noise for when the
+    accountant must be charged ``effective``."""
+    sigma = float(effective)
+    while secure_noise_multiplier(sigma, dim, max_grad_norm=max_grad_norm, grid_bits=grid_bits) < effective:
+        sigma *= 1.0001
+    return sigma
 
 
 def secure_finalize_values(acc: torch.Tensor, k: np.ndarray, *, grid_exp: int,

@@ -440,7 +440,7 @@ def test_a_discarded_batch_that_wrote_state_loses_the_guarantee():
 
 
 def test_took_step_marks_logical_steps_for_schedulers_and_ema():
-    """With physical chunks, 10 loader batches are fewer logical steps: took_step (= step()'s return,
+    """With physical chunks the loader yields more batches than logical steps: took_step (= step()'s return,
     which accelerate's wrapper loses) is True exactly on logical steps."""
     from torch.utils.data import DataLoader, TensorDataset
 

@@ -108,7 +108,7 @@ def cmd_sample(args) -> int:
     import numpy as np
     import torch
 
-    from .trainer import atomic_write_bytes, load_sampler, resolve_device, save_grid
+    from .trainer import atomic_write_bytes, draw_batches, load_sampler, resolve_device, save_grid, to_uint8
 
     _set_threads(args.threads)
     try:
@@ -130,19 +130,11 @@ def cmd_sample(args) -> int:
         labels = torch.randint(0, k, (args.num,), generator=torch.Generator().manual_seed(args.seed))
     else:
         labels = torch.full((args.num,), int(args.labels), dtype=torch.long)
-    from tqdm import tqdm
-
     extra = {"S_churn": args.churn} if args.sampler == "edm" else {"stochastic": args.stochastic}
-    chunks = []
-    with tqdm(total=args.num, desc="sampling", unit="image", disable=args.no_progress, dynamic_ncols=True) as bar:
-        for i in range(0, args.num, args.batch_size):  # one seed per batch: the same images however split
-            m = min(args.batch_size, args.num - i)
-            chunks.append(draw(m, None if labels is None else labels[i:i + m], seed=args.seed * 1_000_003 + i,
-                               sampler=args.sampler, num_steps=args.steps, guidance=args.guidance,
-                               batch_size=args.batch_size, **extra))
-            bar.update(m)
-    images = torch.cat(chunks) if chunks else torch.empty((0, *meta["image_shape"]))
-    as_uint8 = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    images = draw_batches(draw, args.num, labels, args.seed, batch_size=args.batch_size,
+                          progress=not args.no_progress, sampler=args.sampler, num_steps=args.steps,
+                          guidance=args.guidance, **extra)
+    as_uint8 = to_uint8(images).numpy()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"images": as_uint8}

@@ -626,6 +626,28 @@ def _model_file(path: str | os.PathLike) -> Path:
     return path
 
 
+def draw_batches(draw, num: int, labels: torch.Tensor | None, seed: int, batch_size: int = 500,
+                 progress: bool = False, **options) -> torch.Tensor:
+    """`num` images from a `load_sampler` draw function, in batches with one seed each (the same
+    images however the caller splits the work), with a progress bar; (num, C, H, W) in [-1, 1]."""
+    from tqdm import tqdm
+
+    out = []
+    with tqdm(total=num, desc="sampling", unit="image", disable=not progress, dynamic_ncols=True,
+              leave=False) as bar:
+        for i in range(0, num, batch_size):
+            m = min(batch_size, num - i)
+            out.append(draw(m, None if labels is None else labels[i:i + m], seed=seed * 1_000_003 + i,
+                            batch_size=batch_size, **options))
+            bar.update(m)
+    return torch.cat(out)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats -> uint8, as `dpfast sample` writes them."""
+    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
 def load_sampler(path: str | os.PathLike, device="cpu"):
     """What `dpfast sample` needs from any recipe's run: (draw, meta) where
     draw(num, labels, seed, **options) returns (num, C, H, W) images in [-1, 1] and meta has

@@ -240,12 +240,9 @@ def integer_noise(n: int, key: bytes, scale_s: int) -> torch.Tensor:
 def noise_multiplier_for(target: float, dim: int, moments: str) -> float:
     """The nominal noise multiplier whose effective one (after the grid, `secure_noise_multiplier`)
     is at least `target`."""
-    from dpfast.random_secure import secure_noise_multiplier
+    from dpfast.random_secure import nominal_noise_multiplier
 
-    sigma = float(target)
-    while secure_noise_multiplier(sigma, dim=dim, max_grad_norm=sensitivity(moments)) < target:
-        sigma *= 1.0001
-    return sigma
+    return nominal_noise_multiplier(target, dim, max_grad_norm=sensitivity(moments))
 
 
 def release_embeddings(feature_map: FeatureMap, data: ImageDataset, num_classes: int, moments: str,

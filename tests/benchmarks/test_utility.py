@@ -4,7 +4,6 @@ time budgets turned into steps without touching the private data, and the evalua
 import csv
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
