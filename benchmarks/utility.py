@@ -1,12 +1,18 @@
 """`dpfast bench --utility`: which recipe gives the most useful synthetic data for a privacy and
 compute budget. A grid of recipes x epsilon x budget; each cell is trained, sampled and evaluated
 with one protocol (`dpfast.diffusion.evaluate`: downstream accuracy with selection on synthetic data
-only, feature-space FID / precision / recall), beside three baselines:
+only, feature-space FID / precision / recall), beside these baselines:
 
 - ``dp-sgd-classifier``: DPDM's downstream CNN trained directly on the real data with DP-SGD through
   dpfast's engine, at the same epsilon and budget ("synthetic data vs task-specific DP-SGD");
 - ``<recipe>`` at epsilon ``inf``: the same generator trained without privacy on the same budget;
-- ``real-data``: the downstream CNN trained on n real training images (the classifier's ceiling).
+- ``real-data``: the downstream CNN trained on n real training images (the classifier's ceiling);
+- ``public-only``: the shipped public model (builtin:demo14) sampled as it is, epsilon 0: what
+  pre-training alone gives, before any private fine-tuning.
+
+The budget counts the private run's training. Public pre-training is outside it: the fine-tuning
+recipes start from the shipped builtin:demo14 (its pre-training took ~16 min on one thread), and
+dp-ldm's autoencoder and public latent phase run inside its cell (their time is in train s).
 
 A budget is a number of logical steps (``300steps``) or of training seconds (``10m``, ``600s``). A
 time budget is turned into a step count before any private data is touched, by timing a few steps
@@ -94,8 +100,24 @@ RECIPES: dict[str, Recipe] = {
                    "network trained on public data (sklearn digits), then a generator trained on them",
         {"cpu": PRESETS["dp-mepf-eps10"].replace(resolution=14, device="cpu", threads=1),
          "paper": PRESETS["dp-mepf-eps10"]}),
+    # public pre-training, then private fine-tuning (dpfast.diffusion.phases): the pre-trained model is
+    # the shipped builtin:demo14 (its pre-training is not part of the budget; dp-ldm pre-trains its
+    # autoencoder and latent model in the cell, and that time is not counted in the budget either)
+    "dp-diffusion": Recipe(
+        "dp-diffusion", "DP-Diffusion (Ghalebikesabi et al.): full DP fine-tuning of the public model, augmentation "
+                        "multiplicity K=4 (flip+crop), biased noise levels",
+        {"cpu": PRESETS["dp-diffusion-demo"].replace(grid_every=0, checkpoint_every=50, sample_steps=10)}),
+    "dp-lora": Recipe(
+        "dp-lora", "DP-LoRA (Tsai et al.): DP fine-tuning of rank-4 LoRA adapters only, on the public model",
+        {"cpu": PRESETS["dp-lora-demo"].replace(grid_every=0, checkpoint_every=50, sample_steps=10)}),
+    "dp-ldm": Recipe(
+        "dp-ldm", "DP-LDM (Lyu et al.): public autoencoder and latent pre-training, DP fine-tuning of attention "
+                  "and class embedding only",
+        {"cpu": PRESETS["dp-ldm-demo"].replace(grid_every=0, checkpoint_every=50, sample_steps=10)}),
 }
-BASELINES = ("dp-sgd-classifier", "real-data")
+BASELINES = ("dp-sgd-classifier", "real-data", "public-only")
+# the public-only baseline: the pre-trained model sampled as it is (no private data, epsilon 0)
+PUBLIC_ONLY_MODEL = "builtin:demo14"
 
 # the DP-SGD classifier baseline: DPDM's CNN, Adam, C=1, Poisson batches of this expected size
 CLASSIFIER_DP = {"cpu": dict(batch_size=512, lr=1e-3, max_grad_norm=1.0, max_physical_batch_size=512),
@@ -111,20 +133,23 @@ class Cell:
 
     @property
     def name(self) -> str:
-        if self.kind == "real-data":
-            return "real-data"
+        if self.kind in ("real-data", "public-only"):
+            return self.kind
         eps = "nonprivate" if self.epsilon is None else f"eps{self.epsilon:g}"
         return f"{self.recipe}_{eps}_{self.budget.text.replace(' ', '')}"
 
 
-def plan_cells(recipes, epsilons, budgets, baselines=BASELINES) -> list[Cell]:
+def plan_cells(recipes, epsilons, budgets, baselines=BASELINES, nonprivate: bool = True) -> list[Cell]:
     cells = []
     for budget in budgets:
         for eps in epsilons:
             cells += [Cell("generator", r, eps, budget) for r in recipes]
             if "dp-sgd-classifier" in baselines:
                 cells.append(Cell("dp-sgd-classifier", "dp-sgd-classifier", eps, budget))
-        cells += [Cell("generator", r, None, budget) for r in recipes]
+        if nonprivate:
+            cells += [Cell("generator", r, None, budget) for r in recipes]
+    if "public-only" in baselines:
+        cells.append(Cell("public-only", "public-only", 0.0, None))
     if "real-data" in baselines:
         cells.append(Cell("real-data", "real-data", None, None))
     return cells
@@ -175,8 +200,10 @@ def pilot_seconds_per_step(cfg: TrainConfig, data: ImageDataset) -> float:
     fake = _random_like(data)
     pilot = cfg.replace(steps=PILOT_STEPS + 1, target_epsilon=None, grid_size=1, sample_steps=1,
                         checkpoint_every=10 ** 9, checkpoint_seconds=1e12, time_budget=None, max_steps=None,
-                        noise_multiplier=1.0 if cfg.private else None, subset=None, resolution=None,
-                        data_dir=None, noise_seed=None, mepf_feature_steps=1)
+                        noise_multiplier=1.0 if cfg.private else None, subset=None,
+                        resolution=None if cfg.recipe != "dp-ldm" else cfg.resolution,
+                        data_dir=None, noise_seed=None, mepf_feature_steps=1, pretrain_steps=0,
+                        ldm_autoencoder_steps=1)
     quiet = dict(dataset=fake, progress=False, log=lambda *a, **k: None)
     with tempfile.TemporaryDirectory(prefix="dpfast-pilot-") as tmp:
         first = T.train(pilot.replace(max_steps=1), tmp, **quiet)
@@ -391,7 +418,7 @@ class Grid:
         self.opts.log(f"--- cell {cell.name}")
         started = time.perf_counter()
         row = {"generator": self._generator, "dp-sgd-classifier": self._dp_classifier,
-               "real-data": self._real_data}[cell.kind](cell)
+               "real-data": self._real_data, "public-only": self._public_only}[cell.kind](cell)
         row.update(cell=cell.name, kind=cell.kind, recipe=cell.recipe,
                    epsilon_target=cell.epsilon if cell.epsilon is not None else math.inf,
                    budget=cell.budget.text if cell.budget else "", scale=self.opts.scale,
@@ -469,7 +496,7 @@ class Grid:
                    steps=report["steps"], train_seconds=round(result["train_seconds"], 1),
                    pilot_seconds_per_step=plan["pilot_seconds_per_step"] or "",
                    sample_seconds=sample_seconds,
-                   sampler=f"{cfg.sampler} {cfg.sample_steps} steps" if cfg.recipe == "dpdm" else "generator",
+                   sampler=f"{cfg.sampler} {cfg.sample_steps} steps" if cfg.recipe != "dp-mepf" else "generator",
                    samples=len(images), seed=cfg.seed, release_seconds=round(result.get("release_seconds", 0.0), 1) or "", sample_seed=plan["sample_seed"],
                    noise_seed="os (secret)" if private else "", eval_seed=self.opts.seed,
                    end_to_end=RECIPES[cell.recipe].end_to_end if private else "",
@@ -543,6 +570,31 @@ class Grid:
                 "train_seconds": train_seconds, "pilot_seconds_per_step": plan["pilot_seconds_per_step"] or "",
                 "seed": self.opts.seed, "noise_seed": "os (secret)", "end_to_end": True,
                 "samples": len(real_train), "planned_command": plan["command"], "planned_commit": plan["commit"]}
+
+    def _public_only(self, cell: Cell) -> dict:
+        """The pre-trained public model, sampled without any private training: what pre-training alone
+        gives (epsilon 0: the private data is only touched by the evaluation)."""
+        import shutil
+
+        from dpfast.diffusion.finetune import resolve_init_from
+
+        d = self.cell_dir(cell)
+        (d / "run").mkdir(parents=True, exist_ok=True)
+        if not (d / "run" / "model.pt").exists():
+            shutil.copyfile(resolve_init_from(PUBLIC_ONLY_MODEL), d / "run" / "model.pt")
+        _, test = self.real()
+        n = max(max(self.opts.sizes), self.opts.metric_samples)
+        (images, labels), sample_seconds = self._samples(d, n, self.opts.seed + 7)
+        evaluation = ev.evaluate_images(images, labels, test, self.feature_net(), sizes=self.opts.sizes,
+                                        max_steps=self.opts.classifier_max_steps, seed=self.opts.seed,
+                                        log=self.opts.log, progress=self.opts.progress, device=self.device,
+                                        metric_samples=self.opts.metric_samples)
+        atomic_write_json(evaluation, d / "evaluation.json")
+        row = self._metrics(evaluation)
+        row.update(epsilon=0.0, samples=len(images), sample_seconds=sample_seconds, steps=0,
+                   train_command=f"dpfast pretrain --preset pretrain-demo14 (shipped as {PUBLIC_ONLY_MODEL})",
+                   end_to_end=True, eval_seed=self.opts.seed)
+        return row
 
     def _real_data(self, cell: Cell) -> dict:
         real_train, test = self.real()
@@ -623,6 +675,8 @@ def _label(row: dict) -> str:
         return "real data (classifier ceiling)"
     if row["kind"] == "dp-sgd-classifier":
         return "DP-SGD classifier on real data"
+    if row["kind"] == "public-only":
+        return "public pre-training only (builtin:demo14, no private data)"
     return row["recipe"] + ("" if row["epsilon_target"] != math.inf else " (no privacy)")
 
 
@@ -667,7 +721,7 @@ def plot_accuracy(rows: list[dict], path: Path, sizes) -> None:
 
     def colour(name):
         return colours.setdefault(name, f"C{len(colours)}")
-    private = [r for r in rows if r["epsilon_target"] != math.inf]
+    private = [r for r in rows if r["epsilon_target"] != math.inf and r["kind"] != "public-only"]
     eps_values = sorted({r["epsilon_target"] for r in private}) or [1.0, 10.0]
     for key in dict.fromkeys((r["recipe"], _label(r), r.get("budget")) for r in private):
         pts = sorted((r["epsilon_target"], headline_accuracy(r, sizes)[0]) for r in private
@@ -676,12 +730,12 @@ def plot_accuracy(rows: list[dict], path: Path, sizes) -> None:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colour(key[0]),
                     label=f"{key[1]}, {key[2]}")
     for r in rows:
-        if r["epsilon_target"] == math.inf:
+        if r["epsilon_target"] == math.inf or r["kind"] == "public-only":
             acc = headline_accuracy(r, sizes)[0]
             if acc is not None:
-                real = r["kind"] == "real-data"
+                real = r["kind"] in ("real-data", "public-only")
                 ax.axhline(acc, linestyle=":" if real else "--", linewidth=1.2,
-                           color="grey" if real else colour(r["recipe"]),
+                           color=("grey" if r["kind"] == "real-data" else "black") if real else colour(r["recipe"]),
                            label=_label(r) + (f", {r['budget']}" if r.get("budget") else ""))
     ax.set_xscale("log")
     ax.set_xticks(eps_values, [f"{e:g}" for e in eps_values])
@@ -706,8 +760,9 @@ def add_arguments(p) -> None:
     g.add_argument("--budget", default="10m",
                    help="comma list: training seconds ('10m', '600s') or steps ('300steps') per cell (default: 10m)")
     g.add_argument("--baselines", default="all",
-                   help="comma list of dp-sgd-classifier, real-data; 'all' or 'none' (default: all; the "
-                        "non-private generator is always in)")
+                   help="comma list of dp-sgd-classifier, real-data, public-only; 'all' or 'none' (default: all)")
+    g.add_argument("--no-nonprivate", action="store_true",
+                   help="leave out each recipe's non-private generator cell")
     g.add_argument("--scale", choices=("cpu", "paper"), default="cpu",
                    help="cpu: the demo's 14x14 U-Net; paper: DPDM's 28x28 configuration, for a GPU (default: cpu)")
     g.add_argument("--sizes", default=",".join(map(str, ev.SIZES)),
@@ -763,7 +818,7 @@ def run_from_args(args) -> int:
                    threads=args.threads, sample_steps=args.sample_steps, device=args.device,
                    classifier_max_steps=args.classifier_max_steps or None, progress=not args.no_progress,
                    plots=not args.no_plots, command="dpfast bench " + " ".join(map(shlex.quote, argv)))
-    grid = Grid(plan_cells(recipes, epsilons, budgets, baselines), opts)
+    grid = Grid(plan_cells(recipes, epsilons, budgets, baselines, nonprivate=not args.no_nonprivate), opts)
     try:
         grid.run()
     except ValueError as e:          # another protocol in --out: said before any work

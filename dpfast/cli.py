@@ -1,4 +1,4 @@
-"""The ``dpfast`` command: ``epsilon``, ``calibrate``, ``train``, ``sample``, ``evaluate``, ``bench``,
+"""The ``dpfast`` command: ``epsilon``, ``calibrate``, ``train``, ``pretrain``, ``sample``, ``evaluate``, ``bench``,
 ``check-kernels``."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 # (module, what it provides): each registers its subcommands with add_commands(subparsers)
 _COMMAND_MODULES = [
     ("dpfast.accounting.cli", "epsilon, calibrate"),
-    ("dpfast.diffusion.cli", "train, sample, evaluate"),
+    ("dpfast.diffusion.cli", "train, pretrain, sample, evaluate"),
     ("dpfast._bench:cli", "bench"),
 ]
 

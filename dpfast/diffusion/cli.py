@@ -1,6 +1,8 @@
-"""`dpfast train`, `dpfast sample`, `dpfast evaluate`.
+"""`dpfast train`, `dpfast pretrain`, `dpfast sample`, `dpfast evaluate`.
 
     dpfast train --preset demo --out runs/demo                 # CPU, a few minutes, real DP
+    dpfast pretrain --out runs/public14                        # public data only, no privacy
+    dpfast train --preset demo --init-from runs/public14 --out runs/ft   # private fine-tuning
     dpfast train --preset dpdm-fmnist-eps10 --out runs/eps10 --time-budget 540   # resumable chunks
     dpfast sample --model runs/demo --num 10000 --out runs/demo/samples.npz
     dpfast evaluate --samples runs/demo/samples.npz --out runs/demo/eval.json
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from .evaluate import CLASSIFIER_EPOCHS, CLASSIFIER_MAX_STEPS, FEATURE_STEPS, SIZES
 from .presets import PRESETS, TrainConfig, get_preset
+from .public import SOURCES as PUBLIC_SOURCES
 
 
 # ----------------------------------------------------------------------------- option parsing
@@ -39,7 +42,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "configuration (overrides the preset; shown: the value the default preset 'demo' uses)")
     demo = PRESETS["demo"]
-    text_choices = {"recipe": "dpdm|dp-mepf", "sampler": "ddim|edm", "mode": "bk|two-pass",
+    text_choices = {"recipe": "dpdm|dp-diffusion|dp-lora|dp-ldm|dp-mepf|pretrain", "sampler": "ddim|edm", "mode": "bk|two-pass",
                     "backend": "torch|triton|auto", "accountant": "prv|rdp", "augment": "none|flip|crop|flip+crop",
                     "embedding_type": "positional|fourier", "mepf_moments": "mean|mean+second"}
     for f in dataclasses.fields(TrainConfig):
@@ -102,6 +105,16 @@ def cmd_train(args) -> int:
         return 2
     # a stop by signal exits as the shell would report the signal (128 + its number)
     return {"SIGINT": 130, "SIGTERM": 143}.get(result["reason"], 0)
+
+
+def cmd_pretrain(args) -> int:
+    """`dpfast train` with recipe pretrain: public data only, no privacy, no private data read."""
+    if not hasattr(args, "recipe"):
+        args.recipe = "pretrain"
+    if args.recipe != "pretrain":
+        print("dpfast pretrain: --recipe is always pretrain here (use dpfast train for the others)", file=sys.stderr)
+        return 2
+    return cmd_train(args)
 
 
 def cmd_sample(args) -> int:
@@ -184,6 +197,19 @@ def add_commands(subparsers) -> None:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     _add_config_options(p)
     p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser(
+        "pretrain", help="pre-train a diffusion model on public data only (no privacy spent, no private data read)",
+        description="Non-private training on --public-data (" + ", ".join(sorted(PUBLIC_SOURCES))
+                    + ", a+b, or a path). `dpfast train "
+                    "--init-from OUT` then fine-tunes the model privately. Re-running on the same --out resumes.")
+    p.add_argument("--preset", default="pretrain-demo14", choices=sorted(PRESETS))
+    p.add_argument("--config", help="a config.json instead of a preset")
+    p.add_argument("--out", required=True, help="output directory (model.pt, checkpoint, samples)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    _add_config_options(p)
+    p.set_defaults(func=cmd_pretrain)
 
     p = subparsers.add_parser("sample", help="draw labelled samples from a trained model into a .npz",
                               description="Samples from any recipe's run (a diffusion model, or a DP-MEPF "

@@ -54,10 +54,38 @@ def edm_loss_weight(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA) -> torc
 
 
 def sample_sigmas(n: int, p_mean: float = -1.2, p_std: float = 1.2,
-                  generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-    """ln sigma ~ N(p_mean, p_std^2); returns (n,)."""
-    z = torch.randn(n, generator=generator, device=device)
-    return (p_mean + p_std * z).exp()
+                  generator: torch.Generator | None = None, device=None,
+                  sigma_range: tuple[float, float] | None = None,
+                  bias: tuple[float, float, float] | None = None) -> torch.Tensor:
+    """ln sigma ~ N(p_mean, p_std^2); returns (n,).
+
+    sigma_range (lo, hi): the same distribution conditioned on lo <= sigma <= hi (inverse-CDF
+    sampling, so no draw is wasted). A phase that trains on a range of noise levels minimises the
+    EDM loss restricted to it: the weight lambda(sigma) is unchanged, the density renormalised.
+    bias (lo, hi, w): a mixture that draws with probability w from the distribution restricted to
+    [lo, hi] and otherwise from the whole one (DP-Diffusion's biased noise-level sampling, which
+    spends more of the private gradient on the noise levels that shape an image). Both combine: the
+    mixture is then restricted to sigma_range.
+    """
+    def truncated(lo, hi, size):
+        a = torch.special.ndtr(torch.tensor((math.log(lo) - p_mean) / p_std, dtype=torch.float64))
+        b = torch.special.ndtr(torch.tensor((math.log(hi) - p_mean) / p_std, dtype=torch.float64))
+        u = torch.rand(size, generator=generator, device=device, dtype=torch.float64)
+        z = torch.special.ndtri((a + (b - a) * u.cpu()).clamp(1e-12, 1 - 1e-12)).to(device)
+        return (p_mean + p_std * z).exp().float()
+
+    lo, hi = sigma_range if sigma_range is not None else (0.0, math.inf)
+    if bias is None and sigma_range is None:
+        z = torch.randn(n, generator=generator, device=device)
+        return (p_mean + p_std * z).exp()
+    full = truncated(max(lo, 1e-30), hi, n)
+    if bias is None:
+        return full
+    b_lo, b_hi, w = max(bias[0], lo), min(bias[1], hi), bias[2]
+    if b_lo >= b_hi:
+        return full
+    pick = torch.rand(n, generator=generator, device=device) < w
+    return torch.where(pick, truncated(b_lo, b_hi, n), full)
 
 
 def drop_labels(labels: torch.Tensor, p: float, null_label: int,
@@ -74,7 +102,8 @@ def edm_loss_rows(denoiser: EDMPrecond, images: torch.Tensor, labels: torch.Tens
                   label_dropout: float = 0.1,
                   augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
                   generator: torch.Generator | None = None, num_classes: int | None = None,
-                  sigma_data: float | None = None) -> torch.Tensor:
+                  sigma_data: float | None = None, sigma_range: tuple[float, float] | None = None,
+                  sigma_bias: tuple[float, float, float] | None = None) -> torch.Tensor:
     """Per-row EDM loss with noise multiplicity K: returns (B*K,), the mean over pixels of each row.
 
     images: (B, C, H, W) in [-1, 1]; labels: (B,) long or None (unconditional).
@@ -82,7 +111,8 @@ def edm_loss_rows(denoiser: EDMPrecond, images: torch.Tensor, labels: torch.Tens
     repeated. `augment`, if given, is applied per row (augmentation multiplicity): each of the K rows
     gets its own augmentation and its own noise level. All randomness comes from `generator`, so a
     run restored with the generator's state draws the same noise. `num_classes` and `sigma_data`
-    default to the denoiser's (pass them when the denoiser is wrapped, e.g. by DDP).
+    default to the denoiser's (pass them when the denoiser is wrapped, e.g. by DDP). Labels < 0
+    (public images without one) are the null label. sigma_range / sigma_bias: see sample_sigmas.
     """
     num_classes = denoiser.num_classes if num_classes is None else num_classes
     sigma_data = denoiser.sigma_data if sigma_data is None else sigma_data
@@ -92,9 +122,10 @@ def edm_loss_rows(denoiser: EDMPrecond, images: torch.Tensor, labels: torch.Tens
         x = augment(x)
     y = None
     if labels is not None and num_classes > 0:
+        labels = torch.where(labels < 0, torch.full_like(labels, num_classes), labels)
         y = drop_labels(labels, label_dropout, num_classes, generator)
         y = y.repeat_interleave(k, dim=0)
-    sigma = sample_sigmas(x.shape[0], p_mean, p_std, generator, x.device).to(x.dtype)
+    sigma = sample_sigmas(x.shape[0], p_mean, p_std, generator, x.device, sigma_range, sigma_bias).to(x.dtype)
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     sig = sigma.reshape(-1, 1, 1, 1)
     denoised = denoiser(x + sig * noise, sigma, y)

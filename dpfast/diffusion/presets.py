@@ -21,7 +21,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
-    recipe: str = "dpdm"                   # dpdm (DP-SGD diffusion, this file's defaults) | dp-mepf
+    recipe: str = "dpdm"                   # dpdm (DP-SGD diffusion, this file's defaults) | dp-diffusion |
+                                           # dp-lora | dp-ldm | dp-mepf | pretrain (public data only)
     # data
     data_dir: str | None = None            # None: Fashion-MNIST from Debian's dataset-fashion-mnist
     subset: int | None = None              # train on the first N images only (DP protects those N)
@@ -86,6 +87,16 @@ class TrainConfig:
     public_data: str = "digits"            # a dpfast.diffusion.public source name, or a path
     mepf_moments: str = "mean+second"      # mean | mean+second: the feature moments released and matched
     mepf_feature_steps: int = 1500         # training steps of the feature network on the public data
+    # phases and fine-tuning (dpfast.diffusion.phases, dpfast.diffusion.finetune)
+    init_from: str | None = None           # a pre-trained model to fine-tune: builtin:NAME, a run dir or model.pt
+    trainable: str = "all"                 # all | attention | lora:R | lora:R+conv | re:REGEX (private phase)
+    pretrain_steps: int = 0                # a public phase on public_data before the private one (0: none)
+    sigma_range: str | None = None         # "LO,HI": the private phase trains on these noise levels only
+    sigma_bias: str | None = None          # "LO,HI,W": draw sigma from [LO, HI] with probability W
+                                           # (DP-Diffusion's biased noise-level sampling), else as usual
+    channels: int = 1                      # image channels of a pretrain run (other runs: the data's)
+    ldm_latent_channels: int = 3           # dp-ldm: latent channels (the autoencoder halves each side)
+    ldm_autoencoder_steps: int = 1500      # dp-ldm: autoencoder training steps on the public data
 
     def validate(self) -> "TrainConfig":
         """Every field checked before any data is read or any privacy is spent; one-line errors."""
@@ -102,7 +113,7 @@ class TrainConfig:
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         for name in ("private", "class_conditional"):
             check(isinstance(getattr(self, name), bool), f"{name} must be true or false; got {getattr(self, name)!r}")
-        choices = {"recipe": ("dpdm", "dp-mepf"), "sampler": ("ddim", "edm"), "mode": ("bk", "two-pass"),
+        choices = {"recipe": ("dpdm", "dp-diffusion", "dp-lora", "dp-ldm", "dp-mepf", "pretrain"), "sampler": ("ddim", "edm"), "mode": ("bk", "two-pass"),
                    "backend": ("torch", "triton", "auto"), "accountant": ("prv", "rdp"),
                    "augment": AUGMENT_CHOICES, "embedding_type": ("positional", "fourier"),
                    "mepf_moments": ("mean", "mean+second")}
@@ -110,10 +121,11 @@ class TrainConfig:
             value = getattr(self, name)
             check(value in allowed, f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}; got {value!r}")
         for name in ("nf", "num_res_blocks", "multiplicity", "batch_size", "max_physical_batch_size",
-                     "sample_steps", "grid_size", "checkpoint_every", "mepf_feature_steps"):
+                     "sample_steps", "grid_size", "checkpoint_every", "mepf_feature_steps", "channels",
+                     "ldm_latent_channels", "ldm_autoencoder_steps"):
             value = getattr(self, name)
             check(is_int(value) and value >= 1, f"--{name.replace('_', '-')} must be an integer >= 1; got {value!r}")
-        for name in ("crop_padding", "grid_every", "seed"):
+        for name in ("crop_padding", "grid_every", "seed", "pretrain_steps"):
             value = getattr(self, name)
             check(is_int(value) and value >= 0, f"--{name.replace('_', '-')} must be an integer >= 0; got {value!r}")
         for name in ("steps", "max_steps", "subset", "resolution", "num_classes"):
@@ -142,6 +154,24 @@ class TrainConfig:
               f"--noise-seed must be an integer >= 0 or none; got {self.noise_seed!r}")
         check(all(is_int(v) and v >= 1 for v in self.ch_mult) and len(self.ch_mult) >= 1,
               f"--ch-mult must be positive integers; got {self.ch_mult!r}")
+        from .finetune import parse_trainable
+
+        check(isinstance(self.trainable, str), f"--trainable must be text; got {self.trainable!r}")
+        parse_trainable(self.trainable)
+        self.sigma_range_values()
+        self.sigma_bias_values()
+        check(self.init_from is None or isinstance(self.init_from, str) and self.init_from,
+              f"--init-from must be a path or builtin:NAME; got {self.init_from!r}")
+        if self.recipe == "pretrain":
+            check(self.resolution is not None, "a pretrain run needs --resolution (the image side it trains at)")
+            check(self.steps is not None, "a pretrain run needs --steps")
+        if self.recipe == "dp-mepf":
+            check(self.init_from is None and self.trainable == "all" and self.pretrain_steps == 0
+                  and self.sigma_range is None and self.sigma_bias is None,
+                  "recipe dp-mepf trains no diffusion model: --init-from, --trainable, --pretrain-steps and "
+                  "--sigma-* do not apply")
+        if self.recipe == "pretrain":
+            check(self.init_from is None, "a pretrain run starts from scratch: drop --init-from")
         if self.private:
             check(self.target_epsilon is not None or self.noise_multiplier is not None,
                   "a private run needs --target-epsilon or --noise-multiplier")
@@ -155,6 +185,30 @@ class TrainConfig:
             check(dev.type != "cuda" or torch.cuda.is_available(),
                   f"--device {self.device}: no CUDA device is available here (use --device cpu or auto)")
         return self
+
+    @staticmethod
+    def _floats(text, name, n):
+        if text is None:
+            return None
+        try:
+            values = tuple(float(t) for t in str(text).split(","))
+        except ValueError:
+            values = ()
+        if len(values) != n or not all(math.isfinite(v) for v in values):
+            raise ConfigError(f"--{name} must be {n} comma-separated numbers; got {text!r}")
+        return values
+
+    def sigma_range_values(self) -> tuple[float, float] | None:
+        r = self._floats(self.sigma_range, "sigma-range", 2)
+        if r is not None and not 0 < r[0] < r[1]:
+            raise ConfigError(f"--sigma-range LO,HI needs 0 < LO < HI; got {self.sigma_range!r}")
+        return r
+
+    def sigma_bias_values(self) -> tuple[float, float, float] | None:
+        b = self._floats(self.sigma_bias, "sigma-bias", 3)
+        if b is not None and not (0 < b[0] < b[1] and 0 <= b[2] <= 1):
+            raise ConfigError(f"--sigma-bias LO,HI,W needs 0 < LO < HI and 0 <= W <= 1; got {self.sigma_bias!r}")
+        return b
 
     def to_dict(self) -> dict:
         return {f.name: list(v) if isinstance(v, tuple) else v
@@ -190,20 +244,45 @@ def _mepf(eps: float) -> TrainConfig:
                        ema_decay=0.99, multiplicity=1, checkpoint_every=500, grid_every=0, device="auto")
 
 
+# public data of the shipped pre-trained model: everything that exists on a fresh machine
+PUBLIC_MIX = "digits+photos+faces+dead-leaves"
+# CPU, a few minutes on 2 cores: all of Fashion-MNIST average-pooled to 14x14 (each row ~4x
+# cheaper than 28x28), a 180k-parameter U-Net, 200 DP-SGD steps at eps=10, delta=1e-5. Using the
+# full data set (q = 128/60000) amplifies privacy, so the noise stays moderate at eps=10; what
+# limits sample quality here is the compute. One thread: these ops are too small to gain from
+# more, and on a shared machine OpenMP threads that wait for each other are several times slower
+# (--threads 0 keeps PyTorch's default).
+_DEMO = TrainConfig(resolution=14, nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+                    multiplicity=1, batch_size=128, steps=200, lr=2e-3, ema_decay=0.99,
+                    max_physical_batch_size=256, target_epsilon=10.0, sample_steps=25,
+                    grid_every=0, checkpoint_every=50, device="cpu", threads=1)
+
 PRESETS: dict[str, TrainConfig] = {
-    # CPU, a few minutes on 2 cores: all of Fashion-MNIST average-pooled to 14x14 (each row ~4x
-    # cheaper than 28x28), a 180k-parameter U-Net, 200 DP-SGD steps at eps=10, delta=1e-5. Using the
-    # full data set (q = 128/60000) amplifies privacy, so the noise stays moderate at eps=10; what
-    # limits sample quality here is the compute. One thread: these ops are too small to gain from
-    # more, and on a shared machine OpenMP threads that wait for each other are several times slower
-    # (--threads 0 keeps PyTorch's default).
-    "demo": TrainConfig(resolution=14, nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-                        multiplicity=1, batch_size=128, steps=200, lr=2e-3, ema_decay=0.99,
-                        max_physical_batch_size=256, target_epsilon=10.0, sample_steps=25,
-                        grid_every=0, checkpoint_every=50, device="cpu", threads=1),
+    "demo": _DEMO,
     "dpdm-fmnist-eps10": _dpdm(10.0),
     "dpdm-fmnist-eps1": _dpdm(1.0),
     "dpdm-fmnist-eps0.2": _dpdm(0.2),
+    # Public pre-training of the demo's U-Net (no private data; `dpfast pretrain`): the shipped
+    # builtin:demo14 checkpoint is this preset's run (dpfast/pretrained/README.md)
+    "pretrain-demo14": _DEMO.replace(recipe="pretrain", public_data=PUBLIC_MIX, num_classes=10, steps=1500,
+                                     private=False, target_epsilon=None, checkpoint_every=250),
+    # DP-Diffusion (Ghalebikesabi et al.): full fine-tuning of the public model with augmentation
+    # multiplicity (flips and crops, K rows per sample reduced by the engine's multiplicity) and biased
+    # noise-level sampling (half the rows from sigma in [0.2, 3]: the paper's exact mixture of timestep
+    # ranges could not be sourced, see the README)
+    "dp-diffusion-demo": _DEMO.replace(recipe="dp-diffusion", init_from="builtin:demo14", multiplicity=4,
+                                       augment="flip+crop", crop_padding=1, sigma_bias="0.2,3.0,0.5",
+                                       max_physical_batch_size=64),
+    # DP-LoRA (Tsai et al.): rank-4 adapters on the public model, on the attention projections and
+    # (the demo U-Net has attention only in its middle block) the convolutions; only the adapters train
+    "dp-lora-demo": _DEMO.replace(recipe="dp-lora", init_from="builtin:demo14", trainable="lora:4+conv",
+                                  lr=5e-3),
+    # DP-LDM (Lyu et al.): a public autoencoder (14x14 -> 7x7x3), a latent U-Net with attention at 7x7
+    # pre-trained on public latents in the same run, then DP fine-tuning of attention + class embedding
+    "dp-ldm-demo": _DEMO.replace(recipe="dp-ldm", nf=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(7,),
+                                 public_data=PUBLIC_MIX, pretrain_steps=600, trainable="attention"),
+    # DPDM from the public model: the demo with --init-from only (the README's comparison)
+    "demo-pretrained": _DEMO.replace(init_from="builtin:demo14"),
     # DP-MEPF at 28x28 on CPU: one release, then 2000 generator steps of 100 images
     "dp-mepf-eps10": _mepf(10.0),
     "dp-mepf-eps1": _mepf(1.0),

@@ -5,6 +5,15 @@ here, never from the private set. Sources:
 
 - ``digits``: scikit-learn's bundled handwritten digits (1,797 labelled 8x8 grey images, 10
   classes, shipped inside the scikit-learn wheel), rescaled to the requested size;
+- ``photos``: 2,000 crops (random position and scale, fixed seed) of the ~20 natural photographs
+  that scikit-image ships inside its wheel (``skimage/data/*.png|jpg``), unlabelled;
+- ``faces``: scikit-image's ``lfw_subset`` (200 small grey faces, 100 of them faces and 100 not),
+  with their mirror images, unlabelled;
+- ``dead-leaves``: 2,000 programmatically generated dead-leaves images (occluding discs with a
+  power-law radius distribution; `dead_leaves`), unlabelled: they depend on nothing but a seed;
+- several of them joined by ``+`` (``digits+photos+faces+dead-leaves``): one data set, labelled where
+  its parts are (unlabelled images carry the label -1, which a conditional model reads as its null
+  label);
 - a path: an image folder, a directory of MNIST-format IDX files, or an ``.npz`` with ``images``
   (uint8 N x C x H x W or N x H x W) and optionally ``labels`` (ImageNet-32, EMNIST, Places, ...).
 
@@ -23,7 +32,15 @@ import torch
 
 from .data import FASHION_MNIST_DIR, ImageDataset, load_dataset
 
-SOURCES = {"digits": "scikit-learn's bundled handwritten digits (1,797 labelled 8x8 images, 10 classes)"}
+SOURCES = {"digits": "scikit-learn's bundled handwritten digits (1,797 labelled 8x8 images, 10 classes)",
+           "photos": "2,000 crops of scikit-image's bundled photographs (skimage.data)",
+           "faces": "scikit-image's lfw_subset faces (200 + mirrored, 25x25)",
+           "dead-leaves": "2,000 generated dead-leaves images (power-law discs, seed 0)"}
+UNLABELLED = -1   # the label of an image without one (a conditional model uses its null label)
+# the photographs of skimage/data that load without a download (the wheel ships them)
+_PHOTOS = ("astronaut", "brick", "camera", "chelsea", "clock", "coffee", "coins", "grass", "gravel", "horse",
+           "hubble_deep_field", "immunohistochemistry", "moon", "page", "rocket", "text", "retina",
+           "microaneurysms", "colorwheel")
 
 
 def _resize(images: torch.Tensor, image_shape) -> torch.Tensor:
@@ -55,15 +72,97 @@ def _digits() -> ImageDataset:
     return ImageDataset(images, d.target, 10, name="sklearn digits")
 
 
+def _skimage():
+    try:
+        import skimage.data
+    except ImportError as e:  # a dependency of dpfast; only a broken install gets here
+        raise ImportError("the 'photos' and 'faces' public data need scikit-image (pip install scikit-image)") from e
+    return skimage.data
+
+
+def _grey(a: np.ndarray) -> np.ndarray:
+    """An skimage image (H, W), (H, W, 3|4), uint8 or float in [0, 1] -> uint8 (H, W)."""
+    a = np.asarray(a)
+    if a.ndim == 3:
+        a = a[..., :3] @ np.array([0.299, 0.587, 0.114])
+    if a.dtype != np.uint8:
+        a = a * (255.0 if a.max() <= 1.0 else 1.0)
+    return np.clip(np.round(a), 0, 255).astype(np.uint8)
+
+
+def _photos(image_shape, n: int = 2000, seed: int = 0) -> ImageDataset:
+    """n square crops of the bundled photographs: a photograph, a side between 1/8 and 1/2 of its
+    shorter edge (log-uniform), a position, all from `seed`; each crop rescaled to image_shape."""
+    data = _skimage()
+    photos = [torch.from_numpy(_grey(getattr(data, name)())) for name in _PHOTOS]
+    rng = np.random.default_rng(seed)
+    c, h, w = image_shape
+    out = torch.empty((n, 1, h, w), dtype=torch.uint8)
+    for i in range(n):
+        img = photos[rng.integers(len(photos))]
+        short = min(img.shape)
+        side = int(round(short * np.exp(rng.uniform(np.log(1 / 8), np.log(1 / 2)))))
+        top, left = rng.integers(img.shape[0] - side + 1), rng.integers(img.shape[1] - side + 1)
+        out[i] = _resize(img[None, None, top:top + side, left:left + side], (1, h, w))[0]
+    return ImageDataset(out, np.full(n, UNLABELLED), 0, name="skimage photographs (crops)")
+
+
+def _faces() -> ImageDataset:
+    faces = torch.from_numpy(_grey(_skimage().lfw_subset()))[:, None]
+    faces = torch.cat([faces, faces.flip(-1)])
+    return ImageDataset(faces, np.full(len(faces), UNLABELLED), 0, name="skimage lfw_subset")
+
+
+def dead_leaves(n: int, image_shape, seed: int = 0, shapes: int = 60, r_min: float = 0.03,
+                r_max: float = 0.6, alpha: float = 3.0) -> torch.Tensor:
+    """n dead-leaves images, uint8 (n, C, H, W): `shapes` discs per image, dropped one over the other
+    (the last one on top), radii (as a fraction of the image side) from the power law
+    p(r) ~ r^-alpha on [r_min, r_max] (alpha=3: scale invariance), uniform centres, and a uniform
+    grey level per disc (one per channel for colour). A function of the seed only."""
+    c, h, w = image_shape
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand((n, shapes), generator=g)
+    a1 = 1.0 - alpha                                         # inverse CDF of the truncated power law
+    radius = (r_min ** a1 + u * (r_max ** a1 - r_min ** a1)) ** (1.0 / a1)
+    centre = torch.rand((n, shapes, 2), generator=g)
+    colour = torch.rand((n, shapes, c), generator=g)
+    ys = (torch.arange(h, dtype=torch.float32) + 0.5) / h
+    xs = (torch.arange(w, dtype=torch.float32) + 0.5) / w
+    img = torch.rand((n, c, 1, 1), generator=g).expand(n, c, h, w).clone()   # the background
+    for s in range(shapes):
+        d2 = (ys.view(1, h, 1) - centre[:, s, 0].view(n, 1, 1)) ** 2 \
+            + (xs.view(1, 1, w) - centre[:, s, 1].view(n, 1, 1)) ** 2
+        inside = (d2 <= radius[:, s].view(n, 1, 1) ** 2).unsqueeze(1)
+        img = torch.where(inside, colour[:, s].view(n, c, 1, 1), img)
+    return (img * 255).round().to(torch.uint8)
+
+
+def _dead_leaves(image_shape, n: int = 2000, seed: int = 0) -> ImageDataset:
+    return ImageDataset(dead_leaves(n, image_shape, seed), np.full(n, UNLABELLED), 0,
+                        name="dead leaves (generated)")
+
+
+def _join(parts: list[ImageDataset]) -> ImageDataset:
+    if len(parts) == 1:
+        return parts[0]
+    return ImageDataset(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]),
+                        max(p.num_classes for p in parts), name=" + ".join(p.name for p in parts))
+
+
 def _inside(path: Path, folder: Path) -> bool:
     path, folder = path.resolve(), folder.resolve()
     return path == folder or folder in path.parents
 
 
 def load_public(source: str, image_shape, private_dir: str | os.PathLike | None = None) -> ImageDataset:
-    """The public data set `source` (a name in SOURCES, or a path) at image_shape (C, H, W)."""
+    """The public data set `source` (a name in SOURCES, a path, or several joined by '+') at
+    image_shape (C, H, W)."""
+    if "+" in source and not Path(source).exists():
+        return _join([load_public(s, image_shape, private_dir) for s in source.split("+") if s])
     if source in SOURCES:
-        data = _digits()
+        make = {"digits": lambda: _digits(), "photos": lambda: _photos(image_shape),
+                "faces": lambda: _faces(), "dead-leaves": lambda: _dead_leaves(image_shape)}
+        data = make[source]()
     else:
         path = Path(source)
         if not path.exists():
@@ -85,4 +184,6 @@ def load_public(source: str, image_shape, private_dir: str | os.PathLike | None 
 
 
 def describe(source: str) -> str:
+    if "+" in source and not Path(source).exists():
+        return " + ".join(describe(s) for s in source.split("+") if s)
     return SOURCES.get(source, f"images from {source}")

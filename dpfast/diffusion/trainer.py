@@ -36,6 +36,7 @@ from .augment import make_augment
 from .data import ImageDataset, load_dataset
 from .edm import EDMPrecond, edm_loss_rows
 from .ema import EMA
+from .phases import Phase, phase_at, phase_starts, plan_phases
 from .presets import RUN_CONTROL_FIELDS, ConfigError, TrainConfig
 from .samplers import sample_images
 from .unet import DDPMpp, count_parameters
@@ -98,6 +99,9 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
 
 
 def build_denoiser(cfg: TrainConfig, image_shape, num_classes: int) -> EDMPrecond:
+    """The run's EDM denoiser, with LoRA adapters when cfg.trainable is lora:R[+conv]."""
+    from .finetune import add_lora, parse_trainable
+
     c, h, w = image_shape
     if h != w:
         raise ValueError(f"the U-Net needs square images, got {h}x{w}")
@@ -105,6 +109,9 @@ def build_denoiser(cfg: TrainConfig, image_shape, num_classes: int) -> EDMPrecon
                  nf=cfg.nf, ch_mult=tuple(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks,
                  attn_resolutions=tuple(cfg.attn_resolutions), dropout=cfg.dropout,
                  embedding_type=cfg.embedding_type)
+    kind, rank, convs = parse_trainable(cfg.trainable)
+    if kind == "lora":
+        add_lora(net, rank, convs)
     return EDMPrecond(net, sigma_data=cfg.sigma_data)
 
 
@@ -238,13 +245,27 @@ class Trainer:
             if self.device.type == "cuda":
                 self.device = self.dist.device  # this rank's GPU (LOCAL_RANK)
 
-        self.dataset = dataset = prepare_dataset(cfg, dataset)
-        self.num_classes = dataset.num_classes if cfg.class_conditional else 0
-        self.q = sample_rate_of(cfg, len(dataset))
-        self.total_steps = total_steps_of(cfg, len(dataset))
+        self.public = None  # the public data set, loaded when a phase needs it
+        if cfg.recipe == "pretrain":  # public data only: the private data set is never opened
+            self.dataset = None
+            self.image_shape = (cfg.channels, cfg.resolution, cfg.resolution)
+            self.num_classes = (cfg.num_classes or self._public_data().num_classes) if cfg.class_conditional else 0
+            self.q = None
+            self.phases = plan_phases(cfg, 0)
+        else:
+            self.dataset = dataset = self._prepare_data(dataset)
+            self.image_shape = dataset.image_shape
+            self.num_classes = dataset.num_classes if cfg.class_conditional else 0
+            self.q = sample_rate_of(cfg, len(dataset))
+            self.phases = plan_phases(cfg, total_steps_of(cfg, len(dataset)))
+        self.private_phase = next((p for p in self.phases if p.private), None)
+        self.total_steps = sum(p.steps for p in self.phases)
 
         torch.manual_seed(cfg.seed)
-        self.denoiser = build_denoiser(cfg, dataset.image_shape, self.num_classes).to(self.device)
+        self.denoiser = build_denoiser(cfg, self.image_shape, self.num_classes).to(self.device)
+        self.init_source = None
+        if cfg.init_from is not None:
+            self.init_source = self._init_from(cfg.init_from)
         # A plain copy for sampling with EMA weights, made before the engine touches the model.
         self.sample_model = copy.deepcopy(self.denoiser).eval()
         self.ema = EMA(self.denoiser, cfg.ema_decay)
@@ -252,41 +273,116 @@ class Trainer:
         # stream per rank (a shared stream would give every rank's samples the same noise)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1 + 1_000_003 * self.dist.rank)
         self.augment = make_augment(cfg.augment, cfg.crop_padding, self.gen)
-        base_opt = torch.optim.Adam(self.denoiser.parameters(), lr=cfg.lr)
         self.step = 0
         self.elapsed = 0.0  # training seconds over all invocations
         self.engine = None
-        if cfg.private:
-            self._make_private(base_opt)
-        else:
-            self.optimizer = base_opt
+        self.noise_multiplier = None
+        if self.private_phase is not None:  # calibrated now: before any data is read for training
+            self.noise_multiplier = self._noise_multiplier()
+        self.phase = None
+        saved_phase = 0 if self.resume_state is None else self.resume_state.get("phase", 0)
+        self._enter_phase(saved_phase, fresh=self.resume_state is None)
         if self.resume_state is not None:
             self._load(self.resume_state)
 
-    # -- setup
-    def _make_private(self, base_opt) -> None:
+    # -- setup (recipes override the three data hooks: dpfast.recipes.dp_ldm trains in a latent space)
+    def _prepare_data(self, dataset):
+        """The private training set as the model sees it."""
+        return prepare_dataset(self.cfg, dataset)
+
+    def _load_public(self):
+        """The public data set as the model sees it (at the model's image shape)."""
+        from .public import load_public
+
+        return load_public(self.cfg.public_data, self.image_shape, private_dir=self.cfg.data_dir)
+
+    def _to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Model samples -> images in [-1, 1]."""
+        return x
+
+    def _model_extra(self) -> dict:
+        """Recipe-specific entries of model.pt."""
+        return {}
+
+    def _public_data(self):
+        if self.public is None:
+            self.public = self._load_public()
+        return self.public
+
+    def _init_from(self, source: str) -> dict:
+        """Loads the pre-trained model's EMA weights (before any training, on a fresh run only; a
+        resumed run's checkpoint holds them). Refuses a model that saw private data: its privacy cost
+        would not be part of this run's epsilon."""
+        from .finetune import check_compatible, load_base_weights, load_pretrained, resolve_init_from
+
+        state = load_pretrained(source)
+        if not state.get("public_only", False):
+            raise ConfigError(f"--init-from {source}: that model was trained on private data (or by an older "
+                              "dpfast that did not record it), and its privacy cost would not be counted in this "
+                              "run's epsilon. Fine-tune from a `dpfast pretrain` model (public data only)")
+        check_compatible(state, self.cfg, self.image_shape, self.num_classes, source)
+        if self.resume_state is None:
+            load_base_weights(self.denoiser, state["ema"], source)
+        return {"init_from": source, "file": str(resolve_init_from(source)),
+                "public_data": state.get("public_data"), "steps": state.get("step"),
+                "private_data_used": False}
+
+    def _noise_multiplier(self) -> float:
+        cfg = self.cfg
+        saved = self.resume_state
+        if saved is not None and saved.get("noise_multiplier") is not None:
+            return float(saved["noise_multiplier"])
+        if cfg.noise_multiplier is not None:
+            return float(cfg.noise_multiplier)
+        if cfg.target_epsilon is None:
+            raise ValueError("a private run needs target_epsilon or noise_multiplier")
+        from dpfast.accounting import calibrate_noise_multiplier
+
+        return float(calibrate_noise_multiplier(cfg.target_epsilon, cfg.delta, self.q,
+                                                steps=self.private_phase.steps, accountant=cfg.accountant))
+
+    def _enter_phase(self, index: int, fresh: bool) -> None:
+        """Starts phase `index`: its trainable parameters, a new optimizer over them, a new EMA, and
+        for a private phase the engine. fresh=False when a checkpoint of this phase is loaded next."""
+        from .finetune import select_trainable
+
+        phase = self.phases[index]
+        if fresh and self.phase is not None:
+            # the next phase starts from the last one's EMA weights, as --init-from starts from a
+            # pre-trained model's
+            self.ema.copy_to(self.denoiser)
+        self.phase_index, self.phase = index, phase
+        self.trainable = select_trainable(self.denoiser, phase.trainable)
+        self.ema = EMA(self.denoiser, self.cfg.ema_decay)
+        base_opt = torch.optim.Adam([p for p in self.denoiser.parameters() if p.requires_grad], lr=self.cfg.lr)
+        if phase.private:
+            if self.engine is not None:
+                raise RuntimeError("one private phase per run")  # plan_phases makes one
+            self._make_private(base_opt, resume=not fresh and self.resume_state is not None
+                               and self.resume_state.get("engine") is not None)
+        else:
+            self.optimizer = base_opt
+            data = self._public_data() if phase.public else self.dataset
+            self._phase_data = data
+            self._phase_q = min(1.0, self.cfg.batch_size / len(data))
+            if phase.public and self.num_classes and data.num_classes > self.num_classes:
+                raise ConfigError(f"public data {self.cfg.public_data} has {data.num_classes} classes, the model "
+                                  f"{self.num_classes}: pre-train unconditionally or on data with at most "
+                                  f"{self.num_classes} classes")
+
+    def _make_private(self, base_opt, resume: bool) -> None:
         from torch.utils.data import DataLoader
 
         from dpfast import PrivacyEngine
 
         cfg = self.cfg
         saved = self.resume_state
-        if saved is not None:
-            sigma, seed = saved["noise_multiplier"], saved["engine"]["seed"]
-        else:
-            seed = cfg.noise_seed
-            sigma = cfg.noise_multiplier
-            if sigma is None:
-                if cfg.target_epsilon is None:
-                    raise ValueError("a private run needs target_epsilon or noise_multiplier")
-                from dpfast.accounting import calibrate_noise_multiplier
-
-                sigma = calibrate_noise_multiplier(cfg.target_epsilon, cfg.delta, self.q,
-                                                   steps=self.total_steps, accountant=cfg.accountant)
+        sigma = self.noise_multiplier
+        seed = saved["engine"]["seed"] if resume else cfg.noise_seed
         # The engine's seed keys the Poisson sampler and the DP noise. It is drawn from the OS unless
         # the config pins it (tests): a public seed would let anyone subtract the noise.
         self.engine = PrivacyEngine(accountant=cfg.accountant, seed=seed, ledger=self.out / "privacy_ledger.jsonl")
-        if saved is not None:  # before make_private: the ledger is checked against the checkpoint
+        if resume:  # before make_private: the ledger is checked against the checkpoint
             self.engine.load_state_dict(saved["engine"])
         loader = DataLoader(self.dataset, batch_size=cfg.batch_size,
                             pin_memory=self.device.type == "cuda")
@@ -295,7 +391,7 @@ class Trainer:
             max_grad_norm=cfg.max_grad_norm, multiplicity=cfg.multiplicity, poisson_sampling=True,
             max_physical_batch_size=cfg.max_physical_batch_size, loss_reduction="mean",
             mode=cfg.mode, backend=cfg.backend, sample_rate=self.q)
-        self.noise_multiplier = float(sigma)
+        self._phase_data, self._phase_q = self.dataset, self.q
 
     def _load(self, state: dict) -> None:
         self.denoiser.load_state_dict(state["model"])
@@ -332,13 +428,14 @@ class Trainer:
             self._barrier()
             return
         state = {"config": self.cfg.to_dict(), "step": self.step, "elapsed": self.elapsed,
-                 "image_shape": list(self.dataset.image_shape),
+                 "phase": self.phase_index, "phase_name": self.phase.name,
+                 "image_shape": list(self.image_shape),
                  "model": self.denoiser.state_dict(), "ema": self.ema.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "loss_rng": loss_rng,
                  "torch_rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
                  "engine": self.engine.state_dict() if self.engine is not None else None,
-                 "noise_multiplier": getattr(self, "noise_multiplier", None)}
+                 "noise_multiplier": self.noise_multiplier}
         atomic_torch_save(state, self.ckpt_path, secret=True)  # holds the engine's noise seed
         self._barrier()
 
@@ -360,30 +457,79 @@ class Trainer:
     def save_model(self) -> Path:
         path = self.out / "model.pt"
         atomic_torch_save({"config": self.cfg.to_dict(), "step": self.step,
-                           "image_shape": list(self.dataset.image_shape), "num_classes": self.num_classes,
-                           "ema": self.ema_model().state_dict()}, path)
+                           "image_shape": list(self.image_shape), "num_classes": self.num_classes,
+                           "ema": self.ema_model().state_dict(), **self._provenance(), **self._model_extra()}, path)
         return path
 
     def save_grid(self, name: str) -> Path:
         cfg = self.cfg
         n = cfg.grid_size * cfg.grid_size
-        images = sample_images(self.ema_model(), n, self.dataset.image_shape,
-                               labels=grid_labels(cfg, self.num_classes), sampler=cfg.sampler,
-                               num_steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed,
-                               device=self.device)
+        images = self._to_pixels(sample_images(self.ema_model(), n, self.image_shape,
+                                               labels=grid_labels(cfg, self.num_classes), sampler=cfg.sampler,
+                                               num_steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed,
+                                               device=self.device))
         path = self.out / name
         save_grid(images, path, nrow=cfg.grid_size)
         return path
 
+    def _provenance(self) -> dict:
+        """What model.pt says about the data behind it: --init-from refuses a model that saw private data."""
+        public = [p for p in self.phases if p.public]
+        return {"public_only": all(p.public for p in self.phases),
+                "public_data": self._describe_public() if public else None,
+                "phases": [p.to_dict() for p in self.phases], "init": self.init_source}
+
+    def _describe_public(self) -> str:
+        from .public import describe
+
+        return describe(self.cfg.public_data)
+
+    def _phase_report(self) -> list[dict]:
+        out = []
+        for phase, start in zip(self.phases, phase_starts(self.phases)):
+            done = max(0, min(self.step - start, phase.steps))
+            row = {**phase.to_dict(), "steps_done": done,
+                   "data_description": self._describe_public() if phase.public else (
+                       self.dataset.name if self.dataset is not None else None)}
+            if phase.private:
+                row.update(noise_multiplier=self.noise_multiplier, sample_rate=self.q,
+                           epsilon=None if self.engine is None else self.engine.get_epsilon(self.cfg.delta))
+                if self.engine is None:
+                    row["epsilon"] = 0.0
+            else:
+                row.update(epsilon=0.0, note="public data only: no privacy cost" if phase.public
+                           else "private data WITHOUT differential privacy")
+            out.append(row)
+        return out
+
     def privacy_report(self) -> dict:
         cfg = self.cfg
-        common = {"steps": self.step, "planned_steps": self.total_steps, "sample_rate": self.q,
+        private_steps = 0 if self.private_phase is None else min(
+            self.private_phase.steps, max(0, self.step - phase_starts(self.phases)[self.phases.index(self.private_phase)]))
+        if self.dataset is None:  # a pretrain run
+            return {"private": False, "epsilon": None, "public_only": True, "private_data_used": False,
+                    "note": "pre-trained on public data only: no private data was read",
+                    "public_data": self._describe_public(), "steps": self.step, "planned_steps": self.total_steps,
+                    "complete": self.step >= self.total_steps, "phases": self._phase_report()}
+        common = {"steps": private_steps if self.private_phase is not None else self.step,
+                  "planned_steps": (self.private_phase or self.phases[-1]).steps, "sample_rate": self.q,
                   "expected_batch_size": self.q * len(self.dataset), "dataset_size": len(self.dataset),
-                  "epochs": self.step * self.q, "multiplicity": cfg.multiplicity,
-                  "complete": self.step >= self.total_steps}
-        if self.engine is None:
+                  "epochs": private_steps * self.q, "multiplicity": cfg.multiplicity,
+                  "complete": self.step >= self.total_steps, "total_steps": self.step,
+                  "phases": self._phase_report(), "init": self.init_source,
+                  "public_data": self._describe_public() if (self.init_source or any(p.public for p in self.phases))
+                  else None, "trainable": cfg.trainable,
+                  "trainable_parameters": sum(p.numel() for n, p in self.denoiser.named_parameters()
+                                              if n in set(self.trainable))}
+        if self.private_phase is None:
             return {"private": False, "epsilon": None, "note": "trained without differential privacy",
                     **common}
+        if self.engine is None:  # still in a public phase: nothing private released yet
+            return {"private": True, "epsilon": 0.0, "delta": cfg.delta, "guarantee_lost": None,
+                    "releases_charged": 0, "adjacency": "add/remove-one (Poisson sampling)",
+                    "noise_multiplier": self.noise_multiplier, "max_grad_norm": cfg.max_grad_norm,
+                    "target_epsilon": cfg.target_epsilon if cfg.noise_multiplier is None else None,
+                    "accountant": cfg.accountant, **common}
         rep = self.engine.accountant.report(cfg.delta).to_dict()
         lost = self.engine.why_no_privacy if self.engine._no_privacy else None
         return {"private": True, "epsilon": math.inf if lost else rep["epsilon"], "delta": cfg.delta,
@@ -410,15 +556,17 @@ class Trainer:
             return torch.zeros((), device=self.device), 0
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True) if self.num_classes else None
-        model = self.model if self.engine is not None else self.denoiser
+        private = self.phase.private
+        model = self.model if private else self.denoiser
         rows = edm_loss_rows(model, x, y, multiplicity=cfg.multiplicity, p_mean=cfg.p_mean,
                              p_std=cfg.p_std, label_dropout=cfg.label_dropout, augment=self.augment,
                              generator=self.gen, num_classes=self.num_classes,
-                             sigma_data=cfg.sigma_data)
-        if self.engine is not None:
+                             sigma_data=cfg.sigma_data, sigma_range=self.phase.sigma_range,
+                             sigma_bias=self.phase.sigma_bias)
+        if private:
             rows.mean().backward()  # the engine undoes the mean to get per-sample gradients
         else:  # the same estimator as DP-SGD without clipping and noise: sum / (K * B_expected)
-            (rows.sum() / (cfg.multiplicity * self.q * len(self.dataset))).backward()
+            (rows.sum() / (cfg.multiplicity * self._phase_q * len(self._phase_data))).backward()
         return rows.detach().sum(), rows.numel()
 
     def _private_steps(self):
@@ -434,18 +582,20 @@ class Trainer:
                     loss, rows = 0.0, 0
 
     def _nonprivate_steps(self):
-        """Poisson batches from the same counter-based sampler the engine uses, without DP."""
+        """Poisson batches of the phase's data (public, or private without DP) from the same
+        counter-based sampler the engine uses, without DP."""
         from dpfast.random import poisson_mask
 
         cfg = self.cfg
-        seed = self.cfg.seed + 2
+        data, q = self._phase_data, self._phase_q
+        seed = self.cfg.seed + 2 + (1 if self.phase.public else 0)
         while True:
-            idx = poisson_mask(len(self.dataset), self.q, seed=seed, step=self.step).nonzero().flatten()
+            idx = poisson_mask(len(data), q, seed=seed, step=self.step).nonzero().flatten()
             self.optimizer.zero_grad()
             loss, rows = 0.0, 0
             size = cfg.max_physical_batch_size
             for start in range(0, len(idx), size):
-                items = [self.dataset[int(i)] for i in idx[start:start + size]]
+                items = [data[int(i)] for i in idx[start:start + size]]
                 x = torch.stack([it[0] for it in items])
                 y = torch.stack([it[1] for it in items])
                 l, r = self._chunk_loss(x, y)
@@ -497,9 +647,11 @@ class Trainer:
             # before the first release: a run killed before its first periodic checkpoint then
             # resumes from step 0 (the ledger charges what it released) instead of refusing to start
             self.save_checkpoint()
+        ends = [start + p.steps for start, p in zip(phase_starts(self.phases), self.phases)]
         start = self.started
         last_ckpt = last_eps_time = time.monotonic()
-        eps = self.engine.get_epsilon(cfg.delta) if self.engine is not None else math.inf
+        eps = self.engine.get_epsilon(cfg.delta) if self.engine is not None else (
+            0.0 if self.private_phase is not None else math.inf)
         bar = None
         if self.progress:
             from tqdm import tqdm
@@ -511,7 +663,7 @@ class Trainer:
         smooth = None
         step_started = time.monotonic()
         step_time = 0.0
-        steps = self._private_steps() if self.engine is not None else self._nonprivate_steps()
+        steps = self._private_steps() if self.phase.private else self._nonprivate_steps()
         stop_signal = _StopOnSignal()
         try:
             while self.step < stop_at:
@@ -520,6 +672,16 @@ class Trainer:
                 if self._agree(over_budget or stop_signal.received is not None):
                     reason = f"{stop_signal.received}" if stop_signal.received else "time budget"
                     break
+                if self.step >= ends[self.phase_index]:  # the next phase begins
+                    steps.close()
+                    self._enter_phase(self.phase_index + 1, fresh=True)
+                    self.log(f"phase {self.phase_index + 1}/{len(self.phases)}: {self.phase.name} "
+                             f"({self.phase.data}, {self.phase.steps} steps, trainable {self.phase.trainable}"
+                             f"{', DP-SGD' if self.phase.private else ''})")
+                    steps = self._private_steps() if self.phase.private else self._nonprivate_steps()
+                    if self.phase.private:  # before its first release (see above)
+                        self.save_checkpoint()
+                    step_started = time.monotonic()
                 loss, rows = next(steps)
                 self.ema.update(self.denoiser)
                 self.step += 1
@@ -567,12 +729,16 @@ class Trainer:
         grid_path = self.save_grid("samples.png")
         report = self.write_report()
         done = self.step >= self.total_steps
-        if self.engine is not None:
+        if self.dataset is None:
+            eps_line = f"pre-trained on public data only ({self._describe_public()}): no private data read"
+        elif self.private_phase is not None and self.engine is None:
+            eps_line = "epsilon spent: 0 (the private phase has not started)"
+        elif self.engine is not None:
             eps_line = (f"epsilon spent: {report['epsilon']:.4g} at delta={self.cfg.delta:g} "
                         f"({report['accountant']} accountant, {report['adjacency']}; sigma="
-                        f"{self.noise_multiplier:.4g}, q={self.q:.4g}, {self.step} steps"
+                        f"{self.noise_multiplier:.4g}, q={self.q:.4g}, {report['steps']} steps"
                         + (f", {report['releases_charged']} releases charged: a resume re-ran steps the ledger "
-                           "had already released" if report["releases_charged"] != self.step else "") + ")")
+                           "had already released" if report["releases_charged"] != report["steps"] else "") + ")")
         else:
             eps_line = "no privacy: trained without DP (--no-private)"
         status = "finished" if done else f"stopped ({reason}) at step {self.step}/{self.total_steps}; " \
@@ -585,12 +751,20 @@ class Trainer:
 
     def describe(self) -> str:
         cfg = self.cfg
+        total = sum(p.numel() for p in self.denoiser.parameters())
+        phases = "; ".join(f"{p.name}: {p.steps} steps on {'the private data' if not p.public else p.data}, "
+                           f"trainable {p.trainable}" + (" (DP-SGD)" if p.private else "") for p in self.phases)
+        init = f"; initialised from {cfg.init_from}" if cfg.init_from else ""
+        trained = count_parameters(self.denoiser)
+        if self.dataset is None:
+            return (f"DDPM++ U-Net, {total:,} parameters; pre-training on {self._describe_public()} "
+                    f"{self.image_shape}, {self.num_classes} classes; {phases}; device {self.device}")
         n = len(self.dataset)
-        head = (f"DDPM++ U-Net, {count_parameters(self.denoiser):,} parameters; {n} training images "
+        head = (f"DDPM++ U-Net, {total:,} parameters ({trained:,} trainable now){init}; {n} training images "
                 f"{self.dataset.image_shape}, {self.num_classes} classes; expected batch {cfg.batch_size} "
-                f"(q={self.q:.4g}) x multiplicity {cfg.multiplicity}; {self.total_steps} steps; device "
+                f"(q={self.q:.4g}) x multiplicity {cfg.multiplicity}; phases: {phases}; device "
                 f"{self.device}")
-        if self.engine is None:
+        if self.private_phase is None:
             return head + "; NOT private"
         target = (f"target epsilon {cfg.target_epsilon:g}" if cfg.noise_multiplier is None
                   else "noise multiplier given")
@@ -666,14 +840,23 @@ def load_sampler(path: str | os.PathLike, device="cpu"):
             return gen.sample(num, labels, seed=seed, batch_size=batch_size, device=device)
         return draw, meta
     denoiser, meta = load_denoiser(file, device)
-    meta["kind"] = "diffusion"
+    decode = lambda x: x  # noqa: E731
+    if state.get("kind") == "latent-diffusion":  # dp-ldm: decode the latents with its autoencoder
+        from dpfast.recipes.dp_ldm import load_autoencoder
+
+        ae = load_autoencoder(state["autoencoder"], device)
+        decode, meta["latent_shape"], meta["image_shape"] = ae.decode, meta["image_shape"], tuple(state["pixel_shape"])
+    meta["kind"] = state.get("kind", "diffusion")
     cfg = meta["config"]
+    latent_shape = meta.get("latent_shape", meta["image_shape"])
 
     def draw(num, labels=None, seed=0, sampler=None, num_steps=None, guidance=None, batch_size=500, **extra):
-        return sample_images(denoiser, num, meta["image_shape"], labels=labels, sampler=sampler or cfg.sampler,
-                             num_steps=num_steps or cfg.sample_steps,
-                             guidance=cfg.guidance if guidance is None else guidance, batch_size=batch_size,
-                             seed=seed, device=device, **extra)
+        x = sample_images(denoiser, num, latent_shape, labels=labels, sampler=sampler or cfg.sampler,
+                          num_steps=num_steps or cfg.sample_steps,
+                          guidance=cfg.guidance if guidance is None else guidance, batch_size=batch_size,
+                          seed=seed, device=device, **extra)
+        with torch.no_grad():
+            return decode(x).clamp(-1, 1)
     return draw, meta
 
 

@@ -6,4 +6,9 @@ losses, samplers, data, public data) and the engine. DPDM is `dpfast.diffusion.t
 """
 
 # the value of TrainConfig.recipe -> "module:Trainer" (imported when a run uses it)
-TRAINERS = {"dpdm": "dpfast.diffusion.trainer:Trainer", "dp-mepf": "dpfast.recipes.dp_mepf:MEPFTrainer"}
+TRAINERS = {"dpdm": "dpfast.diffusion.trainer:Trainer", "dp-mepf": "dpfast.recipes.dp_mepf:MEPFTrainer",
+            # public pre-training, then private fine-tuning: the phases of dpfast.diffusion.phases over
+            # the selections of dpfast.diffusion.finetune; the presets (dp-diffusion-*, dp-lora-*) pick
+            # the paper's choices (init model, multiplicity, augmentations, noise levels, trainable)
+            "dp-diffusion": "dpfast.diffusion.trainer:Trainer", "dp-lora": "dpfast.diffusion.trainer:Trainer",
+            "pretrain": "dpfast.diffusion.trainer:Trainer", "dp-ldm": "dpfast.recipes.dp_ldm:LDMTrainer"}
