@@ -522,7 +522,9 @@ class Grid:
         started = time.perf_counter()
         images = to_uint8(draw_batches(draw, n, labels, seed, batch_size=1000, progress=self.opts.progress))
         seconds = round(time.perf_counter() - started, 1)
-        arrays = {"images": images.numpy()}
+        from dpfast.diffusion.public import SAMPLES_MARK
+
+        arrays = {"images": images.numpy(), SAMPLES_MARK: np.array(json.dumps({"cell": d.name}))}
         if labels is not None:
             arrays["labels"] = labels.numpy()
         atomic_write_bytes(path, lambda f: np.savez_compressed(f, **arrays))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .evaluate import CLASSIFIER_EPOCHS, CLASSIFIER_MAX_STEPS, FEATURE_STEPS, SIZES
 from .presets import PRESETS, TrainConfig, get_preset
-from .public import SOURCES as PUBLIC_SOURCES
+from .public import SAMPLES_MARK, SOURCES as PUBLIC_SOURCES
 
 
 # ----------------------------------------------------------------------------- option parsing
@@ -150,7 +150,9 @@ def cmd_sample(args) -> int:
     as_uint8 = to_uint8(images).numpy()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {"images": as_uint8}
+    arrays = {"images": as_uint8, SAMPLES_MARK: np.array(json.dumps({
+        "model": str(args.model), "step": meta["step"], "recipe": meta["config"].recipe,
+        "private": bool(meta["config"].private)}))}
     if labels is not None:
         arrays["labels"] = labels.numpy()
     atomic_write_bytes(out, lambda f: np.savez_compressed(f, **arrays))

@@ -100,8 +100,9 @@ def _is_adapter(name: str) -> bool:
     return ".lora_down." in name or ".lora_up." in name or name.startswith(("lora_down.", "lora_up."))
 
 
-def select_trainable(model: nn.Module, spec: str) -> list[str]:
-    """Sets requires_grad per `spec` (see the module docstring); returns the trainable names."""
+def select_trainable(model: nn.Module, spec: str, apply: bool = True) -> list[str]:
+    """Sets requires_grad per `spec` (see the module docstring; apply=False only looks); returns the
+    trainable names."""
     from .unet import AttnBlock
 
     kind, _, _ = parse_trainable(spec)
@@ -118,7 +119,8 @@ def select_trainable(model: nn.Module, spec: str) -> list[str]:
             keep = name.startswith(prefixes) and not _is_adapter(name)
         else:
             keep = re.search(spec[3:], name) is not None
-        p.requires_grad_(keep)
+        if apply:
+            p.requires_grad_(keep)
         if keep:
             chosen.append(name)
     if not chosen:
@@ -135,6 +137,8 @@ def base_key(name: str) -> str:
 def resolve_init_from(path: str) -> Path:
     """`builtin:NAME` (a checkpoint shipped in dpfast/pretrained/), a run directory, or a file."""
     if path.startswith("builtin:"):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", path[8:]) or ".." in path:
+            raise ConfigError(f"--init-from {path}: a built-in name is letters, digits, '_', '-' and '.'")
         file = BUILTIN_DIR / f"{path[8:]}.pt"
         if not file.exists():
             names = sorted(p.stem for p in BUILTIN_DIR.glob("*.pt"))
@@ -152,7 +156,10 @@ def resolve_init_from(path: str) -> Path:
 def load_pretrained(path: str | os.PathLike) -> dict:
     """The pre-trained checkpoint's state: {"config", "image_shape", "num_classes", "ema", "public_data", ...}."""
     file = resolve_init_from(str(path))
-    state = torch.load(file, map_location="cpu", weights_only=False)
+    try:  # tensors, numbers, strings and containers only: a crafted file cannot run code here
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is the same answer
+        raise ConfigError(f"--init-from {path}: {file} is not a dpfast model.pt ({type(e).__name__})") from None
     if "ema" not in state or "config" not in state:
         raise ConfigError(f"--init-from {path}: {file} is not a model.pt of dpfast pretrain / train")
     if state.get("kind", "diffusion") != "diffusion":

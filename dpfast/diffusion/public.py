@@ -36,6 +36,9 @@ SOURCES = {"digits": "scikit-learn's bundled handwritten digits (1,797 labelled 
            "photos": "2,000 crops of scikit-image's bundled photographs (skimage.data)",
            "faces": "scikit-image's lfw_subset faces (200 + mirrored, 25x25)",
            "dead-leaves": "2,000 generated dead-leaves images (power-law discs, seed 0)"}
+# `dpfast sample` writes this entry into its .npz files: samples of a model are never public data (a
+# model trained on the private set would pass its privacy cost on uncounted)
+SAMPLES_MARK = "dpfast_samples"
 UNLABELLED = -1   # the label of an image without one (a conditional model uses its null label)
 # the photographs of skimage/data that load without a download (the wheel ships them)
 _PHOTOS = ("astronaut", "brick", "camera", "chelsea", "clock", "coffee", "coins", "grass", "gravel", "horse",
@@ -154,6 +157,30 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+def check_overlap(path: str | os.PathLike, private_dir: str | os.PathLike | None) -> None:
+    path = Path(path)
+    private = Path(private_dir if private_dir is not None else FASHION_MNIST_DIR)
+    if private.exists() and (_inside(path, private) or _inside(private, path)):
+        raise ValueError(f"public data {path} overlaps the private data directory {private}: public "
+                         "data must never be a split of the private data set")
+
+
+def check_public_path(path: str | os.PathLike, private_dir: str | os.PathLike | None) -> None:
+    """Refuses public data that is, contains, or lies inside the private data's directory, and files of
+    dpfast runs (a run directory, samples of a model): those depend on private data."""
+    path = Path(path)
+    check_overlap(path, private_dir)
+    for folder in [path.resolve(), *path.resolve().parents]:
+        if (folder / "privacy_report.json").exists() or (folder / "checkpoint.pt").exists():
+            raise ValueError(f"public data {path} is inside {folder}, the output of a dpfast run: what a "
+                             "run writes depends on its private data, and is not public data")
+    if path.suffix == ".npz":
+        with np.load(path) as f:
+            if SAMPLES_MARK in f:
+                raise ValueError(f"public data {path} holds samples of a dpfast model (`dpfast sample`): a model "
+                                 "trained on private data is not public data, and its epsilon would be dropped")
+
+
 def load_public(source: str, image_shape, private_dir: str | os.PathLike | None = None) -> ImageDataset:
     """The public data set `source` (a name in SOURCES, a path, or several joined by '+') at
     image_shape (C, H, W)."""
@@ -167,10 +194,7 @@ def load_public(source: str, image_shape, private_dir: str | os.PathLike | None 
         path = Path(source)
         if not path.exists():
             raise FileNotFoundError(f"public data {source!r}: not one of {', '.join(SOURCES)} and no such path")
-        private = Path(private_dir if private_dir is not None else FASHION_MNIST_DIR)
-        if private.exists() and (_inside(path, private) or _inside(private, path)):
-            raise ValueError(f"public data {source} overlaps the private data directory {private}: public "
-                             "data must never be a split of the private data set")
+        check_public_path(path, private_dir)
         if path.suffix == ".npz":
             with np.load(path) as f:
                 images = f["images"].astype(np.uint8)
@@ -181,6 +205,13 @@ def load_public(source: str, image_shape, private_dir: str | os.PathLike | None 
         else:
             data = load_dataset(path, "train")
     return ImageDataset(_resize(data.images, image_shape), data.labels, data.num_classes, name=data.name)
+
+
+def source_paths(source: str) -> list[str]:
+    """The resolved file-system paths among the parts of `source` (recorded in model.pt, checked again
+    by --init-from against the fine-tuning run's private data)."""
+    parts = source.split("+") if "+" in source and not Path(source).exists() else [source]
+    return [str(Path(p).resolve()) for p in parts if p and p not in SOURCES]
 
 
 def describe(source: str) -> str:

@@ -240,8 +240,9 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
         if self.dist.world_size > 1:
-            if not cfg.private:
-                raise ValueError("multi-process training is supported for private runs only")
+            if not cfg.private or cfg.recipe == "pretrain" or cfg.pretrain_steps:
+                raise ValueError("multi-process training is supported for private runs only (pre-train in one "
+                                 "process with dpfast pretrain, then fine-tune with --init-from)")
             if self.device.type == "cuda":
                 self.device = self.dist.device  # this rank's GPU (LOCAL_RANK)
 
@@ -315,11 +316,19 @@ class Trainer:
         would not be part of this run's epsilon."""
         from .finetune import check_compatible, load_base_weights, load_pretrained, resolve_init_from
 
+        from .public import check_overlap
+
         state = load_pretrained(source)
         if not state.get("public_only", False):
             raise ConfigError(f"--init-from {source}: that model was trained on private data (or by an older "
                               "dpfast that did not record it), and its privacy cost would not be counted in this "
                               "run's epsilon. Fine-tune from a `dpfast pretrain` model (public data only)")
+        for used in state.get("public_paths") or []:  # its public data must not be this run's private data
+            try:
+                check_overlap(used, self.cfg.data_dir)
+            except ValueError as e:
+                raise ConfigError(f"--init-from {source}: the model was pre-trained on {used}, which overlaps this "
+                                  f"run's private data ({e})") from None
         check_compatible(state, self.cfg, self.image_shape, self.num_classes, source)
         if self.resume_state is None:
             load_base_weights(self.denoiser, state["ema"], source)
@@ -475,8 +484,11 @@ class Trainer:
     def _provenance(self) -> dict:
         """What model.pt says about the data behind it: --init-from refuses a model that saw private data."""
         public = [p for p in self.phases if p.public]
+        from .public import source_paths
+
         return {"public_only": all(p.public for p in self.phases),
                 "public_data": self._describe_public() if public else None,
+                "public_paths": source_paths(self.cfg.public_data) if public else [],
                 "phases": [p.to_dict() for p in self.phases], "init": self.init_source}
 
     def _describe_public(self) -> str:
@@ -484,8 +496,18 @@ class Trainer:
 
         return describe(self.cfg.public_data)
 
+    def _count_selected(self, spec: str) -> int:
+        from .finetune import select_trainable
+
+        names = set(select_trainable(self.denoiser, spec, apply=False))
+        return sum(p.numel() for n, p in self.denoiser.named_parameters() if n in names)
+
+    def _extra_phases(self) -> list[dict]:
+        """Rows for the report's phases that are not training phases of the denoiser (dp-ldm's autoencoder)."""
+        return []
+
     def _phase_report(self) -> list[dict]:
-        out = []
+        out = list(self._extra_phases())
         for phase, start in zip(self.phases, phase_starts(self.phases)):
             done = max(0, min(self.step - start, phase.steps))
             row = {**phase.to_dict(), "steps_done": done,
@@ -519,8 +541,7 @@ class Trainer:
                   "phases": self._phase_report(), "init": self.init_source,
                   "public_data": self._describe_public() if (self.init_source or any(p.public for p in self.phases))
                   else None, "trainable": cfg.trainable,
-                  "trainable_parameters": sum(p.numel() for n, p in self.denoiser.named_parameters()
-                                              if n in set(self.trainable))}
+                  "trainable_parameters": self._count_selected(cfg.trainable)}
         if self.private_phase is None:
             return {"private": False, "epsilon": None, "note": "trained without differential privacy",
                     **common}
@@ -841,11 +862,20 @@ def load_sampler(path: str | os.PathLike, device="cpu"):
         return draw, meta
     denoiser, meta = load_denoiser(file, device)
     decode = lambda x: x  # noqa: E731
-    if state.get("kind") == "latent-diffusion":  # dp-ldm: decode the latents with its autoencoder
+    if meta["config"].recipe == "dp-ldm":  # decode the latents with the run's autoencoder
         from dpfast.recipes.dp_ldm import load_autoencoder
 
-        ae = load_autoencoder(state["autoencoder"], device)
-        decode, meta["latent_shape"], meta["image_shape"] = ae.decode, meta["image_shape"], tuple(state["pixel_shape"])
+        if "autoencoder" in state:       # model.pt
+            ae_state, pixel_shape = state["autoencoder"], state["pixel_shape"]
+        else:                            # checkpoint.pt of a running or stopped run: its autoencoder.pt
+            ae_file = file.parent / "autoencoder.pt"
+            if not ae_file.exists():
+                raise ValueError(f"{file} is a dp-ldm checkpoint without its {ae_file.name}: cannot decode its samples")
+            ae_state = torch.load(ae_file, map_location="cpu", weights_only=False)
+            pixel_shape = ae_state["key"]["pixel_shape"]
+        ae = load_autoencoder(ae_state, device)
+        decode, meta["latent_shape"], meta["image_shape"] = ae.decode, meta["image_shape"], tuple(pixel_shape)
+        state = dict(state, kind="latent-diffusion")
     meta["kind"] = state.get("kind", "diffusion")
     cfg = meta["config"]
     latent_shape = meta.get("latent_shape", meta["image_shape"])

@@ -2,16 +2,17 @@
 public data only and then frozen, a diffusion model in its latent space pre-trained on public
 latents, and DP-SGD fine-tuning of the attention and conditioning modules only.
 
-The run's phases (dpfast.diffusion.phases): the autoencoder (public, `ldm_autoencoder_steps`), the
-latent pre-training (public, `pretrain_steps`), the private fine-tuning (`trainable`, default
-`attention`: the attention blocks and the class embedding; DP-SGD through the engine).
+The run: the autoencoder (public, `ldm_autoencoder_steps`, before anything else; the report lists it
+with the phases), then the phases of dpfast.diffusion.phases: the latent pre-training (public,
+`pretrain_steps`) and the private fine-tuning (`trainable`, default `attention`: the attention
+blocks and the class embedding; DP-SGD through the engine).
 
 Privacy. The autoencoder is trained on the public data alone, before the private data is opened, and
 is frozen from then on; it is a public constant. Encoding maps each private image to its latent by
 that fixed function, one record to one record, so a data set and its neighbour (one image added or
 removed) map to latent sets that differ in the same one record: DP-SGD on the latents is
 (epsilon, delta)-DP with respect to the images, at the accountant's epsilon. Decoding the samples is
-post-processing. `tests/recipes/test_dp_ldm.py` checks that the autoencoder does not change when the
+post-processing. `tests/diffusion/test_phases.py` checks that the autoencoder does not change when the
 private data does, and that the private phase is the only accounted one.
 
 The paper's autoencoder downsamples by 8 at 32x32 (a 4x4x3 latent for MNIST); on the 14x14 CPU scale
@@ -166,6 +167,14 @@ class LDMTrainer(Trainer):
     def _to_pixels(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.ae.to(x.device).decode(x)
+
+    def _extra_phases(self) -> list[dict]:
+        from dpfast.diffusion.public import describe
+
+        return [{"name": "autoencoder", "data": self.cfg.public_data, "steps": self.cfg.ldm_autoencoder_steps,
+                 "trainable": "autoencoder", "private": False, "steps_done": self.cfg.ldm_autoencoder_steps,
+                 "data_description": describe(self.cfg.public_data), "epsilon": 0.0,
+                 "note": "public data only, trained before the private data is read; frozen"}]
 
     def _model_extra(self) -> dict:
         return {"kind": "latent-diffusion", "pixel_shape": list(self.pixel_shape),

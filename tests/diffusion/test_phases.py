@@ -108,6 +108,45 @@ def test_init_from_checks(data_dir, tmp_path):
         run(base.replace(init_from=str(_private_model_dir(data_dir, tmp_path))), tmp_path / "bad2")
     with pytest.raises(ConfigError, match="no such built-in"):
         run(base.replace(init_from="builtin:nope"), tmp_path / "bad3")
+    with pytest.raises(ConfigError, match="built-in name"):
+        run(base.replace(init_from="builtin:../pretrained/demo14"), tmp_path / "bad4")
+
+
+def test_private_data_never_passes_as_public_data(data_dir, tmp_path):
+    """The review's two launderings: the private folder pre-trained on as 'public' data while the
+    pretrain run's own private directory is another one, and a private model's samples used as public
+    data. Both refused, before any training."""
+    import shutil
+
+    import numpy as np
+
+    from dpfast.diffusion.public import load_public
+
+    base = TrainConfig(data_dir=str(data_dir), **dict(TINY, num_classes=10))
+    pre = tmp_path / "pre"
+    other = write_mnist_dir(tmp_path / "elsewhere", n=48, size=8, classes=3, seed=3)
+    run(base.replace(recipe="pretrain", resolution=8, steps=1, public_data=str(data_dir), data_dir=str(other),
+                     private=False), pre)
+    with pytest.raises(ConfigError, match="overlaps this run's private data"):
+        run(base.replace(init_from=str(pre)), tmp_path / "ft")
+    # samples of a model (dpfast sample writes the mark), and anything inside a run directory
+    from dpfast.diffusion.cli import main as cli
+
+    private_run = _private_model_dir(data_dir, tmp_path)
+    samples = tmp_path / "samples.npz"
+    assert cli(["sample", "--model", str(private_run), "--num", "4", "--out", str(samples), "--steps", "2",
+                "--no-progress"]) == 0
+    with pytest.raises(ValueError, match="samples of a dpfast model"):
+        load_public(str(samples), (1, 8, 8), private_dir=str(other))
+    inside = private_run / "public.npz"
+    with np.load(samples) as f:
+        np.savez(inside, images=f["images"])
+    with pytest.raises(ValueError, match="output of a dpfast run"):
+        load_public(str(inside), (1, 8, 8), private_dir=str(other))
+    plain = tmp_path / "plain" / "public.npz"
+    plain.parent.mkdir()
+    shutil.copyfile(inside, plain)
+    assert len(load_public(str(plain), (1, 8, 8), private_dir=str(other))) == 4
 
 
 def test_builtin_checkpoint_loads_into_the_demo_and_lora_presets(tmp_path):
@@ -279,13 +318,16 @@ def test_ldm_run_accounts_only_its_private_phase_and_samples_pixels(data_dir, tm
 
     quiet = dict(progress=False, log=lambda *a: None)
     report = train(cfg, tmp_path / "ldm", **quiet)["report"]
-    assert [p["epsilon"] == 0.0 for p in report["phases"]] == [True, False]
+    assert [(p["name"], p["epsilon"] == 0.0) for p in report["phases"]] == [
+        ("autoencoder", True), ("pretrain", True), ("private-fine-tune", False)]
     assert report["steps"] == 2 and report["trainable"] == "attention"
     ae_before = (tmp_path / "ldm" / "autoencoder.pt").read_bytes()
     draw, meta = load_sampler(tmp_path / "ldm")
     assert meta["kind"] == "latent-diffusion" and meta["image_shape"] == (1, 8, 8)
     x = draw(3, torch.tensor([0, 1, 2]), seed=0, num_steps=2)
     assert x.shape == (3, 1, 8, 8) and x.abs().max() <= 1
+    draw, meta = load_sampler(tmp_path / "ldm" / "checkpoint.pt")   # a stopped run: decoded all the same
+    assert draw(2, torch.tensor([0, 1]), seed=0, num_steps=2).shape == (2, 1, 8, 8)
     # the autoencoder is a function of the public data and the seed: another private set, the same bytes
     other = write_mnist_dir(tmp_path / "other", n=48, size=8, classes=3, seed=9)
     train(cfg.replace(data_dir=str(other)), tmp_path / "ldm2", **quiet)
