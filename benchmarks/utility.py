@@ -482,14 +482,7 @@ class Grid:
         if not report["complete"]:
             raise RuntimeError(f"training stopped at step {report['steps']} of {report['planned_steps']} "
                                f"({result['reason']})")
-        n = max(max(self.opts.sizes), self.opts.metric_samples)  # every row's feature metrics at one count
-        samples, sample_seconds = self._samples(d, n, plan["sample_seed"])
-        images, labels = samples
-        evaluation = ev.evaluate_images(images, labels, test, self.feature_net(), sizes=self.opts.sizes,
-                                        max_steps=self.opts.classifier_max_steps, seed=self.opts.seed,
-                                        log=self.opts.log, progress=self.opts.progress, device=self.device,
-                                        metric_samples=self.opts.metric_samples)
-        atomic_write_json(evaluation, d / "evaluation.json")
+        evaluation, images, sample_seconds = self._sample_and_evaluate(d, plan["sample_seed"])
         row = self._metrics(evaluation)
         row.update(epsilon=report["epsilon"] if private else math.inf, delta=DELTA if private else "",
                    noise_multiplier=report.get("noise_multiplier") or "", sample_rate=report["sample_rate"],
@@ -504,6 +497,19 @@ class Grid:
                    planned_commit=plan["commit"], train_command=plan["train_command"],
                    guarantee_lost=report.get("guarantee_lost") or "")
         return row
+
+    def _sample_and_evaluate(self, d: Path, seed: int):
+        """Samples of the cell's run/ (as many as every row's metrics need), evaluated with the
+        grid's protocol; returns (evaluation, images, sampling seconds)."""
+        _, test = self.real()
+        n = max(max(self.opts.sizes), self.opts.metric_samples)  # every row's feature metrics at one count
+        (images, labels), sample_seconds = self._samples(d, n, seed)
+        evaluation = ev.evaluate_images(images, labels, test, self.feature_net(), sizes=self.opts.sizes,
+                                        max_steps=self.opts.classifier_max_steps, seed=self.opts.seed,
+                                        log=self.opts.log, progress=self.opts.progress, device=self.device,
+                                        metric_samples=self.opts.metric_samples)
+        atomic_write_json(evaluation, d / "evaluation.json")
+        return evaluation, images, sample_seconds
 
     def _samples(self, d: Path, n: int, seed: int):
         import numpy as np
@@ -584,14 +590,7 @@ class Grid:
         (d / "run").mkdir(parents=True, exist_ok=True)
         if not (d / "run" / "model.pt").exists():
             shutil.copyfile(resolve_init_from(PUBLIC_ONLY_MODEL), d / "run" / "model.pt")
-        _, test = self.real()
-        n = max(max(self.opts.sizes), self.opts.metric_samples)
-        (images, labels), sample_seconds = self._samples(d, n, self.opts.seed + 7)
-        evaluation = ev.evaluate_images(images, labels, test, self.feature_net(), sizes=self.opts.sizes,
-                                        max_steps=self.opts.classifier_max_steps, seed=self.opts.seed,
-                                        log=self.opts.log, progress=self.opts.progress, device=self.device,
-                                        metric_samples=self.opts.metric_samples)
-        atomic_write_json(evaluation, d / "evaluation.json")
+        evaluation, images, sample_seconds = self._sample_and_evaluate(d, self.opts.seed + 7)
         row = self._metrics(evaluation)
         row.update(epsilon=0.0, samples=len(images), sample_seconds=sample_seconds, steps=0,
                    train_command=f"dpfast pretrain --preset pretrain-demo14 (shipped as {PUBLIC_ONLY_MODEL})",

@@ -188,30 +188,27 @@ def cmd_evaluate(args) -> int:
 
 # ----------------------------------------------------------------------------- registration
 def add_commands(subparsers) -> None:
-    p = subparsers.add_parser(
-        "train", help="train a diffusion model with DP-SGD (resumes when --out holds a checkpoint)",
+    def training_command(name, preset, func, **text):
+        p = subparsers.add_parser(name, **text)
+        p.add_argument("--preset", default=preset, choices=sorted(PRESETS))
+        p.add_argument("--config", help="a config.json (e.g. from an earlier run) instead of a preset")
+        p.add_argument("--out", required=True, help="output directory (checkpoint, model, samples, privacy report)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        _add_config_options(p)
+        p.set_defaults(func=func)
+
+    training_command(
+        "train", "demo", cmd_train,
+        help="train a diffusion model with DP-SGD (resumes when --out holds a checkpoint)",
         description="Train an EDM/DDPM++ diffusion model with DP-SGD. Presets: "
                     + ", ".join(sorted(PRESETS)) + ". Re-running on the same --out resumes exactly.")
-    p.add_argument("--preset", default="demo", choices=sorted(PRESETS))
-    p.add_argument("--config", help="a config.json (e.g. from an earlier run) instead of a preset")
-    p.add_argument("--out", required=True, help="output directory (checkpoint, samples, privacy report)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    _add_config_options(p)
-    p.set_defaults(func=cmd_train)
-
-    p = subparsers.add_parser(
-        "pretrain", help="pre-train a diffusion model on public data only (no privacy spent, no private data read)",
+    training_command(
+        "pretrain", "pretrain-demo14", cmd_pretrain,
+        help="pre-train a diffusion model on public data only (no privacy spent, no private data read)",
         description="Non-private training on --public-data (" + ", ".join(sorted(PUBLIC_SOURCES))
-                    + ", a+b, or a path). `dpfast train "
-                    "--init-from OUT` then fine-tunes the model privately. Re-running on the same --out resumes.")
-    p.add_argument("--preset", default="pretrain-demo14", choices=sorted(PRESETS))
-    p.add_argument("--config", help="a config.json instead of a preset")
-    p.add_argument("--out", required=True, help="output directory (model.pt, checkpoint, samples)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    _add_config_options(p)
-    p.set_defaults(func=cmd_pretrain)
+                    + ", a+b, or a path). `dpfast train --init-from OUT` then fine-tunes the model privately. "
+                      "Re-running on the same --out resumes.")
 
     p = subparsers.add_parser("sample", help="draw labelled samples from a trained model into a .npz",
                               description="Samples from any recipe's run (a diffusion model, or a DP-MEPF "

@@ -333,3 +333,23 @@ def test_ldm_run_accounts_only_its_private_phase_and_samples_pixels(data_dir, tm
     train(cfg.replace(data_dir=str(other)), tmp_path / "ldm2", **quiet)
     assert (tmp_path / "ldm2" / "autoencoder.pt").read_bytes() == ae_before
     json.dumps(report)
+
+
+def test_cli_pretrain_then_train_init_from(data_dir, tmp_path, capsys):
+    from dpfast.cli import main
+
+    pre = tmp_path / "pre"
+    assert main(["pretrain", "--out", str(pre), "--steps", "2", "--resolution", "8", "--nf", "8",
+                 "--public-data", "digits+dead-leaves", "--no-progress"]) == 0
+    report = json.loads((pre / "privacy_report.json").read_text())
+    assert report["private_data_used"] is False and report["epsilon"] is None and report["steps"] == 2
+    assert main(["pretrain", "--out", str(tmp_path / "x"), "--recipe", "dpdm", "--no-progress"]) == 2
+    assert main(["train", "--out", str(tmp_path / "ft"), "--data-dir", str(data_dir), "--init-from", str(pre),
+                 "--resolution", "8", "--nf", "8", "--steps", "1", "--trainable", "lora:2", "--num-classes", "10",
+                 "--no-progress"]) == 0
+    report = json.loads((tmp_path / "ft" / "privacy_report.json").read_text())
+    assert report["init"]["private_data_used"] is False and report["trainable"] == "lora:2"
+    assert 0 < report["trainable_parameters"] < 10_000
+    assert main(["train", "--out", str(tmp_path / "bad"), "--data-dir", str(data_dir), "--init-from", str(pre),
+                 "--resolution", "8", "--nf", "16", "--steps", "1", "--num-classes", "10", "--no-progress"]) == 2
+    assert "architecture differs" in capsys.readouterr().err
