@@ -51,9 +51,13 @@ def test_parse_budget():
 
 
 def test_grid_rows_baselines_and_resume(data_dir, tmp_path, monkeypatch):
-    cells = U.plan_cells(["dpdm"], [4.0], [U.parse_budget("3steps")])
-    assert [c.name for c in cells] == ["dpdm_eps4_3steps", "dp-sgd-classifier_eps4_3steps",
-                                       "dpdm_nonprivate_3steps", "real-data"]
+    every = U.plan_cells(["dpdm"], [4.0], [U.parse_budget("3steps")])
+    assert [c.name for c in every] == ["dpdm_eps4_3steps", "dp-sgd-classifier_eps4_3steps",
+                                       "dpdm_nonprivate_3steps", "public-only", "real-data"]
+    assert [c.name for c in U.plan_cells(["dpdm"], [4.0], [U.parse_budget("3steps")], ("public-only",),
+                                         nonprivate=False)] == ["dpdm_eps4_3steps", "public-only"]
+    # the public-only cell samples the shipped 14x14 model: not on this 8x8 data set
+    cells = U.plan_cells(["dpdm"], [4.0], [U.parse_budget("3steps")], ("dp-sgd-classifier", "real-data"))
     grid = U.Grid(cells, opts(tmp_path / "g", data_dir))
     rows = {r["cell"]: r for r in grid.run()}
     assert set(rows) == {c.name for c in cells}
