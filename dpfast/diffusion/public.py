@@ -170,10 +170,18 @@ def check_public_path(path: str | os.PathLike, private_dir: str | os.PathLike | 
     dpfast runs (a run directory, samples of a model): those depend on private data."""
     path = Path(path)
     check_overlap(path, private_dir)
+    def run_dir(folder: Path) -> bool:  # files only dpfast runs write
+        return (folder / "privacy_report.json").exists() or (folder / "privacy_ledger.jsonl").exists()
     for folder in [path.resolve(), *path.resolve().parents]:
-        if (folder / "privacy_report.json").exists() or (folder / "checkpoint.pt").exists():
+        if run_dir(folder):
             raise ValueError(f"public data {path} is inside {folder}, the output of a dpfast run: what a "
                              "run writes depends on its private data, and is not public data")
+    if path.is_dir():
+        inner = next((p.parent for p in path.rglob("*") if p.name in ("privacy_report.json", "privacy_ledger.jsonl")),
+                     None)
+        if inner is not None:
+            raise ValueError(f"public data {path} contains {inner}, the output of a dpfast run: what a run "
+                             "writes depends on its private data, and is not public data")
     if path.suffix == ".npz":
         with np.load(path) as f:
             if SAMPLES_MARK in f:

@@ -240,13 +240,19 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
         if self.dist.world_size > 1:
-            if not cfg.private or cfg.recipe == "pretrain" or cfg.pretrain_steps:
+            if not cfg.private or cfg.recipe in ("pretrain", "dp-ldm") or cfg.pretrain_steps:
                 raise ValueError("multi-process training is supported for private runs only (pre-train in one "
                                  "process with dpfast pretrain, then fine-tune with --init-from)")
             if self.device.type == "cuda":
                 self.device = self.dist.device  # this rank's GPU (LOCAL_RANK)
 
         self.public = None  # the public data set, loaded when a phase needs it
+        # the file-system paths of the public data, resolved in every session (a resumed run started
+        # from another directory may resolve a relative path elsewhere): model.pt records them all
+        from .public import source_paths
+
+        self.public_paths = source_paths(cfg.public_data) + list(
+            (self.resume_state or {}).get("public_paths", []))
         if cfg.recipe == "pretrain":  # public data only: the private data set is never opened
             self.dataset = None
             self.image_shape = (cfg.channels, cfg.resolution, cfg.resolution)
@@ -323,6 +329,12 @@ class Trainer:
             raise ConfigError(f"--init-from {source}: that model was trained on private data (or by an older "
                               "dpfast that did not record it), and its privacy cost would not be counted in this "
                               "run's epsilon. Fine-tune from a `dpfast pretrain` model (public data only)")
+        from .public import SOURCES
+
+        named = all(p in SOURCES for p in str(state["config"].get("public_data", "")).split("+") if p)
+        if "public_paths" not in state and not named:
+            raise ConfigError(f"--init-from {source}: the model does not record the paths of its public data "
+                              "(an older dpfast): pre-train it again")
         for used in state.get("public_paths") or []:  # its public data must not be this run's private data
             try:
                 check_overlap(used, self.cfg.data_dir)
@@ -438,6 +450,7 @@ class Trainer:
             return
         state = {"config": self.cfg.to_dict(), "step": self.step, "elapsed": self.elapsed,
                  "phase": self.phase_index, "phase_name": self.phase.name,
+                 "public_paths": sorted(set(self.public_paths)),
                  "image_shape": list(self.image_shape),
                  "model": self.denoiser.state_dict(), "ema": self.ema.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "loss_rng": loss_rng,
@@ -488,7 +501,7 @@ class Trainer:
 
         return {"public_only": all(p.public for p in self.phases),
                 "public_data": self._describe_public() if public else None,
-                "public_paths": source_paths(self.cfg.public_data) if public else [],
+                "public_paths": sorted(set(self.public_paths)) if public else [],
                 "phases": [p.to_dict() for p in self.phases], "init": self.init_source}
 
     def _describe_public(self) -> str:
@@ -539,8 +552,8 @@ class Trainer:
                   "epochs": private_steps * self.q, "multiplicity": cfg.multiplicity,
                   "complete": self.step >= self.total_steps, "total_steps": self.step,
                   "phases": self._phase_report(), "init": self.init_source,
-                  "public_data": self._describe_public() if (self.init_source or any(p.public for p in self.phases))
-                  else None, "trainable": cfg.trainable,
+                  "public_data": self._describe_public() if any(p.public for p in self.phases)
+                  else (self.init_source or {}).get("public_data"), "trainable": cfg.trainable,
                   "trainable_parameters": self._count_selected(cfg.trainable)}
         if self.private_phase is None:
             return {"private": False, "epsilon": None, "note": "trained without differential privacy",
@@ -849,7 +862,7 @@ def load_sampler(path: str | os.PathLike, device="cpu"):
     "config", "image_shape", "num_classes", "step", "kind" ("diffusion" or "dp-mepf-generator").
     Diffusion options: sampler, num_steps, guidance, batch_size, and the sampler's own (S_churn, ...)."""
     file = _model_file(path)
-    state = torch.load(file, map_location="cpu", weights_only=False)
+    state = torch.load(file, map_location="cpu", weights_only=True)  # data only: a file cannot run code
     if state.get("kind") == "dp-mepf-generator":
         from dpfast.recipes.dp_mepf import load_generator
 
@@ -871,7 +884,7 @@ def load_sampler(path: str | os.PathLike, device="cpu"):
             ae_file = file.parent / "autoencoder.pt"
             if not ae_file.exists():
                 raise ValueError(f"{file} is a dp-ldm checkpoint without its {ae_file.name}: cannot decode its samples")
-            ae_state = torch.load(ae_file, map_location="cpu", weights_only=False)
+            ae_state = torch.load(ae_file, map_location="cpu", weights_only=True)
             pixel_shape = ae_state["key"]["pixel_shape"]
         ae = load_autoencoder(ae_state, device)
         decode, meta["latent_shape"], meta["image_shape"] = ae.decode, meta["image_shape"], tuple(pixel_shape)
@@ -893,7 +906,7 @@ def load_sampler(path: str | os.PathLike, device="cpu"):
 def load_denoiser(path: str | os.PathLike, device="cpu") -> tuple[EDMPrecond, dict]:
     """The EMA denoiser of a run: `path` is a run directory, its model.pt, or its checkpoint.pt.
     Returns (denoiser in eval mode, {"config", "image_shape", "num_classes", "step"})."""
-    state = torch.load(_model_file(path), map_location="cpu", weights_only=False)
+    state = torch.load(_model_file(path), map_location="cpu", weights_only=True)
     if state.get("kind") == "dp-mepf-generator":
         raise ValueError(f"{path} is a DP-MEPF generator, not a diffusion model: use load_sampler")
     cfg = TrainConfig.from_dict(state["config"])

@@ -132,7 +132,7 @@ class LDMTrainer(Trainer):
         key = {"public_data": cfg.public_data, "pixel_shape": list(pixel_shape), "steps": cfg.ldm_autoencoder_steps,
                "latent_channels": cfg.ldm_latent_channels, "seed": cfg.seed}
         if path.exists():
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            state = torch.load(path, map_location="cpu", weights_only=True)
             if state["key"] != key:
                 raise ConfigError(f"{path} was trained with other settings ({state['key']}); use another --out")
             self.ae = load_autoencoder(state)

@@ -147,6 +147,8 @@ def test_private_data_never_passes_as_public_data(data_dir, tmp_path):
     plain.parent.mkdir()
     shutil.copyfile(inside, plain)
     assert len(load_public(str(plain), (1, 8, 8), private_dir=str(other))) == 4
+    with pytest.raises(ValueError, match="contains"):          # a folder holding run directories
+        load_public(str(tmp_path), (1, 8, 8), private_dir=None)
 
 
 def test_builtin_checkpoint_loads_into_the_demo_and_lora_presets(tmp_path):
