@@ -498,12 +498,12 @@ class Grid:
                    guarantee_lost=report.get("guarantee_lost") or "")
         return row
 
-    def _sample_and_evaluate(self, d: Path, seed: int):
+    def _sample_and_evaluate(self, d: Path, seed: int, **draw_options):
         """Samples of the cell's run/ (as many as every row's metrics need), evaluated with the
         grid's protocol; returns (evaluation, images, sampling seconds)."""
         _, test = self.real()
         n = max(max(self.opts.sizes), self.opts.metric_samples)  # every row's feature metrics at one count
-        (images, labels), sample_seconds = self._samples(d, n, seed)
+        (images, labels), sample_seconds = self._samples(d, n, seed, **draw_options)
         evaluation = ev.evaluate_images(images, labels, test, self.feature_net(), sizes=self.opts.sizes,
                                         max_steps=self.opts.classifier_max_steps, seed=self.opts.seed,
                                         log=self.opts.log, progress=self.opts.progress, device=self.device,
@@ -511,7 +511,7 @@ class Grid:
         atomic_write_json(evaluation, d / "evaluation.json")
         return evaluation, images, sample_seconds
 
-    def _samples(self, d: Path, n: int, seed: int):
+    def _samples(self, d: Path, n: int, seed: int, **draw_options):
         import numpy as np
 
         from dpfast.diffusion.trainer import atomic_write_bytes, draw_batches, load_sampler, to_uint8
@@ -526,7 +526,8 @@ class Grid:
         k = meta["num_classes"]
         labels = torch.arange(n) % k if k else None
         started = time.perf_counter()
-        images = to_uint8(draw_batches(draw, n, labels, seed, batch_size=1000, progress=self.opts.progress))
+        images = to_uint8(draw_batches(draw, n, labels, seed, batch_size=1000, progress=self.opts.progress,
+                                       **draw_options))
         seconds = round(time.perf_counter() - started, 1)
         from dpfast.diffusion.public import SAMPLES_MARK
 
@@ -590,9 +591,11 @@ class Grid:
         (d / "run").mkdir(parents=True, exist_ok=True)
         if not (d / "run" / "model.pt").exists():
             shutil.copyfile(resolve_init_from(PUBLIC_ONLY_MODEL), d / "run" / "model.pt")
-        evaluation, images, sample_seconds = self._sample_and_evaluate(d, self.opts.seed + 7)
+        # sampled like the DPDM rows (the shipped model's own config says 25 steps, the grid's DPDM 10)
+        steps = self.opts.sample_steps or RECIPES["dpdm"].config(self.opts.scale).sample_steps
+        evaluation, images, sample_seconds = self._sample_and_evaluate(d, self.opts.seed + 7, num_steps=steps)
         row = self._metrics(evaluation)
-        row.update(epsilon=0.0, samples=len(images), sample_seconds=sample_seconds, steps=0,
+        row.update(epsilon=0.0, sampler=f"ddim {steps} steps", samples=len(images), sample_seconds=sample_seconds, steps=0,
                    train_command=f"dpfast pretrain --preset pretrain-demo14 (shipped as {PUBLIC_ONLY_MODEL})",
                    end_to_end=True, eval_seed=self.opts.seed)
         return row
@@ -610,12 +613,10 @@ class Grid:
 
     # -- outputs
     def rows(self) -> list[dict]:
-        rows = []
-        for cell in self.cells:
-            p = self.cell_dir(cell) / "result.json"
-            if p.exists():
-                rows.append(json.loads(p.read_text()))
-        return rows
+        """Every finished cell of --out (one protocol), this grid's and earlier runs' (a run with other
+        recipes or epsilons adds rows), by epsilon, generators first, then recipe."""
+        rows = [json.loads(p.read_text()) for p in sorted((self.out / "cells").glob("*/result.json"))]
+        return sorted(rows, key=lambda r: (r["epsilon_target"], r["kind"] != "generator", r["recipe"]))
 
     def write_outputs(self) -> list[dict]:
         rows = self.rows()
@@ -684,7 +685,8 @@ def _label(row: dict) -> str:
 def write_markdown(rows: list[dict], path: Path, opts: Options, env: dict) -> None:
     sizes = sorted(opts.sizes)
     lines = ["# dpfast bench --utility", "",
-             f"- device: {env['device_name']}; torch {env['torch']}; commit {env['commit']}",
+             f"- device: {env['device_name']}; torch {env['torch']}; commit {env['commit']} (this run; each row's "
+             "device and commit are in results.csv)",
              f"- data: {opts.data_dir or 'Fashion-MNIST (Debian dataset-fashion-mnist)'}; scale {opts.scale}; "
              f"delta {DELTA:g}",
              "- downstream accuracy: DPDM's CNN trained on n synthetic images (selection on a synthetic "
@@ -696,7 +698,7 @@ def write_markdown(rows: list[dict], path: Path, opts: Options, env: dict) -> No
              f"- command: `{opts.command}`" if opts.command else "", ""]
     head = ["method", "ε target", "ε spent", "budget", "steps", "σ", "train s",
             *[f"acc@{_size(n)}" for n in sizes], "direct acc", "FID", "prec.", "recall", "sample s",
-            "end to end"]
+            "end to end", "machine"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join([
@@ -704,7 +706,8 @@ def write_markdown(rows: list[dict], path: Path, opts: Options, env: dict) -> No
             str(r.get("steps", "—")), _f(r.get("noise_multiplier"), ".3f"), _f(r.get("train_seconds"), ".0f"),
             *[_f(r.get(f"acc_{n}"), ".3f") for n in sizes], _f(r.get("acc_direct"), ".3f"),
             _f(r.get("fid"), ".2f"), _f(r.get("precision"), ".3f"), _f(r.get("recall"), ".3f"),
-            _f(r.get("sample_seconds"), ".0f"), str(r.get("end_to_end", "")) or "—"]) + " |")
+            _f(r.get("sample_seconds"), ".0f"), str(r.get("end_to_end", "")) or "—",
+            (r.get("device") or "—").replace("(R)", "").split(" Processor")[0]]) + " |")
     text = "\n".join(lines) + "\n"
     atomic_write_bytes(path, lambda f: f.write(text.encode()))
 
