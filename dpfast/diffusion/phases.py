@@ -67,11 +67,3 @@ def phase_starts(phases: list[Phase]) -> list[int]:
         at += p.steps
     return starts
 
-
-def phase_at(phases: list[Phase], step: int) -> int:
-    """The index of the phase that logical step `step` (0-based, global) belongs to; the last phase
-    for a step at or past the end."""
-    for i, start in enumerate(phase_starts(phases)):
-        if step < start + phases[i].steps:
-            return i
-    return len(phases) - 1

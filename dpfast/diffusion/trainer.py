@@ -36,7 +36,7 @@ from .augment import make_augment
 from .data import ImageDataset, load_dataset
 from .edm import EDMPrecond, edm_loss_rows
 from .ema import EMA
-from .phases import Phase, phase_at, phase_starts, plan_phases
+from .phases import phase_starts, plan_phases
 from .presets import RUN_CONTROL_FIELDS, ConfigError, TrainConfig
 from .samplers import sample_images
 from .unet import DDPMpp, count_parameters
@@ -497,8 +497,6 @@ class Trainer:
     def _provenance(self) -> dict:
         """What model.pt says about the data behind it: --init-from refuses a model that saw private data."""
         public = [p for p in self.phases if p.public]
-        from .public import source_paths
-
         return {"public_only": all(p.public for p in self.phases),
                 "public_data": self._describe_public() if public else None,
                 "public_paths": sorted(set(self.public_paths)) if public else [],
