@@ -748,7 +748,7 @@ def plot_accuracy(rows: list[dict], path: Path, sizes) -> None:
     ax.set_ylabel(f"downstream accuracy (n = {max(sizes):,})")
     ax.set_ylim(0, 1)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="lower left")
     ax.set_title("real test accuracy of a CNN trained on synthetic data (DP-SGD classifier: on real data)",
                  fontsize=8)
     fig.tight_layout()
