@@ -321,16 +321,13 @@ class Trainer:
         resumed run's checkpoint holds them). Refuses a model that saw private data: its privacy cost
         would not be part of this run's epsilon."""
         from .finetune import check_compatible, load_base_weights, load_pretrained, resolve_init_from
-
-        from .public import check_overlap
+        from .public import SOURCES, check_overlap
 
         state = load_pretrained(source)
         if not state.get("public_only", False):
             raise ConfigError(f"--init-from {source}: that model was trained on private data (or by an older "
                               "dpfast that did not record it), and its privacy cost would not be counted in this "
                               "run's epsilon. Fine-tune from a `dpfast pretrain` model (public data only)")
-        from .public import SOURCES
-
         named = all(p in SOURCES for p in str(state["config"].get("public_data", "")).split("+") if p)
         if "public_paths" not in state and not named:
             raise ConfigError(f"--init-from {source}: the model does not record the paths of its public data "
@@ -373,7 +370,7 @@ class Trainer:
             # pre-trained model's
             self.ema.copy_to(self.denoiser)
         self.phase_index, self.phase = index, phase
-        self.trainable = select_trainable(self.denoiser, phase.trainable)
+        select_trainable(self.denoiser, phase.trainable)
         self.ema = EMA(self.denoiser, self.cfg.ema_decay)
         base_opt = torch.optim.Adam([p for p in self.denoiser.parameters() if p.requires_grad], lr=self.cfg.lr)
         if phase.private:
@@ -525,10 +522,8 @@ class Trainer:
                    "data_description": self._describe_public() if phase.public else (
                        self.dataset.name if self.dataset is not None else None)}
             if phase.private:
-                row.update(noise_multiplier=self.noise_multiplier, sample_rate=self.q,
-                           epsilon=None if self.engine is None else self.engine.get_epsilon(self.cfg.delta))
-                if self.engine is None:
-                    row["epsilon"] = 0.0
+                row.update(noise_multiplier=self.noise_multiplier, sample_rate=self.q,  # 0 until it starts
+                           epsilon=0.0 if self.engine is None else self.engine.get_epsilon(self.cfg.delta))
             else:
                 row.update(epsilon=0.0, note="public data only: no privacy cost" if phase.public
                            else "private data WITHOUT differential privacy")
