@@ -83,6 +83,8 @@ class Recipe:
     description: str
     configs: dict
     end_to_end: bool = True      # does the reported epsilon cover every use of the private data?
+    public_share: float = 0.0    # the share of a time budget spent on the run's public phase (dp-syngen)
+    pilot: str | None = None     # recipes with the same step cost share one pilot (default: the name)
 
     def config(self, scale: str) -> TrainConfig:
         if scale not in self.configs:
@@ -115,6 +117,21 @@ RECIPES: dict[str, Recipe] = {
                   "and class embedding only",
         {"cpu": PRESETS["dp-ldm-demo"].replace(grid_every=0, checkpoint_every=50, sample_steps=10)}),
 }
+# DP-SynGen (Choi et al.): a public phase on generated dead leaves for one stage, DP-SGD on the rest. Its
+# public phase runs inside the cell's budget: a quarter of it, the rest to the private phase
+SYNGEN_SHARE = 0.25
+for _variant, _text in (("coarse", "the coarse stage (sigma > tau)"), ("cleaning", "the cleaning stage (sigma <= tau)"),
+                        ("finetune", "every noise level, then DP fine-tuning of all of them")):
+    RECIPES[f"syngen-{_variant}"] = Recipe(
+        f"syngen-{_variant}", f"DP-SynGen (Choi et al.): generated dead leaves for {_text}; DP-SGD on the rest "
+                              "(the elbow rule's tau; public phase inside the budget)",
+        {"cpu": PRESETS[f"syngen-{_variant}"].replace(grid_every=0, checkpoint_every=50, sample_steps=10)},
+        public_share=SYNGEN_SHARE, pilot="syngen")
+for _tau in (0.03, 0.5):  # the elbow rule's tau (0.114 for cleaning) against a lower and a higher one
+    RECIPES[f"syngen-cleaning-tau{_tau:g}"] = Recipe(
+        f"syngen-cleaning-tau{_tau:g}", f"syngen-cleaning with tau = {_tau:g} instead of the elbow rule's",
+        {"cpu": PRESETS["syngen-cleaning"].replace(grid_every=0, checkpoint_every=50, sample_steps=10, tau=_tau)},
+        public_share=SYNGEN_SHARE, pilot="syngen")
 BASELINES = ("dp-sgd-classifier", "real-data", "public-only")
 # the public-only baseline: the pre-trained model sampled as it is (no private data, epsilon 0)
 PUBLIC_ONLY_MODEL = "builtin:demo14"
@@ -198,6 +215,8 @@ def pilot_seconds_per_step(cfg: TrainConfig, data: ImageDataset) -> float:
     from dpfast.diffusion import trainer as T
 
     fake = _random_like(data)
+    if cfg.recipe == "dp-syngen":  # its steps cost a DPDM step of the same model (only sigma's range differs)
+        cfg = cfg.replace(recipe="dpdm", syngen=None, tau=None)
     pilot = cfg.replace(steps=PILOT_STEPS + 1, target_epsilon=None, grid_size=1, sample_steps=1,
                         checkpoint_every=10 ** 9, checkpoint_seconds=1e12, time_budget=None, max_steps=None,
                         noise_multiplier=1.0 if cfg.private else None, subset=None,
@@ -465,10 +484,22 @@ class Grid:
             # one release, whatever the steps): the grid only fixes the target and the step count
             cfg = base.replace(target_epsilon=cell.epsilon if private else None, noise_multiplier=None)
             # real_train is the private data at the recipe's resolution: only its shape and size are used
-            key = f"{cell.recipe}:{'private' if private else 'non-private'}"
-            steps, sps = self._steps_for(cell.budget, key, lambda: pilot_seconds_per_step(cfg, real_train))
+            recipe = RECIPES[cell.recipe]
+            pilot = recipe.pilot or cell.recipe
+            key = f"{pilot}:{'private' if private else 'non-private'}"
+            budget, extra = cell.budget, {}
+            if recipe.public_share and budget.seconds is not None:
+                # the public phase's steps cost a non-private step (timed on the same random images)
+                public_seconds = recipe.public_share * budget.seconds
+                public_steps, public_sps = self._steps_for(
+                    Budget(budget.text, seconds=public_seconds), f"{pilot}:public",
+                    lambda: pilot_seconds_per_step(cfg.replace(private=False, target_epsilon=None), real_train))
+                budget = Budget(budget.text, seconds=budget.seconds - public_seconds)
+                cfg = cfg.replace(pretrain_steps=public_steps)
+                extra = {"public_steps": public_steps, "public_seconds_per_step": public_sps}
+            steps, sps = self._steps_for(budget, key, lambda: pilot_seconds_per_step(cfg, real_train))
             cfg = cfg.replace(steps=steps)
-            return {"config": cfg.to_dict(), "steps": steps, "pilot_seconds_per_step": sps,
+            return {"config": cfg.to_dict(), "steps": steps, "pilot_seconds_per_step": sps, **extra,
                     "sample_seed": self.opts.seed + 7,
                     "train_command": f"dpfast train --config {d / 'config.json'} --out {d / 'run'}"}
 
@@ -486,7 +517,8 @@ class Grid:
         row = self._metrics(evaluation)
         row.update(epsilon=report["epsilon"] if private else math.inf, delta=DELTA if private else "",
                    noise_multiplier=report.get("noise_multiplier") or "", sample_rate=report["sample_rate"],
-                   steps=report["steps"], train_seconds=round(result["train_seconds"], 1),
+                   steps=report["steps"], public_steps=plan.get("public_steps", ""),
+                   train_seconds=round(result["train_seconds"], 1),
                    pilot_seconds_per_step=plan["pilot_seconds_per_step"] or "",
                    sample_seconds=sample_seconds,
                    sampler=f"{cfg.sampler} {cfg.sample_steps} steps" if cfg.recipe != "dp-mepf" else "generator",
@@ -630,7 +662,7 @@ class Grid:
 # ----------------------------------------------------------------------------- writers
 def _columns(sizes) -> list[str]:
     accs = [c for n in sorted(sizes) for c in (f"acc_{n}", f"acc_{n}_seconds")]
-    return ["cell", "kind", "recipe", "epsilon_target", "epsilon", "delta", "budget", "steps",
+    return ["cell", "kind", "recipe", "epsilon_target", "epsilon", "delta", "budget", "steps", "public_steps",
             "noise_multiplier", "sample_rate", "train_seconds", "pilot_seconds_per_step", "release_seconds", "samples",
             "sampler", "sample_seconds", *accs, "acc_direct", "fid", "precision", "recall",
             "feature_metrics_seconds", "end_to_end", "releases_charged", "guarantee_lost", "seed",
@@ -703,7 +735,8 @@ def write_markdown(rows: list[dict], path: Path, opts: Options, env: dict) -> No
     for r in rows:
         lines.append("| " + " | ".join([
             _label(r), _f(r.get("epsilon_target"), "g"), _f(r.get("epsilon"), ".3f"), r.get("budget") or "—",
-            str(r.get("steps", "—")), _f(r.get("noise_multiplier"), ".3f"), _f(r.get("train_seconds"), ".0f"),
+            str(r.get("steps", "—")) + (f" (+{r['public_steps']} public)" if r.get("public_steps") else ""),
+            _f(r.get("noise_multiplier"), ".3f"), _f(r.get("train_seconds"), ".0f"),
             *[_f(r.get(f"acc_{n}"), ".3f") for n in sizes], _f(r.get("acc_direct"), ".3f"),
             _f(r.get("fid"), ".2f"), _f(r.get("precision"), ".3f"), _f(r.get("recall"), ".3f"),
             _f(r.get("sample_seconds"), ".0f"), str(r.get("end_to_end", "")) or "—",

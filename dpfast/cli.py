@@ -1,5 +1,5 @@
-"""The ``dpfast`` command: ``epsilon``, ``calibrate``, ``train``, ``pretrain``, ``sample``, ``evaluate``, ``bench``,
-``check-kernels``."""
+"""The ``dpfast`` command: ``epsilon``, ``calibrate``, ``train``, ``pretrain``, ``sample``, ``syngen-threshold``,
+``evaluate``, ``bench``, ``check-kernels``."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ import sys
 # (module, what it provides): each registers its subcommands with add_commands(subparsers)
 _COMMAND_MODULES = [
     ("dpfast.accounting.cli", "epsilon, calibrate"),
-    ("dpfast.diffusion.cli", "train, pretrain, sample, evaluate"),
+    ("dpfast.diffusion.cli", "train, pretrain, sample, syngen-threshold, evaluate"),
     ("dpfast._bench:cli", "bench"),
 ]
 

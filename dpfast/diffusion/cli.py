@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from .evaluate import CLASSIFIER_EPOCHS, CLASSIFIER_MAX_STEPS, FEATURE_STEPS, SIZES
-from .presets import PRESETS, TrainConfig, get_preset
+from .presets import PRESETS, RECIPES, TrainConfig, get_preset
 from .public import SAMPLES_MARK, SOURCES as PUBLIC_SOURCES
 
 
@@ -42,7 +42,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "configuration (overrides the preset; shown: the value the default preset 'demo' uses)")
     demo = PRESETS["demo"]
-    text_choices = {"recipe": "dpdm|dp-diffusion|dp-lora|dp-ldm|dp-mepf|pretrain", "sampler": "ddim|edm", "mode": "bk|two-pass",
+    text_choices = {"recipe": "|".join(RECIPES), "syngen": "coarse|cleaning|finetune", "sampler": "ddim|edm", "mode": "bk|two-pass",
                     "backend": "torch|triton|auto", "accountant": "prv|rdp", "augment": "none|flip|crop|flip+crop",
                     "embedding_type": "positional|fourier", "mepf_moments": "mean|mean+second"}
     for f in dataclasses.fields(TrainConfig):
@@ -186,6 +186,44 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_syngen_threshold(args) -> int:
+    from .syngen import plot_thresholds, stage_mass, thresholds
+
+    try:
+        for name in ("sigma_min", "sigma_max", "rho", "sigma_data"):
+            value = getattr(args, name)
+            if not (value > 0 and value < float("inf")):
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0; got {value}")
+        if args.sigma_min >= args.sigma_max:
+            raise ValueError(f"--sigma-min must be below --sigma-max; got {args.sigma_min} >= {args.sigma_max}")
+        if args.tau is not None and not args.tau > 0:
+            raise ValueError(f"--tau must be > 0; got {args.tau}")
+    except ValueError as e:
+        print(f"dpfast syngen-threshold: {e}", file=sys.stderr)
+        return 2
+    schedule = dict(sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho, sigma_data=args.sigma_data)
+    th = thresholds(**schedule)
+    th["training_share"] = {  # the share of DPDM's training noise levels (ln sigma ~ N(-1.2, 1.2^2)) per stage
+        "cleaning": stage_mass(0.0, th["cleaning"]), "context": stage_mass(th["cleaning"], th["coarse"]),
+        "coarse": stage_mass(th["coarse"], float("inf"))}
+    if args.json:
+        print(json.dumps(th, indent=2))
+    else:
+        print(f"{th['rule']} (sigma in [{args.sigma_min:g}, {args.sigma_max:g}], rho {args.rho:g}, "
+              f"sigma_data {args.sigma_data:.4g}):")
+        for name in ("cleaning", "coarse"):
+            print(f"  tau_{name:<8} sigma = {th[name]:.4g}  (t = {th['t_' + name]:.3f}, alpha_bar = "
+                  f"{th['alpha_bar_' + name]:.3f})")
+        share = th["training_share"]
+        print(f"  training noise levels per stage: cleaning {share['cleaning']:.1%}, context {share['context']:.1%}, "
+              f"coarse {share['coarse']:.1%}")
+        print("  dpfast train --preset syngen-cleaning uses tau_cleaning, syngen-coarse tau_coarse; --tau overrides")
+    if args.plot:
+        plot_thresholds(args.plot, tau=args.tau, **schedule)
+        print(f"plot: {args.plot}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- registration
 def add_commands(subparsers) -> None:
     def training_command(name, preset, func, **text):
@@ -229,6 +267,20 @@ def add_commands(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default)")
     p.set_defaults(func=cmd_sample)
+
+    p = subparsers.add_parser(
+        "syngen-threshold", help="DP-SynGen's stage thresholds tau (the elbows of alpha-bar over the schedule), with a plot",
+        description="The noise levels where the cleaning stage ends and the coarse stage begins, by the elbow "
+                    "rule of dpfast.diffusion.syngen, for the sampler's schedule (defaults: dpfast's).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--sigma-min", type=float, default=0.002)
+    p.add_argument("--sigma-max", type=float, default=80.0)
+    p.add_argument("--rho", type=float, default=7.0)
+    p.add_argument("--sigma-data", type=float, default=TrainConfig.sigma_data, help="the data's standard deviation")
+    p.add_argument("--tau", type=float, default=None, help="also mark this threshold (an override) on the plot")
+    p.add_argument("--plot", default=None, help="write the plot (PNG) here")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_syngen_threshold)
 
     p = subparsers.add_parser(
         "evaluate", help="downstream CNN accuracy, and FID / precision / recall in a classifier's feature space",

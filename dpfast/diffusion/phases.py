@@ -16,6 +16,7 @@ never touches the private set.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 
@@ -35,7 +36,8 @@ class Phase:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["sigma_range"] = list(self.sigma_range) if self.sigma_range else None
+        # JSON has no infinity: an open upper end is written as null
+        d["sigma_range"] = [v if math.isfinite(v) else None for v in self.sigma_range] if self.sigma_range else None
         d["sigma_bias"] = list(self.sigma_bias) if self.sigma_bias else None
         return d
 
@@ -48,16 +50,36 @@ def plan_phases(cfg, private_steps: int) -> list[Phase]:
     if cfg.recipe == "pretrain":
         return [Phase("pretrain", cfg.public_data, int(cfg.steps), "all", cfg.sigma_range_values(),
                       cfg.sigma_bias_values(), private=False)]
+    if cfg.recipe == "dp-syngen":
+        return _syngen_phases(cfg, private_steps)
     phases = []
     if cfg.pretrain_steps:
         phases.append(Phase("pretrain", cfg.public_data, int(cfg.pretrain_steps), "all", private=False))
     phases.append(Phase("private-fine-tune" if (cfg.init_from or cfg.pretrain_steps) else "private",
                         "private", int(private_steps), cfg.trainable, cfg.sigma_range_values(),
                         cfg.sigma_bias_values(), private=bool(cfg.private)))
+    return _checked(phases)
+
+
+def _checked(phases: list[Phase]) -> list[Phase]:
     for p in phases:
         if p.private and p.public:
             raise ValueError(f"phase {p.name}: a private phase reads the private data")
     return phases
+
+
+def _syngen_phases(cfg, private_steps: int) -> list[Phase]:
+    """DP-SynGen (dpfast.diffusion.syngen): generated images for one stage (or all of them), then
+    the private data for the rest."""
+    from .syngen import stage_ranges
+
+    public_range, private_range = stage_ranges(cfg.syngen, cfg.tau_value())
+    stage = {"coarse": "coarse", "cleaning": "cleaning", "finetune": "all"}[cfg.syngen]
+    rest = {"coarse": "context+cleaning", "cleaning": "coarse+context", "finetune": "all"}[cfg.syngen]
+    return _checked([
+        Phase(f"synthetic-{stage}", cfg.public_data, int(cfg.pretrain_steps), "all", public_range, private=False),
+        Phase(f"private-{rest}", "private", int(private_steps), cfg.trainable, private_range,
+              cfg.sigma_bias_values(), private=bool(cfg.private))])
 
 
 def phase_starts(phases: list[Phase]) -> list[int]:

@@ -19,6 +19,9 @@ class ConfigError(ValueError):
     any privacy is spent."""
 
 
+RECIPES = ("dpdm", "dp-diffusion", "dp-lora", "dp-ldm", "dp-mepf", "dp-syngen", "pretrain")
+
+
 @dataclass
 class TrainConfig:
     recipe: str = "dpdm"                   # dpdm (DP-SGD diffusion, this file's defaults) | dp-diffusion |
@@ -97,6 +100,11 @@ class TrainConfig:
     channels: int = 1                      # image channels of a pretrain run (other runs: the data's)
     ldm_latent_channels: int = 3           # dp-ldm: latent channels (the autoencoder halves each side)
     ldm_autoencoder_steps: int = 1500      # dp-ldm: autoencoder training steps on the public data
+    # DP-SynGen (dpfast.diffusion.syngen; recipe dp-syngen): the public phase is pretrain_steps on
+    # public_data (generated images), at the stage's noise levels
+    syngen: str | None = None              # coarse | cleaning | finetune
+    tau: float | None = None               # the stage threshold (a sigma); None: the elbow rule
+    stage_experts: bool = True             # coarse/cleaning: the public phase's model serves its stage
 
     def validate(self) -> "TrainConfig":
         """Every field checked before any data is read or any privacy is spent; one-line errors."""
@@ -113,7 +121,7 @@ class TrainConfig:
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         for name in ("private", "class_conditional"):
             check(isinstance(getattr(self, name), bool), f"{name} must be true or false; got {getattr(self, name)!r}")
-        choices = {"recipe": ("dpdm", "dp-diffusion", "dp-lora", "dp-ldm", "dp-mepf", "pretrain"), "sampler": ("ddim", "edm"), "mode": ("bk", "two-pass"),
+        choices = {"recipe": RECIPES, "sampler": ("ddim", "edm"), "mode": ("bk", "two-pass"),
                    "backend": ("torch", "triton", "auto"), "accountant": ("prv", "rdp"),
                    "augment": AUGMENT_CHOICES, "embedding_type": ("positional", "fourier"),
                    "mepf_moments": ("mean", "mean+second")}
@@ -172,6 +180,19 @@ class TrainConfig:
                   "--sigma-* do not apply")
         if self.recipe == "pretrain":
             check(self.init_from is None, "a pretrain run starts from scratch: drop --init-from")
+        check(isinstance(self.stage_experts, bool), f"--stage-experts must be true or false; got {self.stage_experts!r}")
+        check(self.tau is None or finite(self.tau) and self.tau > 0, f"--tau must be > 0 (or none); got {self.tau!r}")
+        if self.recipe == "dp-syngen":
+            from .syngen import VARIANTS
+
+            check(self.syngen in VARIANTS, f"recipe dp-syngen needs --syngen {'|'.join(VARIANTS)}; got {self.syngen!r}")
+            check(self.pretrain_steps >= 1, "recipe dp-syngen needs --pretrain-steps >= 1 (its public phase on "
+                                            "generated images)")
+            check(self.syngen == "finetune" or self.sigma_range is None,
+                  f"--syngen {self.syngen} sets the private phase's noise levels from --tau: drop --sigma-range")
+        else:
+            check(self.syngen is None and self.tau is None,
+                  f"--syngen and --tau belong to recipe dp-syngen (this run's recipe is {self.recipe})")
         if self.private:
             check(self.target_epsilon is not None or self.noise_multiplier is not None,
                   "a private run needs --target-epsilon or --noise-multiplier")
@@ -197,6 +218,14 @@ class TrainConfig:
         if len(values) != n or not all(math.isfinite(v) for v in values):
             raise ConfigError(f"--{name} must be {n} comma-separated numbers; got {text!r}")
         return values
+
+    def tau_value(self) -> float:
+        """The DP-SynGen stage threshold: --tau, or the elbow of the variant's stage."""
+        if self.tau is not None:
+            return float(self.tau)
+        from .syngen import thresholds
+
+        return thresholds(sigma_data=self.sigma_data)["coarse" if self.syngen == "coarse" else "cleaning"]
 
     def sigma_range_values(self) -> tuple[float, float] | None:
         r = self._floats(self.sigma_range, "sigma-range", 2)
@@ -257,6 +286,8 @@ _DEMO = TrainConfig(resolution=14, nf=16, ch_mult=(1, 2), num_res_blocks=1, attn
                     max_physical_batch_size=256, target_epsilon=10.0, sample_steps=25,
                     grid_every=0, checkpoint_every=50, device="cpu", threads=1)
 
+_SYNGEN = _DEMO.replace(recipe="dp-syngen", public_data="dead-leaves:20000", pretrain_steps=400)
+
 PRESETS: dict[str, TrainConfig] = {
     "demo": _DEMO,
     "dpdm-fmnist-eps10": _dpdm(10.0),
@@ -283,6 +314,12 @@ PRESETS: dict[str, TrainConfig] = {
                                  public_data=PUBLIC_MIX, pretrain_steps=600, trainable="attention"),
     # DPDM from the public model: the demo with --init-from only (the README's comparison)
     "demo-pretrained": _DEMO.replace(init_from="builtin:demo14"),
+    # DP-SynGen (Choi et al.): 400 public steps on generated dead leaves for one stage (the elbow rule's
+    # tau; dpfast syngen-threshold), then the demo's DP-SGD on the other stages; the public phase's
+    # model serves its stage when sampling. finetune: dead leaves at every noise level, then DP fine-tuning
+    "syngen-coarse": _SYNGEN.replace(syngen="coarse"),
+    "syngen-cleaning": _SYNGEN.replace(syngen="cleaning"),
+    "syngen-finetune": _SYNGEN.replace(syngen="finetune"),
     # DP-MEPF at 28x28 on CPU: one release, then 2000 generator steps of 100 images
     "dp-mepf-eps10": _mepf(10.0),
     "dp-mepf-eps1": _mepf(1.0),

@@ -9,8 +9,9 @@ here, never from the private set. Sources:
   that scikit-image ships inside its wheel (``skimage/data/*.png|jpg``), unlabelled;
 - ``faces``: scikit-image's ``lfw_subset`` (200 small grey faces, 100 of them faces and 100 not),
   with their mirror images, unlabelled;
-- ``dead-leaves``: 2,000 programmatically generated dead-leaves images (occluding discs with a
-  power-law radius distribution; `dead_leaves`), unlabelled: they depend on nothing but a seed;
+- ``dead-leaves``, ``fractal``, ``strokes``: programmatically generated images
+  (`dpfast.diffusion.synthetic`: dead leaves, 1/f^beta textures, Bezier strokes), 2,000 of them or
+  ``NAME:N``, unlabelled: they depend on nothing but a seed;
 - several of them joined by ``+`` (``digits+photos+faces+dead-leaves``): one data set, labelled where
   its parts are (unlabelled images carry the label -1, which a conditional model reads as its null
   label);
@@ -31,11 +32,13 @@ import numpy as np
 import torch
 
 from .data import FASHION_MNIST_DIR, ImageDataset, load_dataset
+from .synthetic import DEFAULT_COUNT, GENERATORS, dead_leaves, describe_generated, generate, parse_generated  # noqa: F401
 
 SOURCES = {"digits": "scikit-learn's bundled handwritten digits (1,797 labelled 8x8 images, 10 classes)",
            "photos": "2,000 crops of scikit-image's bundled photographs (skimage.data)",
            "faces": "scikit-image's lfw_subset faces (200 + mirrored, 25x25)",
-           "dead-leaves": "2,000 generated dead-leaves images (power-law discs, seed 0)"}
+           **{name: f"generated {text} (seed 0; NAME:N for N images, default {DEFAULT_COUNT:,})"
+              for name, (_, text) in GENERATORS.items()}}
 # `dpfast sample` writes this entry into its .npz files: samples of a model are never public data (a
 # model trained on the private set would pass its privacy cost on uncounted)
 SAMPLES_MARK = "dpfast_samples"
@@ -116,35 +119,6 @@ def _faces() -> ImageDataset:
     return ImageDataset(faces, np.full(len(faces), UNLABELLED), 0, name="skimage lfw_subset")
 
 
-def dead_leaves(n: int, image_shape, seed: int = 0, shapes: int = 60, r_min: float = 0.03,
-                r_max: float = 0.6, alpha: float = 3.0) -> torch.Tensor:
-    """n dead-leaves images, uint8 (n, C, H, W): `shapes` discs per image, dropped one over the other
-    (the last one on top), radii (as a fraction of the image side) from the power law
-    p(r) ~ r^-alpha on [r_min, r_max] (alpha=3: scale invariance), uniform centres, and a uniform
-    grey level per disc (one per channel for colour). A function of the seed only."""
-    c, h, w = image_shape
-    g = torch.Generator().manual_seed(seed)
-    u = torch.rand((n, shapes), generator=g)
-    a1 = 1.0 - alpha                                         # inverse CDF of the truncated power law
-    radius = (r_min ** a1 + u * (r_max ** a1 - r_min ** a1)) ** (1.0 / a1)
-    centre = torch.rand((n, shapes, 2), generator=g)
-    colour = torch.rand((n, shapes, c), generator=g)
-    ys = (torch.arange(h, dtype=torch.float32) + 0.5) / h
-    xs = (torch.arange(w, dtype=torch.float32) + 0.5) / w
-    img = torch.rand((n, c, 1, 1), generator=g).expand(n, c, h, w).clone()   # the background
-    for s in range(shapes):
-        d2 = (ys.view(1, h, 1) - centre[:, s, 0].view(n, 1, 1)) ** 2 \
-            + (xs.view(1, 1, w) - centre[:, s, 1].view(n, 1, 1)) ** 2
-        inside = (d2 <= radius[:, s].view(n, 1, 1) ** 2).unsqueeze(1)
-        img = torch.where(inside, colour[:, s].view(n, c, 1, 1), img)
-    return (img * 255).round().to(torch.uint8)
-
-
-def _dead_leaves(image_shape, n: int = 2000, seed: int = 0) -> ImageDataset:
-    return ImageDataset(dead_leaves(n, image_shape, seed), np.full(n, UNLABELLED), 0,
-                        name="dead leaves (generated)")
-
-
 def _join(parts: list[ImageDataset]) -> ImageDataset:
     if len(parts) == 1:
         return parts[0]
@@ -194,9 +168,12 @@ def load_public(source: str, image_shape, private_dir: str | os.PathLike | None 
     image_shape (C, H, W)."""
     if "+" in source and not Path(source).exists():
         return _join([load_public(s, image_shape, private_dir) for s in source.split("+") if s])
-    if source in SOURCES:
+    if parse_generated(source) is not None:
+        images = generate(source, image_shape)
+        data = ImageDataset(images, np.full(len(images), UNLABELLED), 0, name=describe_generated(source))
+    elif source in SOURCES:
         make = {"digits": lambda: _digits(), "photos": lambda: _photos(image_shape),
-                "faces": lambda: _faces(), "dead-leaves": lambda: _dead_leaves(image_shape)}
+                "faces": lambda: _faces()}
         data = make[source]()
     else:
         path = Path(source)
@@ -219,10 +196,17 @@ def source_paths(source: str) -> list[str]:
     """The resolved file-system paths among the parts of `source` (recorded in model.pt, checked again
     by --init-from against the fine-tuning run's private data)."""
     parts = source.split("+") if "+" in source and not Path(source).exists() else [source]
-    return [str(Path(p).resolve()) for p in parts if p and p not in SOURCES]
+    return [str(Path(p).resolve()) for p in parts if p and not is_named(p)]
+
+
+def is_named(source: str) -> bool:
+    """A source dpfast makes itself (no file-system path): a SOURCES name, or NAME:N of a generator."""
+    return source in SOURCES or parse_generated(source) is not None
 
 
 def describe(source: str) -> str:
     if "+" in source and not Path(source).exists():
         return " + ".join(describe(s) for s in source.split("+") if s)
+    if parse_generated(source) is not None:
+        return describe_generated(source)
     return SOURCES.get(source, f"images from {source}")

@@ -311,6 +311,17 @@ class Trainer:
         """Recipe-specific entries of model.pt."""
         return {}
 
+    def _checkpoint_extra(self) -> dict:
+        """Recipe-specific entries of checkpoint.pt (restored by _load_extra)."""
+        return {}
+
+    def _load_extra(self, state: dict) -> None:
+        pass
+
+    def _sampling_model(self):
+        """The denoiser the sample grids use (the EMA model; dp-syngen adds its stage experts)."""
+        return self.ema_model()
+
     def _public_data(self):
         if self.public is None:
             self.public = self._load_public()
@@ -321,14 +332,14 @@ class Trainer:
         resumed run's checkpoint holds them). Refuses a model that saw private data: its privacy cost
         would not be part of this run's epsilon."""
         from .finetune import check_compatible, load_base_weights, load_pretrained, resolve_init_from
-        from .public import SOURCES, check_overlap
+        from .public import check_overlap, is_named
 
         state = load_pretrained(source)
         if not state.get("public_only", False):
             raise ConfigError(f"--init-from {source}: that model was trained on private data (or by an older "
                               "dpfast that did not record it), and its privacy cost would not be counted in this "
                               "run's epsilon. Fine-tune from a `dpfast pretrain` model (public data only)")
-        named = all(p in SOURCES for p in str(state["config"].get("public_data", "")).split("+") if p)
+        named = all(is_named(p) for p in str(state["config"].get("public_data", "")).split("+") if p)
         if "public_paths" not in state and not named:
             raise ConfigError(f"--init-from {source}: the model does not record the paths of its public data "
                               "(an older dpfast): pre-train it again")
@@ -429,6 +440,7 @@ class Trainer:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.step = state["step"]
         self.elapsed = state["elapsed"]
+        self._load_extra(state)
 
     # -- outputs
     def _loss_rng_state(self):
@@ -454,7 +466,7 @@ class Trainer:
                  "torch_rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
                  "engine": self.engine.state_dict() if self.engine is not None else None,
-                 "noise_multiplier": self.noise_multiplier}
+                 "noise_multiplier": self.noise_multiplier, **self._checkpoint_extra()}
         atomic_torch_save(state, self.ckpt_path, secret=True)  # holds the engine's noise seed
         self._barrier()
 
@@ -483,7 +495,7 @@ class Trainer:
     def save_grid(self, name: str) -> Path:
         cfg = self.cfg
         n = cfg.grid_size * cfg.grid_size
-        images = self._to_pixels(sample_images(self.ema_model(), n, self.image_shape,
+        images = self._to_pixels(sample_images(self._sampling_model(), n, self.image_shape,
                                                labels=grid_labels(cfg, self.num_classes), sampler=cfg.sampler,
                                                num_steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed,
                                                device=self.device))
@@ -898,7 +910,8 @@ def load_sampler(path: str | os.PathLike, device="cpu"):
 
 def load_denoiser(path: str | os.PathLike, device="cpu") -> tuple[EDMPrecond, dict]:
     """The EMA denoiser of a run: `path` is a run directory, its model.pt, or its checkpoint.pt.
-    Returns (denoiser in eval mode, {"config", "image_shape", "num_classes", "step"})."""
+    Returns (denoiser in eval mode, {"config", "image_shape", "num_classes", "step"}); a run with
+    stage experts gives a `StageExperts` denoiser and meta["experts"]."""
     state = torch.load(_model_file(path), map_location="cpu", weights_only=True)
     if state.get("kind") == "dp-mepf-generator":
         raise ValueError(f"{path} is a DP-MEPF generator, not a diffusion model: use load_sampler")
@@ -914,5 +927,15 @@ def load_denoiser(path: str | os.PathLike, device="cpu") -> tuple[EDMPrecond, di
     denoiser.load_state_dict(weights)
     meta = {"config": cfg, "image_shape": image_shape, "num_classes": num_classes,
             "step": state["step"]}
+    if state.get("experts"):  # dp-syngen: the sampler switches to a stage's expert inside its range
+        from .syngen import StageExperts
+
+        experts = []
+        for e in state["experts"]:
+            model = build_denoiser(cfg, image_shape, num_classes)
+            model.load_state_dict(e["ema"])
+            experts.append((*e["sigma_range"], model, e["unconditional"]))
+        denoiser = StageExperts(denoiser, experts)
+        meta["experts"] = [{k: v for k, v in e.items() if k != "ema"} for e in state["experts"]]
     return denoiser.to(device).eval(), meta
 
