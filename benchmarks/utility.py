@@ -829,7 +829,8 @@ def run_from_args(args) -> int:
         if any(not (e > 0 and math.isfinite(e)) for e in epsilons):
             raise ValueError("--epsilons must be positive and finite (the non-private generator is always in)")
         budgets = [parse_budget(b) for b in args.budget.split(",") if b.strip()]
-        baselines = {"all": BASELINES, "none": ()}.get(args.baselines) or tuple(
+        named = {"all": BASELINES, "none": ()}
+        baselines = named[args.baselines] if args.baselines in named else tuple(
             x.strip() for x in args.baselines.split(",") if x.strip())
         bad = [b for b in baselines if b not in BASELINES]
         if bad:

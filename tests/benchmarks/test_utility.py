@@ -268,3 +268,22 @@ def test_every_recipe_meets_its_target_epsilon_in_the_grid(data_dir, tmp_path, m
     assert len(private) == 4
     for r in private:
         assert 0.9 * r["epsilon_target"] <= r["epsilon"] <= r["epsilon_target"] * (1 + 1e-9), r
+
+
+def test_syngen_cells_spend_a_share_of_the_budget_on_their_public_phase(data_dir, tmp_path, monkeypatch):
+    """DP-SynGen's public phase runs inside the cell's time budget: public steps at the non-private
+    step time, the rest of the budget to the private phase (which its noise is calibrated for)."""
+    syngen = TINY.replace(recipe="dp-syngen", syngen="cleaning", pretrain_steps=1, public_data="dead-leaves:40")
+    monkeypatch.setitem(U.RECIPES, "syngen-cleaning", U.Recipe("syngen-cleaning", "test", {"tiny": syngen},
+                                                               public_share=0.25, pilot="syngen"))
+    monkeypatch.setattr(U, "pilot_seconds_per_step", lambda cfg, data: 0.5 if cfg.private else 0.25)
+    cells = U.plan_cells(["syngen-cleaning"], [4.0], [U.parse_budget("4s")], baselines=(), nonprivate=False)
+    grid = U.Grid(cells, opts(tmp_path / "s", data_dir))
+    (row,) = grid.run()
+    assert row["steps"] == 6 and row["public_steps"] == 4          # 3 s / 0.5 and 1 s / 0.25
+    plan = json.loads((grid.cell_dir(cells[0]) / "plan.json").read_text())
+    assert plan["config"]["pretrain_steps"] == 4 and plan["public_seconds_per_step"] == 0.25
+    report = json.loads((grid.cell_dir(cells[0]) / "run" / "privacy_report.json").read_text())
+    assert [p["steps"] for p in report["phases"]] == [4, 6] and report["epsilon"] <= 4.0
+    assert "+4 public" in (tmp_path / "s" / "results.md").read_text()
+    assert set(json.loads((tmp_path / "s" / "pilots.json").read_text())) == {"syngen:public", "syngen:private"}
