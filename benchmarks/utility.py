@@ -127,7 +127,7 @@ for _variant, _text in (("coarse", "the coarse stage (sigma > tau)"), ("cleaning
                               "(the elbow rule's tau; public phase inside the budget)",
         {"cpu": PRESETS[f"syngen-{_variant}"].replace(grid_every=0, checkpoint_every=50, sample_steps=10)},
         public_share=SYNGEN_SHARE, pilot="syngen")
-for _tau in (0.03, 0.5):  # the elbow rule's tau (0.114 for cleaning) against a lower and a higher one
+for _tau in (0.05, 0.8):  # the elbow rule's tau (0.206 for cleaning) against one 4x lower and one 4x higher
     RECIPES[f"syngen-cleaning-tau{_tau:g}"] = Recipe(
         f"syngen-cleaning-tau{_tau:g}", f"syngen-cleaning with tau = {_tau:g} instead of the elbow rule's",
         {"cpu": PRESETS["syngen-cleaning"].replace(grid_every=0, checkpoint_every=50, sample_steps=10, tau=_tau)},

@@ -190,7 +190,7 @@ def cmd_syngen_threshold(args) -> int:
     from .syngen import plot_thresholds, stage_mass, thresholds
 
     try:
-        for name in ("sigma_min", "sigma_max", "rho", "sigma_data"):
+        for name in ("sigma_min", "sigma_max", "rho"):
             value = getattr(args, name)
             if not (value > 0 and value < float("inf")):
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0; got {value}")
@@ -201,7 +201,7 @@ def cmd_syngen_threshold(args) -> int:
     except ValueError as e:
         print(f"dpfast syngen-threshold: {e}", file=sys.stderr)
         return 2
-    schedule = dict(sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho, sigma_data=args.sigma_data)
+    schedule = dict(sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho)
     th = thresholds(**schedule)
     th["training_share"] = {  # the share of DPDM's training noise levels (ln sigma ~ N(-1.2, 1.2^2)) per stage
         "cleaning": stage_mass(0.0, th["cleaning"]), "context": stage_mass(th["cleaning"], th["coarse"]),
@@ -209,8 +209,7 @@ def cmd_syngen_threshold(args) -> int:
     if args.json:
         print(json.dumps(th, indent=2))
     else:
-        print(f"{th['rule']} (sigma in [{args.sigma_min:g}, {args.sigma_max:g}], rho {args.rho:g}, "
-              f"sigma_data {args.sigma_data:.4g}):")
+        print(f"{th['rule']} (sigma in [{args.sigma_min:g}, {args.sigma_max:g}], rho {args.rho:g}):")
         for name in ("cleaning", "coarse"):
             print(f"  tau_{name:<8} sigma = {th[name]:.4g}  (t = {th['t_' + name]:.3f}, alpha_bar = "
                   f"{th['alpha_bar_' + name]:.3f})")
@@ -276,7 +275,6 @@ def add_commands(subparsers) -> None:
     p.add_argument("--sigma-min", type=float, default=0.002)
     p.add_argument("--sigma-max", type=float, default=80.0)
     p.add_argument("--rho", type=float, default=7.0)
-    p.add_argument("--sigma-data", type=float, default=TrainConfig.sigma_data, help="the data's standard deviation")
     p.add_argument("--tau", type=float, default=None, help="also mark this threshold (an override) on the plot")
     p.add_argument("--plot", default=None, help="write the plot (PNG) here")
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -225,7 +225,7 @@ class TrainConfig:
             return float(self.tau)
         from .syngen import thresholds
 
-        return thresholds(sigma_data=self.sigma_data)["coarse" if self.syngen == "coarse" else "cleaning"]
+        return thresholds()["coarse" if self.syngen == "coarse" else "cleaning"]
 
     def sigma_range_values(self) -> tuple[float, float] | None:
         r = self._floats(self.sigma_range, "sigma-range", 2)

@@ -15,9 +15,9 @@ as the expert of its stage, and the sampler switches between it and the private 
 (`StageExperts`). Without them one model trains through both phases and samples alone.
 
 The threshold tau. The paper reads it off the elbow points of alpha-bar and the SNR over the
-schedule. In EDM's terms, with sigma_data the data's standard deviation,
-alpha_bar(sigma) = sigma_data^2 / (sigma_data^2 + sigma^2) (the share of the signal in x_sigma's
-variance) and SNR(sigma) = sigma_data^2 / sigma^2, over the sampler's noise schedule
+schedule. EDM's x = y + sigma n is DDPM's x_t / sqrt(alpha_bar_t) with sigma = sqrt((1 - alpha_bar) /
+alpha_bar), so alpha_bar(sigma) = 1 / (1 + sigma^2) and SNR(sigma) = alpha_bar / (1 - alpha_bar) =
+1 / sigma^2, over the sampler's noise schedule
 sigma(t) = (sigma_min^(1/rho) + t (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho, t in [0, 1].
 alpha_bar(t) is a falling S curve with two elbows, found by the Kneedle rule (the points farthest
 above and below the chord of the normalised curve): the one near t=0 is where the signal starts to
@@ -41,18 +41,15 @@ import math
 import torch
 import torch.nn as nn
 
-from .edm import SIGMA_DATA
-
 VARIANTS = ("coarse", "cleaning", "finetune")
 
 
 def schedule_curves(sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-                    sigma_data: float = SIGMA_DATA, points: int = 2001) -> dict:
+                    points: int = 2001) -> dict:
     """t (0: data, 1: noise), sigma(t), alpha_bar(t), SNR(t) over the sampler's schedule (float64)."""
     t = torch.linspace(0, 1, points, dtype=torch.float64)
     sigma = (sigma_min ** (1 / rho) + t * (sigma_max ** (1 / rho) - sigma_min ** (1 / rho))) ** rho
-    sd2 = sigma_data ** 2
-    return {"t": t, "sigma": sigma, "alpha_bar": sd2 / (sd2 + sigma ** 2), "snr": sd2 / sigma ** 2}
+    return {"t": t, "sigma": sigma, "alpha_bar": 1 / (1 + sigma ** 2), "snr": 1 / sigma ** 2}
 
 
 def kneedle(x: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
@@ -64,17 +61,16 @@ def kneedle(x: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
     return int(above.argmax()), int(above.argmin())
 
 
-def thresholds(sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-               sigma_data: float = SIGMA_DATA) -> dict:
+def thresholds(sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> dict:
     """The two elbows of alpha_bar over the schedule: {"cleaning": sigma, "coarse": sigma, "t_...": t}."""
-    c = schedule_curves(sigma_min, sigma_max, rho, sigma_data)
+    c = schedule_curves(sigma_min, sigma_max, rho)
     hi, lo = kneedle(c["t"], c["alpha_bar"])   # a falling S: above the chord early, below it late
     i_clean, i_coarse = sorted((hi, lo))
     return {"cleaning": float(c["sigma"][i_clean]), "coarse": float(c["sigma"][i_coarse]),
             "t_cleaning": float(c["t"][i_clean]), "t_coarse": float(c["t"][i_coarse]),
             "alpha_bar_cleaning": float(c["alpha_bar"][i_clean]), "alpha_bar_coarse": float(c["alpha_bar"][i_coarse]),
-            "rule": "Kneedle elbows of alpha_bar(t) = sd^2/(sd^2+sigma(t)^2) over the sampler's schedule",
-            "schedule": {"sigma_min": sigma_min, "sigma_max": sigma_max, "rho": rho, "sigma_data": sigma_data}}
+            "rule": "Kneedle elbows of alpha_bar(t) = 1/(1+sigma(t)^2) over the sampler's schedule",
+            "schedule": {"sigma_min": sigma_min, "sigma_max": sigma_max, "rho": rho}}
 
 
 def stage_mass(lo: float, hi: float, p_mean: float = -1.2, p_std: float = 1.2) -> float:
@@ -96,21 +92,21 @@ def stage_ranges(variant: str, tau: float) -> tuple[tuple | None, tuple | None]:
 
 
 def plot_thresholds(path, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-                    sigma_data: float = SIGMA_DATA, tau: float | None = None) -> None:
+                    tau: float | None = None) -> None:
     """alpha_bar and SNR over the schedule, the stages, and the thresholds (PNG)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    c = schedule_curves(sigma_min, sigma_max, rho, sigma_data)
-    th = thresholds(sigma_min, sigma_max, rho, sigma_data)
+    c = schedule_curves(sigma_min, sigma_max, rho)
+    th = thresholds(sigma_min, sigma_max, rho)
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(c["t"], c["alpha_bar"], color="C0", label=r"$\bar\alpha(t)$")
     ax.set_xlabel("diffusion time t (0: data, 1: noise) on the sampler's schedule")
-    ax.set_ylabel(r"$\bar\alpha = \sigma_d^2 / (\sigma_d^2 + \sigma^2)$", color="C0")
+    ax.set_ylabel(r"$\bar\alpha = 1 / (1 + \sigma^2)$", color="C0")
     ax2 = ax.twinx()
     ax2.semilogy(c["t"], c["snr"], color="C1", label="SNR")
-    ax2.set_ylabel(r"SNR $= \sigma_d^2 / \sigma^2$ (log)", color="C1")
+    ax2.set_ylabel(r"SNR $= 1 / \sigma^2$ (log)", color="C1")
     for name, colour in (("cleaning", "C2"), ("coarse", "C3")):
         t = th[f"t_{name}"]
         ax.axvline(t, color=colour, ls="--")

@@ -13,9 +13,14 @@ from dpfast.diffusion.trainer import Trainer
 
 
 class SynGenTrainer(Trainer):
-    def __init__(self, *args, **kwargs):
-        self.experts = []  # [{"phase", "sigma_range", "ema", "private_data_used"}]: the phase boundary adds one
-        super().__init__(*args, **kwargs)
+    def __init__(self, cfg, *args, **kwargs):
+        self.experts = []  # [{"phase", "sigma_range", "ema", ...}]: the phase boundary adds one
+        self.tau_rule = "--tau" if cfg.tau is not None else "elbow"
+        if cfg.tau is None and cfg.syngen in ("coarse", "cleaning"):
+            # resolved once and saved in the checkpoint's config: a resume under another rule is refused
+            # instead of moving the stage boundary in the middle of a run
+            cfg = cfg.replace(tau=cfg.tau_value())
+        super().__init__(cfg, *args, **kwargs)
 
     def _keeps_expert(self, phase) -> bool:
         return (self.cfg.stage_experts and self.cfg.syngen in ("coarse", "cleaning") and phase.public
@@ -62,7 +67,7 @@ class SynGenTrainer(Trainer):
 
         cfg = self.cfg
         report["syngen"] = {
-            "variant": cfg.syngen, "tau": cfg.tau_value(), "tau_rule": "--tau" if cfg.tau is not None else "elbow",
+            "variant": cfg.syngen, "tau": cfg.tau_value(), "tau_rule": self.tau_rule,
             "stage_experts": self._keeps_expert(self.phases[0]),
             "experts": [{"phase": e["phase"], "sigma_range": [v if math.isfinite(v) else None for v in e["sigma_range"]],
                          "unconditional": e["unconditional"], "private_data_used": False} for e in self.experts],

@@ -83,15 +83,15 @@ def test_thresholds_split_the_schedule_into_three_stages():
     from dpfast.diffusion.syngen import schedule_curves, stage_mass, thresholds
 
     th = thresholds()
-    assert 0.002 < th["cleaning"] < TrainConfig.sigma_data < th["coarse"] < 80
+    assert 0.002 < th["cleaning"] < 1 < th["coarse"] < 80          # SNR = 1 lies in the context stage
     assert th["alpha_bar_cleaning"] > 0.9 and th["alpha_bar_coarse"] < 0.1
     c = schedule_curves()
     assert (c["sigma"].diff() > 0).all() and c["sigma"][0] == pytest.approx(0.002) and c["sigma"][-1] == pytest.approx(80)
     shares = [stage_mass(0, th["cleaning"]), stage_mass(th["cleaning"], th["coarse"]), stage_mass(th["coarse"], math.inf)]
     assert sum(shares) == pytest.approx(1.0) and all(0 < s < 1 for s in shares)
-    # a wider data scale moves both elbows up in proportion (alpha_bar depends on sigma / sigma_data only)
-    wide = thresholds(sigma_data=2 * TrainConfig.sigma_data)
-    assert wide["cleaning"] > th["cleaning"] and wide["coarse"] > th["coarse"]
+    assert torch.allclose(c["snr"], c["alpha_bar"] / (1 - c["alpha_bar"]))     # DDPM's SNR
+    # a longer schedule moves the coarse elbow up
+    assert thresholds(sigma_max=160)["coarse"] > th["coarse"]
 
 
 def test_cli_syngen_threshold(tmp_path, capsys):
@@ -246,3 +246,18 @@ def test_one_model_without_experts(data_dir, tmp_path):
     report = run(cfg, tmp_path / "run")["report"]
     assert report["syngen"]["experts"] == [] and not report["syngen"]["stage_experts"]
     assert not isinstance(load_denoiser(tmp_path / "run")[0], StageExperts)
+
+
+def test_tau_is_fixed_in_the_checkpoint_and_a_changed_rule_is_refused(data_dir, tmp_path, monkeypatch):
+    from dpfast.diffusion import syngen
+
+    cfg = TrainConfig(data_dir=str(data_dir), **SYNGEN)
+    out = tmp_path / "run"
+    run(cfg.replace(max_steps=2), out)
+    assert final_state(out)["config"]["tau"] == syngen.thresholds()["cleaning"]
+    real = syngen.thresholds
+    monkeypatch.setattr(syngen, "thresholds", lambda *a, **k: dict(real(*a, **k), cleaning=0.5))
+    with pytest.raises(ConfigError, match="tau"):
+        run(cfg, out)
+    monkeypatch.setattr(syngen, "thresholds", real)
+    assert run(cfg, out)["report"]["syngen"]["tau_rule"] == "elbow"
