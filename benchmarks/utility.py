@@ -517,7 +517,9 @@ class Grid:
         row = self._metrics(evaluation)
         row.update(epsilon=report["epsilon"] if private else math.inf, delta=DELTA if private else "",
                    noise_multiplier=report.get("noise_multiplier") or "", sample_rate=report["sample_rate"],
-                   steps=report["steps"], public_steps=plan.get("public_steps", ""),
+                   steps=report["steps"],
+                   public_steps=sum(p["steps"] for p in report.get("phases", [])  # the denoiser's public phases
+                                    if p.get("data") not in (None, "private") and p.get("trainable") != "autoencoder") or "",
                    train_seconds=round(result["train_seconds"], 1),
                    pilot_seconds_per_step=plan["pilot_seconds_per_step"] or "",
                    sample_seconds=sample_seconds,

@@ -194,8 +194,10 @@ def cmd_syngen_threshold(args) -> int:
             value = getattr(args, name)
             if not (value > 0 and value < float("inf")):
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0; got {value}")
-        if args.sigma_min >= args.sigma_max:
+        if not args.sigma_min * 1.01 < args.sigma_max:
             raise ValueError(f"--sigma-min must be below --sigma-max; got {args.sigma_min} >= {args.sigma_max}")
+        if not 1 <= args.rho <= 100:
+            raise ValueError(f"--rho must be in [1, 100]; got {args.rho}")
         if args.tau is not None and not args.tau > 0:
             raise ValueError(f"--tau must be > 0; got {args.tau}")
     except ValueError as e:

@@ -58,13 +58,17 @@ def plan_phases(cfg, private_steps: int) -> list[Phase]:
     phases.append(Phase("private-fine-tune" if (cfg.init_from or cfg.pretrain_steps) else "private",
                         "private", int(private_steps), cfg.trainable, cfg.sigma_range_values(),
                         cfg.sigma_bias_values(), private=bool(cfg.private)))
-    return _checked(phases)
+    return _checked(phases, cfg)
 
 
-def _checked(phases: list[Phase]) -> list[Phase]:
+def _checked(phases: list[Phase], cfg) -> list[Phase]:
     for p in phases:
         if p.private and p.public:
             raise ValueError(f"phase {p.name}: a private phase reads the private data")
+        if cfg.private and p.data == "private" and not p.private:
+            # a private run reads the private data only through DP-SGD: a non-DP phase on it would
+            # leave the reported epsilon false
+            raise ValueError(f"phase {p.name}: a private run reads the private data only in its DP-SGD phase")
     return phases
 
 
@@ -73,10 +77,13 @@ def _syngen_phases(cfg, private_steps: int) -> list[Phase]:
     the private data for the rest."""
     from .syngen import stage_ranges
 
-    public_range, private_range = stage_ranges(cfg.syngen, cfg.tau_value())
+    if cfg.syngen == "finetune":   # every noise level in the public phase; --sigma-range for the private one
+        public_range, private_range = None, cfg.sigma_range_values()
+    else:
+        public_range, private_range = stage_ranges(cfg.syngen, cfg.tau_value())
     stage = {"coarse": "coarse", "cleaning": "cleaning", "finetune": "all"}[cfg.syngen]
     rest = {"coarse": "context+cleaning", "cleaning": "coarse+context", "finetune": "all"}[cfg.syngen]
-    return _checked([
+    return _checked(cfg=cfg, phases=[
         Phase(f"synthetic-{stage}", cfg.public_data, int(cfg.pretrain_steps), "all", public_range, private=False),
         Phase(f"private-{rest}", "private", int(private_steps), cfg.trainable, private_range,
               cfg.sigma_bias_values(), private=bool(cfg.private))])

@@ -180,8 +180,21 @@ class TrainConfig:
                   "--sigma-* do not apply")
         if self.recipe == "pretrain":
             check(self.init_from is None, "a pretrain run starts from scratch: drop --init-from")
+        check(isinstance(self.public_data, str) and self.public_data.strip(),
+              f"--public-data must name a public source or a path; got {self.public_data!r}")
+        # "private" names the private data set in a phase: as public data it would be a non-DP phase on it
+        check(self.public_data.strip() not in ("private", "./private") and "private" not in self.public_data.split("+"),
+              "--public-data private: the private data set is never public data (a folder called 'private' "
+              "can be given by its absolute path)")
+        from .public import check_source_names
+
+        try:
+            check_source_names(self.public_data)
+        except ValueError as e:
+            raise ConfigError(f"--public-data: {e}") from None
         check(isinstance(self.stage_experts, bool), f"--stage-experts must be true or false; got {self.stage_experts!r}")
-        check(self.tau is None or finite(self.tau) and self.tau > 0, f"--tau must be > 0 (or none); got {self.tau!r}")
+        check(self.tau is None or finite(self.tau) and 0.002 < self.tau < 80,
+              f"--tau must be a noise level inside the sampler's schedule (0.002, 80), or none; got {self.tau!r}")
         if self.recipe == "dp-syngen":
             from .syngen import VARIANTS
 
@@ -190,6 +203,8 @@ class TrainConfig:
                                             "generated images)")
             check(self.syngen == "finetune" or self.sigma_range is None,
                   f"--syngen {self.syngen} sets the private phase's noise levels from --tau: drop --sigma-range")
+            check(self.syngen != "finetune" or self.tau is None,
+                  "--syngen finetune trains every noise level in both phases: --tau does not apply")
         else:
             check(self.syngen is None and self.tau is None,
                   f"--syngen and --tau belong to recipe dp-syngen (this run's recipe is {self.recipe})")

@@ -199,6 +199,14 @@ def source_paths(source: str) -> list[str]:
     return [str(Path(p).resolve()) for p in parts if p and not is_named(p)]
 
 
+def check_source_names(source: str) -> None:
+    """Raises ValueError for a malformed generated source (NAME:N with a bad N) among the parts of
+    `source`; paths are checked when they are loaded."""
+    parts = source.split("+") if "+" in source and not Path(source).exists() else [source]
+    for part in parts:
+        parse_generated(part)
+
+
 def is_named(source: str) -> bool:
     """A source dpfast makes itself (no file-system path): a SOURCES name, or NAME:N of a generator."""
     return source in SOURCES or parse_generated(source) is not None

@@ -15,7 +15,6 @@ from dpfast.diffusion.trainer import Trainer
 class SynGenTrainer(Trainer):
     def __init__(self, cfg, *args, **kwargs):
         self.experts = []  # [{"phase", "sigma_range", "ema", ...}]: the phase boundary adds one
-        self.tau_rule = "--tau" if cfg.tau is not None else "elbow"
         if cfg.tau is None and cfg.syngen in ("coarse", "cleaning"):
             # resolved once and saved in the checkpoint's config: a resume under another rule is refused
             # instead of moving the stage boundary in the middle of a run
@@ -31,9 +30,10 @@ class SynGenTrainer(Trainer):
             # the public phase's EMA model, before the private phase starts from a copy of it: a
             # function of the generated images and the initial weights only
             ema = {k: v.detach().clone().cpu() for k, v in self.ema_model().state_dict().items()}
+            # the public data's labels, if it has any, are not the private classes: the expert is
+            # always given the null label
             self.experts.append({"phase": self.phase.name, "sigma_range": tuple(self.phase.sigma_range),
-                                 "ema": ema, "private_data_used": False,
-                                 "unconditional": self._public_data().num_classes == 0})
+                                 "ema": ema, "private_data_used": False, "unconditional": True})
         super()._enter_phase(index, fresh)
 
     def _checkpoint_extra(self) -> dict:
@@ -66,13 +66,16 @@ class SynGenTrainer(Trainer):
         from dpfast.diffusion.syngen import stage_mass
 
         cfg = self.cfg
+        staged = cfg.syngen in ("coarse", "cleaning")
+        elbow = staged and cfg.tau == cfg.replace(tau=None).tau_value()
         report["syngen"] = {
-            "variant": cfg.syngen, "tau": cfg.tau_value(), "tau_rule": self.tau_rule,
+            "variant": cfg.syngen, "tau": cfg.tau if staged else None,
+            "tau_rule": ("elbow" if elbow else "--tau") if staged else None,
             "stage_experts": self._keeps_expert(self.phases[0]),
             "experts": [{"phase": e["phase"], "sigma_range": [v if math.isfinite(v) else None for v in e["sigma_range"]],
                          "unconditional": e["unconditional"], "private_data_used": False} for e in self.experts],
             "private_share_of_noise_levels": None if self.private_phase is None or self.private_phase.sigma_range is None
             else stage_mass(*self.private_phase.sigma_range, cfg.p_mean, cfg.p_std),
-            "note": "the public phase and its expert see generated images only (no privacy cost); epsilon is the "
+            "note": "the public phase and its expert see public data only (no privacy cost); epsilon is the "
                     "private phase's"}
         return report

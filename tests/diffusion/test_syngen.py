@@ -62,7 +62,7 @@ def test_generators_read_no_file(monkeypatch):
     data = public.load_public("dead-leaves:30+fractal:30+strokes:30", (1, 12, 12), private_dir="/nonexistent")
     assert len(data) == 90 and (data.labels == -1).all()
     assert "generated" in data.name and public.source_paths("dead-leaves:30+fractal") == []
-    with pytest.raises(ValueError, match="positive integer"):
+    with pytest.raises(ValueError, match="integer in"):
         public.load_public("strokes:0", (1, 8, 8))
 
 
@@ -135,7 +135,7 @@ def test_variants_plan_their_phases():
     (dict(recipe="dp-syngen", syngen="coarse", pretrain_steps=2, sigma_range="0.1,1"), "drop --sigma-range"),
     (dict(syngen="coarse"), "belong to recipe dp-syngen"),
     (dict(tau=0.3), "belong to recipe dp-syngen"),
-    (dict(recipe="dp-syngen", syngen="coarse", pretrain_steps=2, tau=-1.0), "--tau must be > 0"),
+    (dict(recipe="dp-syngen", syngen="coarse", pretrain_steps=2, tau=-1.0), "--tau must be a noise level"),
 ])
 def test_config_errors(changes, message):
     with pytest.raises(ConfigError, match=message):
@@ -261,3 +261,36 @@ def test_tau_is_fixed_in_the_checkpoint_and_a_changed_rule_is_refused(data_dir, 
         run(cfg, out)
     monkeypatch.setattr(syngen, "thresholds", real)
     assert run(cfg, out)["report"]["syngen"]["tau_rule"] == "elbow"
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(public_data="private"), "never public data"),
+    (dict(public_data="digits+private"), "never public data"),
+    (dict(public_data="strokes:0"), "integer in"),
+    (dict(recipe="dp-syngen", syngen="cleaning", pretrain_steps=2, tau=100.0), "inside the sampler's schedule"),
+    (dict(recipe="dp-syngen", syngen="finetune", pretrain_steps=2, tau=0.3), "does not apply"),
+])
+def test_public_data_and_tau_errors(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**changes).validate()
+
+
+def test_a_private_run_never_has_a_non_dp_phase_on_the_private_data():
+    """The review's finding: public_data 'private' made a phase that trained on the private data
+    without DP while the report gave the private phase's epsilon. validate refuses the name, and
+    plan_phases refuses any such phase whatever the config says."""
+    from dpfast.diffusion.phases import plan_phases
+
+    bad = PRESETS["syngen-cleaning"].replace(public_data="private")       # not validated: plan_phases checks on its own
+    with pytest.raises(ValueError, match="only in its DP-SGD phase"):
+        plan_phases(bad, 5)
+    with pytest.raises(ValueError, match="only in its DP-SGD phase"):
+        plan_phases(PRESETS["demo"].replace(pretrain_steps=3, public_data="private"), 5)
+    plan_phases(PRESETS["demo"].replace(pretrain_steps=3, private=False, public_data="private"), 5)  # no DP claimed
+
+
+def test_finetune_keeps_its_sigma_range():
+    from dpfast.diffusion.phases import plan_phases
+
+    public, private = plan_phases(PRESETS["syngen-finetune"].replace(sigma_range="0.1,1").validate(), 4)
+    assert public.sigma_range is None and private.sigma_range == (0.1, 1.0)
