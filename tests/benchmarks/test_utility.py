@@ -287,3 +287,9 @@ def test_syngen_cells_spend_a_share_of_the_budget_on_their_public_phase(data_dir
     assert [p["steps"] for p in report["phases"]] == [4, 6] and report["epsilon"] <= 4.0
     assert "+4 public" in (tmp_path / "s" / "results.md").read_text()
     assert set(json.loads((tmp_path / "s" / "pilots.json").read_text())) == {"syngen:public", "syngen:private"}
+    from benchmarks.sample_sheet import sheet
+
+    png = sheet(tmp_path / "s", [cells[0].name], tmp_path / "sheet.png")
+    assert png.stat().st_size > 1000
+    with pytest.raises(FileNotFoundError, match="no finished cell"):
+        sheet(tmp_path / "s", ["nope"], tmp_path / "x.png")
