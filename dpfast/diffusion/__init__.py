@@ -4,6 +4,9 @@
 - edm:       EDM preconditioning (`EDMPrecond`) and the loss with noise multiplicity (`edm_loss_rows`)
 - samplers:  DDIM and EDM Heun/stochastic samplers with classifier-free guidance
 - ema, augment, data, presets, trainer, evaluate, cli: the `dpfast train / sample / evaluate` job
+- phases, public, synthetic, finetune: runs of public and private phases, public data (generated
+  images among it), trainable selections
+- syngen:    DP-SynGen's stage thresholds and the stage-expert sampler
 
 Importing this package imports torch only; the engine is imported when training starts.
 """

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .data import FASHION_MNIST_DIR, ImageDataset, load_dataset
+from .presets import ConfigError
 from .synthetic import DEFAULT_COUNT, GENERATORS, dead_leaves, describe_generated, generate, parse_generated  # noqa: F401
 
 SOURCES = {"digits": "scikit-learn's bundled handwritten digits (1,797 labelled 8x8 images, 10 classes)",
@@ -132,11 +133,40 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def check_overlap(path: str | os.PathLike, private_dir: str | os.PathLike | None) -> None:
+    """Refuses a public path that is, contains or lies inside the private data's directory, also
+    through symbolic links anywhere below it (a folder of links to the private files). Copies and
+    hard links cannot be told from other files by their paths: public data is the user's to vouch for."""
     path = Path(path)
     private = Path(private_dir if private_dir is not None else FASHION_MNIST_DIR)
-    if private.exists() and (_inside(path, private) or _inside(private, path)):
-        raise ValueError(f"public data {path} overlaps the private data directory {private}: public "
-                         "data must never be a split of the private data set")
+    if not private.exists():
+        return
+
+    def refuse(where: Path):
+        raise ConfigError(f"public data {path} overlaps the private data directory {private}"
+                          f"{'' if where == path else f' (through {where})'}: public data must never be a "
+                          "split of the private data set")
+    seen = set()
+
+    def visit(p: Path, shown: Path):
+        target = p.resolve()
+        if _inside(target, private) or _inside(private, target):
+            refuse(shown)
+        if target in seen or not target.is_dir():
+            return
+        seen.add(target)
+        for root, dirs, files in os.walk(target):   # links below it: checked, then followed
+            for name in dirs + files:
+                entry = Path(root) / name
+                if entry.is_symlink():
+                    visit(entry, entry)
+    visit(path, path)
+
+
+def check_disjoint(paths, private_dir: str | os.PathLike | None) -> None:
+    """Every recorded public path against this run's private data (run at every start, so a resumed
+    run whose --data-dir changed, or a cached model trained on public data, is checked again)."""
+    for p in paths:
+        check_overlap(p, private_dir)
 
 
 def check_public_path(path: str | os.PathLike, private_dir: str | os.PathLike | None) -> None:
@@ -148,18 +178,18 @@ def check_public_path(path: str | os.PathLike, private_dir: str | os.PathLike | 
         return (folder / "privacy_report.json").exists() or (folder / "privacy_ledger.jsonl").exists()
     for folder in [path.resolve(), *path.resolve().parents]:
         if run_dir(folder):
-            raise ValueError(f"public data {path} is inside {folder}, the output of a dpfast run: what a "
+            raise ConfigError(f"public data {path} is inside {folder}, the output of a dpfast run: what a "
                              "run writes depends on its private data, and is not public data")
     if path.is_dir():
         inner = next((p.parent for p in path.rglob("*") if p.name in ("privacy_report.json", "privacy_ledger.jsonl")),
                      None)
         if inner is not None:
-            raise ValueError(f"public data {path} contains {inner}, the output of a dpfast run: what a run "
+            raise ConfigError(f"public data {path} contains {inner}, the output of a dpfast run: what a run "
                              "writes depends on its private data, and is not public data")
     if path.suffix == ".npz":
         with np.load(path) as f:
             if SAMPLES_MARK in f:
-                raise ValueError(f"public data {path} holds samples of a dpfast model (`dpfast sample`): a model "
+                raise ConfigError(f"public data {path} holds samples of a dpfast model (`dpfast sample`): a model "
                                  "trained on private data is not public data, and its epsilon would be dropped")
 
 

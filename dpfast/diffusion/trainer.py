@@ -253,6 +253,11 @@ class Trainer:
 
         self.public_paths = source_paths(cfg.public_data) + list(
             (self.resume_state or {}).get("public_paths", []))
+        # at every start, before anything is loaded or reused: a resume may name another --data-dir, and
+        # models cached in --out (dp-ldm's autoencoder) skip the check that loading public data makes
+        from .public import check_disjoint
+
+        check_disjoint(self.public_paths, cfg.data_dir)
         if cfg.recipe == "pretrain":  # public data only: the private data set is never opened
             self.dataset = None
             self.image_shape = (cfg.channels, cfg.resolution, cfg.resolution)

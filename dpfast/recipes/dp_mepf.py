@@ -398,6 +398,8 @@ class MEPFTrainer:
         if cfg.private and cfg.noise_multiplier is None and cfg.target_epsilon is None:
             raise ConfigError("a private run needs target_epsilon or noise_multiplier")
         self.cfg, self.log, self.progress = cfg, log, progress
+        # before a cached feature_net.pt is reused: its public data against this run's private data
+        public_data.check_disjoint(public_data.source_paths(cfg.public_data), cfg.data_dir)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)

@@ -294,3 +294,42 @@ def test_finetune_keeps_its_sigma_range():
 
     public, private = plan_phases(PRESETS["syngen-finetune"].replace(sigma_range="0.1,1").validate(), 4)
     assert public.sigma_range is None and private.sigma_range == (0.1, 1.0)
+
+
+# ----------------------------------------------------------------------------- the second review's findings
+def test_public_links_into_the_private_data_are_refused(data_dir, tmp_path):
+    """A folder of symbolic links to the private files (or a link to a folder that holds such links)
+    overlaps the private data, though its own path does not."""
+    from dpfast.diffusion.public import check_overlap, load_public
+
+    links = tmp_path / "links"
+    links.mkdir()
+    for f in data_dir.iterdir():
+        (links / f.name).symlink_to(f)
+    with pytest.raises(ConfigError, match="through"):
+        load_public(str(links), (1, 8, 8), private_dir=str(data_dir))
+    outer = tmp_path / "outer"
+    outer.mkdir()
+    (outer / "inner").symlink_to(links, target_is_directory=True)
+    with pytest.raises(ConfigError, match="through"):
+        check_overlap(outer, data_dir)
+    check_overlap(outer, tmp_path / "elsewhere")          # no private data there: nothing to refuse
+
+
+def test_every_start_checks_the_public_paths_against_this_runs_private_data(data_dir, tmp_path):
+    """Resuming with another --data-dir (which skips loading the public data again), or a run whose
+    cached public model was trained on what is now the private data, is refused before any work."""
+    from dpfast.recipes.dp_mepf import MEPFTrainer
+
+    other = write_mnist_dir(tmp_path / "x", n=48, size=8, classes=3, seed=5)
+    cfg = TrainConfig(data_dir=str(data_dir), **dict(SYNGEN, public_data=str(other)))
+    out = tmp_path / "run"
+    run(cfg.replace(max_steps=4), out)                   # inside the private phase
+    with pytest.raises(ConfigError, match="overlaps the private data"):
+        run(cfg.replace(data_dir=str(other)), out)
+    with pytest.raises(ConfigError, match="overlaps the private data"):
+        trainer(TrainConfig(data_dir=str(other), **dict(TINY, public_data=str(other))), tmp_path / "plain")
+    mepf = TrainConfig(recipe="dp-mepf", steps=2, batch_size=8, nf=8, multiplicity=1, num_classes=3,
+                       mepf_feature_steps=1, device="cpu", data_dir=str(other), public_data=str(other))
+    with pytest.raises(ConfigError, match="overlaps the private data"):
+        MEPFTrainer(mepf, tmp_path / "mepf", progress=False, log=lambda *a: None)
