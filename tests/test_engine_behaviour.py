@@ -463,3 +463,45 @@ def test_took_step_marks_logical_steps_for_schedulers_and_ema():
         chunks += 1
         logical += opt.took_step
     assert logical == engine.accountant.steps == len(loader) and chunks > logical
+
+
+def test_loading_after_make_private_adopts_the_checkpoints_seed_until_the_engine_has_drawn():
+    """The diffusers/accelerate order: the engine is built with an OS seed and prepared, then
+    load_state restores the checkpoint. The run must continue as the uninterrupted one (the OS seed
+    keyed nothing yet). A seed given explicitly, or one that already keyed a release, still refuses."""
+    def engine_run(seed, stop_after=None, resume=None, draw_first=False):
+        torch.manual_seed(0)
+        model = small_cnn()
+        engine = PrivacyEngine(accountant="rdp", seed=seed)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        m, o, loader = engine.make_private(module=model, optimizer=opt, data_loader=_loader(), noise_multiplier=1.0,
+                                           max_grad_norm=1.0, max_physical_batch_size=8, backend="torch")
+        if draw_first:  # one release keyed by the OS seed
+            for x, y in loader:
+                o.zero_grad()
+                nn.functional.cross_entropy(m(x), y, reduction="none").mean().backward()
+                if o.step():
+                    break
+        if resume is not None:
+            m.load_state_dict(resume["model"])
+            o.load_state_dict(resume["opt"])
+            engine.load_state_dict(resume["engine"])
+        for x, y in loader:
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y, reduction="none").mean().backward()
+            if o.step() and stop_after is not None and o.steps == stop_after:
+                return {"model": copy.deepcopy(m.state_dict()), "opt": copy.deepcopy(o.state_dict()),
+                        "engine": copy.deepcopy(engine.state_dict())}
+        return m.state_dict(), engine.get_epsilon(1e-5), engine.seed
+
+    full, eps_full, _ = engine_run(99)
+    ckpt = engine_run(99, stop_after=4)
+    resumed, eps_resumed, seed = engine_run(None, resume=ckpt)
+    assert seed == 99
+    for k in full:
+        torch.testing.assert_close(full[k], resumed[k], rtol=0, atol=0)
+    assert eps_full == pytest.approx(eps_resumed)
+    with pytest.raises(ValueError, match="another seed"):
+        engine_run(7, resume=ckpt)
+    with pytest.raises(ValueError, match="another seed"):
+        engine_run(None, resume=ckpt, draw_first=True)
