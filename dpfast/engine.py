@@ -303,15 +303,8 @@ class PrivacyEngine:
                              "PrivacyEngine(secure_mode=True) (a new key is drawn), never with the Philox generator "
                              "keyed by the seed the checkpoint holds")
         if self.optimizer is not None and sd["seed"] != self.seed:
-            if self._seed_given or not self._nothing_drawn():
-                raise ValueError("checkpoint was made with another seed: build the engine with "
-                                 "PrivacyEngine(seed=...) from the checkpoint, or load before make_private")
-            # An OS-drawn seed that has keyed nothing yet (no release, no batch: the diffusers order,
-            # load_state after prepare) is replaced by the checkpoint's: the run continues exactly as if
-            # the engine had been built with it, and the discarded seed never touched any output.
-            self.optimizer.seed = sd["seed"]
-            if self.loader is not None:
-                self.loader.seed = int(sd["seed"])
+            raise ValueError("checkpoint was made with another seed: build the engine with "
+                             "PrivacyEngine(seed=...) from the checkpoint, or load before make_private")
         self.seed = sd["seed"]
         self._seed_given = True
         self._refuse_if_behind(sd)
@@ -328,11 +321,6 @@ class PrivacyEngine:
             self._pending_state = sd  # applied by make_private: steps and sampler position
             return
         self._apply_progress(sd)
-
-    def _nothing_drawn(self) -> bool:
-        """True while this engine's seed has keyed nothing: no release, no charge, no sampled batch."""
-        return (self.optimizer.steps == 0 and self.optimizer._last_key < 0 and self.accountant.steps == 0
-                and not self._no_privacy and (self.loader is None or self.loader.step == 0))
 
     def _charge_ledger_after(self, sd: dict) -> dict:
         """Releases the ledger records after checkpoint ``sd`` were made and may not be forgotten: charge
