@@ -151,9 +151,10 @@ class DPDataLoader:
                             worker_init_fn=self.worker_init_fn)
         for (step, idx, is_last, is_first), batch in zip(plan.chunks, loader):
             if generation != self._generation:
-                raise DPError("a newer iterator over this private data loader was started, and this one would "
-                              "yield logical steps that it yields too: use one iterator at a time (start a "
-                              "new `for` loop only after leaving the previous one)")
+                raise DPError("this iterator over the private data loader was superseded (a newer iterator, or "
+                              "load_state_dict moved the sampler), and it would yield logical steps planned "
+                              "before that: use one iterator at a time, and start a new `for` loop after loading "
+                              "a checkpoint")
             if not idx:
                 batch = _empty_like_batch(self.collate_fn, self.dataset)
             if self.optimizer is not None:
@@ -184,6 +185,9 @@ class DPDataLoader:
                              f"{self._drawn - 1}: rewinding would release the same Poisson batches again. To roll "
                              "a run back, load the checkpoint into a new PrivacyEngine (with its ledger)")
         self.step = int(sd["step"])
+        # an iterator started before the load planned its steps from the old position: its remaining
+        # steps may be ones the checkpointed run already released (the same Poisson batches again)
+        self._generation += 1
 
     def __getstate__(self):
         if self._secure_key is not None:

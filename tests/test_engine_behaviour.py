@@ -463,3 +463,29 @@ def test_took_step_marks_logical_steps_for_schedulers_and_ema():
         chunks += 1
         logical += opt.took_step
     assert logical == engine.accountant.steps == len(loader) and chunks > logical
+
+
+def test_an_iterator_started_before_a_checkpoint_load_can_yield_nothing_more():
+    """An iterator planned its logical steps from the sampler's position when it started; after
+    load_state_dict moves the sampler (to a checkpoint of the same seed), its remaining steps are
+    batches the checkpointed run already released. It must stop instead of releasing them again."""
+    def make():
+        torch.manual_seed(0)
+        engine = PrivacyEngine(accountant="rdp", seed=99)
+        model = small_cnn()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        return engine, *engine.make_private(module=model, optimizer=opt, data_loader=_loader(), noise_multiplier=1.0,
+                                            max_grad_norm=1.0, max_physical_batch_size=1, backend="torch")
+    engine, m, o, loader = make()
+    for x, y in loader:
+        o.zero_grad()
+        nn.functional.cross_entropy(m(x), y, reduction="none").mean().backward()
+        if o.step() and o.steps == 4:
+            break
+    ckpt = copy.deepcopy(engine.state_dict())
+    engine2, m2, o2, loader2 = make()
+    it = iter(loader2)
+    next(it)                                   # one chunk of step 0: the plan is made
+    engine2.load_state_dict(ckpt)
+    with pytest.raises(DPError, match="superseded"):
+        next(it)
