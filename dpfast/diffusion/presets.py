@@ -25,7 +25,7 @@ RECIPES = ("dpdm", "dp-diffusion", "dp-lora", "dp-ldm", "dp-mepf", "dp-syngen", 
 @dataclass
 class TrainConfig:
     recipe: str = "dpdm"                   # dpdm (DP-SGD diffusion, this file's defaults) | dp-diffusion |
-                                           # dp-lora | dp-ldm | dp-mepf | pretrain (public data only)
+                                           # dp-lora | dp-ldm | dp-mepf | dp-syngen | pretrain (public only)
     # data
     data_dir: str | None = None            # None: Fashion-MNIST from Debian's dataset-fashion-mnist
     subset: int | None = None              # train on the first N images only (DP protects those N)
