@@ -76,6 +76,7 @@ def _syngen_phases(cfg, private_steps: int) -> list[Phase]:
     """DP-SynGen (dpfast.diffusion.syngen): generated images for one stage (or all of them), then
     the private data for the rest."""
     from .syngen import stage_ranges
+    from .synthetic import parse_generated
 
     if cfg.syngen == "finetune":   # every noise level in the public phase; --sigma-range for the private one
         public_range, private_range = None, cfg.sigma_range_values()
@@ -83,11 +84,10 @@ def _syngen_phases(cfg, private_steps: int) -> list[Phase]:
         public_range, private_range = stage_ranges(cfg.syngen, cfg.tau_value())
     stage = {"coarse": "coarse", "cleaning": "cleaning", "finetune": "all"}[cfg.syngen]
     rest = {"coarse": "context+cleaning", "cleaning": "coarse+context", "finetune": "all"}[cfg.syngen]
-    from .synthetic import parse_generated
-
     generated = all(parse_generated(part) is not None for part in cfg.public_data.split("+"))
     return _checked(cfg=cfg, phases=[
-        Phase(f"{'synthetic' if generated else 'public'}-{stage}", cfg.public_data, int(cfg.pretrain_steps), "all", public_range, private=False),
+        Phase(f"{'synthetic' if generated else 'public'}-{stage}", cfg.public_data, int(cfg.pretrain_steps),
+              "all", public_range, private=False),
         Phase(f"private-{rest}", "private", int(private_steps), cfg.trainable, private_range,
               cfg.sigma_bias_values(), private=bool(cfg.private))])
 

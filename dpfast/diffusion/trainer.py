@@ -249,14 +249,12 @@ class Trainer:
         self.public = None  # the public data set, loaded when a phase needs it
         # the file-system paths of the public data, resolved in every session (a resumed run started
         # from another directory may resolve a relative path elsewhere): model.pt records them all
-        from .public import source_paths
+        from .public import check_disjoint, source_paths
 
         self.public_paths = source_paths(cfg.public_data) + list(
             (self.resume_state or {}).get("public_paths", []))
         # at every start, before anything is loaded or reused: a resume may name another --data-dir, and
         # models cached in --out (dp-ldm's autoencoder) skip the check that loading public data makes
-        from .public import check_disjoint
-
         check_disjoint(self.public_paths, cfg.data_dir)
         if cfg.recipe == "pretrain":  # public data only: the private data set is never opened
             self.dataset = None
