@@ -60,6 +60,7 @@ class PrivacyEngine:
         self._no_privacy = False        # a release without noise, or a refused batch: epsilon is infinite
         self.why_no_privacy: str | None = None
         self._pending_state = None      # load_state_dict before make_private: applied by make_private
+        self._prior: list[dict] = []    # earlier engines on the same data (compose_after)
 
     # ------------------------------------------------------------------ make_private
     def make_private(self, *, module: nn.Module, optimizer: torch.optim.Optimizer,
@@ -263,6 +264,56 @@ class PrivacyEngine:
             + ("of this run: load its checkpoint (engine.load_state_dict) before make_private to resume"
                if mine else "of another run: give each run its own ledger file"))
 
+    def compose_after(self, earlier) -> None:
+        """Charges this engine, before its first release, with everything an earlier engine released
+        on the same private data (a PrivacyEngine or its ``state_dict()``): a DP-SAD teacher trained
+        before its student, one model of a pipeline before the next. ``get_epsilon()`` is then the
+        epsilon of the whole pipeline, and ``make_private_with_epsilon`` calibrates this engine's noise
+        for what the earlier one left of the budget.
+
+        Why this is sound: the phases of the two histories are each a Poisson-subsampled Gaussian
+        mechanism with its own fresh noise and its own independent batches, run one after the other,
+        each chosen knowing only what the earlier ones released; that is adaptive composition, which is
+        what the accountant computes over a history. It would not hold if the two engines shared a seed:
+        their noise keys (seed, step) and batches would repeat, and the difference of two releases would
+        cancel the noise. That is refused, as is an earlier engine that already lost its guarantee (this
+        one loses it too) and a call after this engine released anything."""
+        from .ledger import run_id
+
+        if isinstance(earlier, PrivacyEngine):
+            earlier = earlier.state_dict()
+        if not isinstance(earlier, dict) or earlier.get("version") != 1 or "accountant" not in earlier:
+            raise ValueError("compose_after takes a PrivacyEngine or its state_dict()")
+        if self.accountant.steps or self.steps:
+            raise DPError("compose_after must come before this engine's first release (its history would be "
+                          "composed in the wrong order)")
+        runs = [dict(p) for p in earlier.get("prior", [])] + [
+            {"run": run_id(earlier["seed"]), "steps": sum(int(n) for *_, n in earlier["accountant"]["history"])
+             - sum(int(p["steps"]) for p in earlier.get("prior", [])), "secure_mode": bool(earlier.get("secure_mode"))}]
+        mine = run_id(self.seed)
+        if not self.secure_mode and any(r["run"] == mine and not r.get("secure_mode") for r in runs):
+            raise DPError("this engine has the same seed as an earlier engine it composes after: their noise keys "
+                          "and Poisson batches would repeat, and subtracting two releases would cancel the noise. "
+                          "Give each engine its own seed (the default draws one from the OS)")
+        # histories are plain (sigma, q, steps) phases: this engine's accountant composes them whatever
+        # kind of accountant the earlier engine used
+        state = self.accountant.state_dict()
+        self.accountant.load_state_dict(dict(state, history=[list(p) for p in earlier["accountant"]["history"]]))
+        self._prior = self._prior + [r for r in runs if r["run"] not in {p["run"] for p in self._prior}]
+        if earlier.get("no_privacy"):
+            self._lose_privacy(f"an earlier engine it composes after had lost its guarantee: "
+                               f"{earlier.get('why_no_privacy')}")
+
+    @property
+    def prior_steps(self) -> int:
+        """Releases charged to this engine by compose_after (not its own)."""
+        return sum(int(p["steps"]) for p in self._prior)
+
+    @property
+    def prior_runs(self) -> list[dict]:
+        """The earlier engines composed into this one: [{"run": public id, "steps": releases}]."""
+        return [dict(p) for p in self._prior]
+
     @property
     def steps(self) -> int:
         return self.optimizer.steps if self.optimizer is not None else 0
@@ -293,6 +344,7 @@ class PrivacyEngine:
             "sampler": self.loader.state_dict() if self.loader is not None else None,
             "no_privacy": self._no_privacy,
             "why_no_privacy": self.why_no_privacy,
+            "prior": [dict(p) for p in self._prior],
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -309,6 +361,7 @@ class PrivacyEngine:
         self._seed_given = True
         self._refuse_if_behind(sd)
         self.accountant.load_state_dict(sd["accountant"])
+        self._prior = [dict(p) for p in sd.get("prior", [])]
         # a release without noise can never be undone by loading a private checkpoint
         if sd.get("no_privacy", False):
             self._lose_privacy(sd.get("why_no_privacy") or "the checkpoint's run had lost its guarantee")

@@ -44,7 +44,8 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     demo = PRESETS["demo"]
     text_choices = {"recipe": "|".join(RECIPES), "syngen": "coarse|cleaning|finetune", "sampler": "ddim|edm", "mode": "bk|two-pass",
                     "backend": "torch|triton|auto", "accountant": "prv|rdp", "augment": "none|flip|crop|flip+crop",
-                    "embedding_type": "positional|fourier", "mepf_moments": "mean|mean+second"}
+                    "embedding_type": "positional|fourier", "mepf_moments": "mean|mean+second",
+                    "sad_teacher": "dp|nonprivate"}
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         ann = str(f.type)

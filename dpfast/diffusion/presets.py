@@ -19,13 +19,14 @@ class ConfigError(ValueError):
     any privacy is spent."""
 
 
-RECIPES = ("dpdm", "dp-diffusion", "dp-lora", "dp-ldm", "dp-mepf", "dp-syngen", "pretrain")
+RECIPES = ("dpdm", "dp-diffusion", "dp-lora", "dp-ldm", "dp-mepf", "dp-syngen", "dp-sad", "pretrain")
+SAD_TEACHERS = ("dp", "nonprivate")
 
 
 @dataclass
 class TrainConfig:
     recipe: str = "dpdm"                   # dpdm (DP-SGD diffusion, this file's defaults) | dp-diffusion |
-                                           # dp-lora | dp-ldm | dp-mepf | dp-syngen | pretrain (public only)
+                                           # dp-lora | dp-ldm | dp-mepf | dp-syngen | dp-sad | pretrain (public only)
     # data
     data_dir: str | None = None            # None: Fashion-MNIST from Debian's dataset-fashion-mnist
     subset: int | None = None              # train on the first N images only (DP protects those N)
@@ -105,6 +106,17 @@ class TrainConfig:
     syngen: str | None = None              # coarse | cleaning | finetune
     tau: float | None = None               # the stage threshold (a sigma); None: the elbow rule
     stage_experts: bool = True             # coarse/cleaning: the public phase's model serves its stage
+    # DP-SAD (dpfast.recipes.dp_sad; recipe dp-sad): a teacher trained first (in out/teacher), then the
+    # student (nf, ch_mult, ... above) distilled from it at one random noise level per row, against a
+    # discriminator; steps / epochs are the student's
+    sad_teacher: str = "dp"                # dp: DP-SGD teacher, composed into epsilon | nonprivate: the
+                                           # paper's setting, epsilon does NOT cover the teacher
+    sad_teacher_steps: int = 0             # the teacher's DP-SGD steps (recipe dp-sad needs >= 1)
+    sad_teacher_nf: int = 32               # the teacher U-Net's width (its other sizes are the student's)
+    sad_adv_weight: float = 0.1            # weight of the adversarial term in the student's loss (0: none,
+                                           # no discriminator: the paper's ablation)
+    sad_disc_weight: float = 1.0           # weight of the discriminator's loss in the shared release
+    sad_disc_nf: int = 16                  # the discriminator's width
 
     def validate(self) -> "TrainConfig":
         """Every field checked before any data is read or any privacy is spent; one-line errors."""
@@ -124,16 +136,16 @@ class TrainConfig:
         choices = {"recipe": RECIPES, "sampler": ("ddim", "edm"), "mode": ("bk", "two-pass"),
                    "backend": ("torch", "triton", "auto"), "accountant": ("prv", "rdp"),
                    "augment": AUGMENT_CHOICES, "embedding_type": ("positional", "fourier"),
-                   "mepf_moments": ("mean", "mean+second")}
+                   "mepf_moments": ("mean", "mean+second"), "sad_teacher": SAD_TEACHERS}
         for name, allowed in choices.items():
             value = getattr(self, name)
             check(value in allowed, f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}; got {value!r}")
         for name in ("nf", "num_res_blocks", "multiplicity", "batch_size", "max_physical_batch_size",
                      "sample_steps", "grid_size", "checkpoint_every", "mepf_feature_steps", "channels",
-                     "ldm_latent_channels", "ldm_autoencoder_steps"):
+                     "ldm_latent_channels", "ldm_autoencoder_steps", "sad_teacher_nf", "sad_disc_nf"):
             value = getattr(self, name)
             check(is_int(value) and value >= 1, f"--{name.replace('_', '-')} must be an integer >= 1; got {value!r}")
-        for name in ("crop_padding", "grid_every", "seed", "pretrain_steps"):
+        for name in ("crop_padding", "grid_every", "seed", "pretrain_steps", "sad_teacher_steps"):
             value = getattr(self, name)
             check(is_int(value) and value >= 0, f"--{name.replace('_', '-')} must be an integer >= 0; got {value!r}")
         for name in ("steps", "max_steps", "subset", "resolution", "num_classes"):
@@ -208,6 +220,22 @@ class TrainConfig:
         else:
             check(self.syngen is None and self.tau is None,
                   f"--syngen and --tau belong to recipe dp-syngen (this run's recipe is {self.recipe})")
+        for name in ("sad_adv_weight", "sad_disc_weight"):
+            value = getattr(self, name)
+            check(finite(value) and value >= 0, f"--{name.replace('_', '-')} must be >= 0; got {value!r}")
+        if self.recipe == "dp-sad":
+            check(self.sad_teacher_steps >= 1, "recipe dp-sad needs --sad-teacher-steps >= 1 (its teacher's training)")
+            check(self.init_from is None and self.pretrain_steps == 0 and self.trainable == "all"
+                  and self.sigma_range is None and self.sigma_bias is None,
+                  "recipe dp-sad trains its student from scratch on every noise level: --init-from, --pretrain-steps, "
+                  "--trainable and --sigma-* do not apply")
+            check(self.sad_adv_weight == 0 or self.sad_disc_weight > 0,
+                  "--sad-adv-weight > 0 needs a discriminator that learns: --sad-disc-weight > 0")
+        else:
+            sad = [f.name for f in fields(self) if f.name.startswith("sad_")
+                   and getattr(self, f.name) != getattr(TrainConfig, f.name)]
+            check(not sad, f"--{sad[0].replace('_', '-') if sad else ''} belongs to recipe dp-sad (this run's recipe "
+                           f"is {self.recipe})")
         if self.private:
             check(self.target_epsilon is not None or self.noise_multiplier is not None,
                   "a private run needs --target-epsilon or --noise-multiplier")
@@ -302,6 +330,9 @@ _DEMO = TrainConfig(resolution=14, nf=16, ch_mult=(1, 2), num_res_blocks=1, attn
                     grid_every=0, checkpoint_every=50, device="cpu", threads=1)
 
 _SYNGEN = _DEMO.replace(recipe="dp-syngen", public_data="dead-leaves:20000", pretrain_steps=400)
+# DP-SAD at the demo's size: a DP teacher 1.5x the demo U-Net's width (200 steps), then the demo U-Net as
+# the student (200 steps), distilled against a discriminator; one sigma over both, for eps=10 in total
+_SAD = _DEMO.replace(recipe="dp-sad", sad_teacher_steps=200, sad_teacher_nf=24)
 
 PRESETS: dict[str, TrainConfig] = {
     "demo": _DEMO,
@@ -335,6 +366,12 @@ PRESETS: dict[str, TrainConfig] = {
     "syngen-coarse": _SYNGEN.replace(syngen="coarse"),
     "syngen-cleaning": _SYNGEN.replace(syngen="cleaning"),
     "syngen-finetune": _SYNGEN.replace(syngen="finetune"),
+    # DP-SAD (Liu et al.): end to end private (the teacher by DP-SGD, composed into epsilon; the
+    # discriminator inside the student's release); nodisc: the paper's ablation without the discriminator;
+    # paper: the paper's setting, a teacher WITHOUT DP (its report says end_to_end: false)
+    "dp-sad-demo": _SAD,
+    "dp-sad-nodisc-demo": _SAD.replace(sad_adv_weight=0.0),
+    "dp-sad-paper-demo": _SAD.replace(sad_teacher="nonprivate"),
     # DP-MEPF at 28x28 on CPU: one release, then 2000 generator steps of 100 images
     "dp-mepf-eps10": _mepf(10.0),
     "dp-mepf-eps1": _mepf(1.0),

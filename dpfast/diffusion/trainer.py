@@ -240,7 +240,7 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
         if self.dist.world_size > 1:
-            if not cfg.private or cfg.recipe in ("pretrain", "dp-ldm") or cfg.pretrain_steps:
+            if not cfg.private or cfg.recipe in ("pretrain", "dp-ldm", "dp-sad") or cfg.pretrain_steps:
                 raise ValueError("multi-process training is supported for private runs only (pre-train in one "
                                  "process with dpfast pretrain, then fine-tune with --init-from)")
             if self.device.type == "cuda":
@@ -575,7 +575,8 @@ class Trainer:
         rep = self.engine.accountant.report(cfg.delta).to_dict()
         lost = self.engine.why_no_privacy if self.engine._no_privacy else None
         return {"private": True, "epsilon": math.inf if lost else rep["epsilon"], "delta": cfg.delta,
-                "guarantee_lost": lost, "releases_charged": self.engine.accountant.steps,
+                "guarantee_lost": lost,
+                "releases_charged": self.engine.accountant.steps - self.engine.prior_steps,
                 "adjacency": f"{rep['adjacency']} (Poisson sampling)",
                 "noise_multiplier": self.noise_multiplier, "max_grad_norm": cfg.max_grad_norm,
                 "target_epsilon": cfg.target_epsilon if cfg.noise_multiplier is None else None,

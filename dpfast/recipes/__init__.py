@@ -6,6 +6,8 @@ losses, samplers, data, public data) and the engine. DPDM is `dpfast.diffusion.t
 - `dp_ldm`: DP-LDM (Lyu et al.): a public autoencoder, DP fine-tuning in its latent space.
 - `dp_syngen`: DP-SynGen (Choi et al.): the coarse or cleaning stage from generated images, kept as
   a stage expert; DP-SGD on the rest.
+- `dp_sad`: DP-SAD (Liu et al.): a DP teacher, then a student distilled from it against a
+  discriminator, both in one DP-SGD release; every path from the private data is accounted.
 """
 
 # the value of TrainConfig.recipe -> "module:Trainer" (imported when a run uses it)
@@ -15,4 +17,4 @@ TRAINERS = {"dpdm": "dpfast.diffusion.trainer:Trainer", "dp-mepf": "dpfast.recip
             # the paper's choices (init model, multiplicity, augmentations, noise levels, trainable)
             "dp-diffusion": "dpfast.diffusion.trainer:Trainer", "dp-lora": "dpfast.diffusion.trainer:Trainer",
             "pretrain": "dpfast.diffusion.trainer:Trainer", "dp-ldm": "dpfast.recipes.dp_ldm:LDMTrainer",
-            "dp-syngen": "dpfast.recipes.dp_syngen:SynGenTrainer"}
+            "dp-syngen": "dpfast.recipes.dp_syngen:SynGenTrainer", "dp-sad": "dpfast.recipes.dp_sad:SADTrainer"}
