@@ -84,6 +84,7 @@ class Recipe:
     configs: dict
     end_to_end: bool = True      # does the reported epsilon cover every use of the private data?
     public_share: float = 0.0    # the share of a time budget spent on the run's public phase (dp-syngen)
+    teacher_share: float = 0.0   # the share of a time budget spent on the run's teacher (dp-sad)
     pilot: str | None = None     # recipes with the same step cost share one pilot (default: the name)
 
     def config(self, scale: str) -> TrainConfig:
@@ -132,6 +133,19 @@ for _tau in (0.05, 0.8):  # the elbow rule's tau (0.206 for cleaning) against on
         f"syngen-cleaning-tau{_tau:g}", f"syngen-cleaning with tau = {_tau:g} instead of the elbow rule's",
         {"cpu": PRESETS["syngen-cleaning"].replace(grid_every=0, checkpoint_every=50, sample_steps=10, tau=_tau)},
         public_share=SYNGEN_SHARE, pilot="syngen")
+# DP-SAD (Liu et al.): the teacher's training runs inside the cell's budget (half of it), the student's
+# distillation takes the rest
+SAD_TEACHER_SHARE = 0.5
+for _name, _preset, _text, _e2e in (
+        ("dp-sad", "dp-sad-demo", "a DP teacher (nf 24), then the demo U-Net distilled from it against a discriminator; "
+                                  "epsilon covers all three", True),
+        ("dp-sad-nodisc", "dp-sad-nodisc-demo", "dp-sad without the discriminator (the paper's ablation)", True),
+        ("dp-sad-paper", "dp-sad-paper-demo", "the paper's setting: the teacher WITHOUT DP; epsilon covers the student "
+                                              "only", False)):
+    RECIPES[_name] = Recipe(
+        _name, f"DP-SAD (Liu et al.): {_text} (teacher inside the budget)",
+        {"cpu": PRESETS[_preset].replace(grid_every=0, checkpoint_every=50, sample_steps=10)},
+        end_to_end=_e2e, teacher_share=SAD_TEACHER_SHARE, pilot="dp-sad-nodisc" if _name == "dp-sad-nodisc" else "dp-sad")
 BASELINES = ("dp-sgd-classifier", "real-data", "public-only")
 # the public-only baseline: the pre-trained model sampled as it is (no private data, epsilon 0)
 PUBLIC_ONLY_MODEL = "builtin:demo14"
@@ -222,7 +236,7 @@ def pilot_seconds_per_step(cfg: TrainConfig, data: ImageDataset) -> float:
                         noise_multiplier=1.0 if cfg.private else None, subset=None,
                         resolution=None if cfg.recipe != "dp-ldm" else cfg.resolution,
                         data_dir=None, noise_seed=None, mepf_feature_steps=1, pretrain_steps=0,
-                        ldm_autoencoder_steps=1)
+                        ldm_autoencoder_steps=1, sad_teacher_steps=1 if cfg.recipe == "dp-sad" else 0)
     quiet = dict(dataset=fake, progress=False, log=lambda *a, **k: None)
     with tempfile.TemporaryDirectory(prefix="dpfast-pilot-") as tmp:
         first = T.train(pilot.replace(max_steps=1), tmp, **quiet)
@@ -497,6 +511,19 @@ class Grid:
                 budget = Budget(budget.text, seconds=budget.seconds - public_seconds)
                 cfg = cfg.replace(pretrain_steps=public_steps)
                 extra = {"public_steps": public_steps, "public_seconds_per_step": public_sps}
+            if recipe.teacher_share and budget.seconds is not None:
+                # the teacher's steps cost a DPDM step of the teacher's model (private or not)
+                from dpfast.recipes.dp_sad import teacher_config
+
+                tcfg = teacher_config(cfg, 1.0)
+                teacher_seconds = recipe.teacher_share * budget.seconds
+                teacher_steps, teacher_sps = self._steps_for(
+                    Budget(budget.text, seconds=teacher_seconds),
+                    f"{pilot}:teacher-{'private' if tcfg.private else 'non-private'}",
+                    lambda: pilot_seconds_per_step(tcfg, real_train))
+                budget = Budget(budget.text, seconds=budget.seconds - teacher_seconds)
+                cfg = cfg.replace(sad_teacher_steps=teacher_steps)
+                extra = {"teacher_steps": teacher_steps, "teacher_seconds_per_step": teacher_sps}
             steps, sps = self._steps_for(budget, key, lambda: pilot_seconds_per_step(cfg, real_train))
             cfg = cfg.replace(steps=steps)
             return {"config": cfg.to_dict(), "steps": steps, "pilot_seconds_per_step": sps, **extra,
@@ -520,13 +547,14 @@ class Grid:
                    steps=report["steps"],
                    public_steps=sum(p["steps"] for p in report.get("phases", [])  # the denoiser's public phases
                                     if p.get("data") not in (None, "private") and p.get("trainable") != "autoencoder") or "",
+                   teacher_steps=(report.get("sad") or {}).get("teacher", {}).get("steps") or "",
                    train_seconds=round(result["train_seconds"], 1),
                    pilot_seconds_per_step=plan["pilot_seconds_per_step"] or "",
                    sample_seconds=sample_seconds,
                    sampler=f"{cfg.sampler} {cfg.sample_steps} steps" if cfg.recipe != "dp-mepf" else "generator",
                    samples=len(images), seed=cfg.seed, release_seconds=round(result.get("release_seconds", 0.0), 1) or "", sample_seed=plan["sample_seed"],
                    noise_seed="os (secret)" if private else "", eval_seed=self.opts.seed,
-                   end_to_end=RECIPES[cell.recipe].end_to_end if private else "",
+                   end_to_end=report.get("end_to_end", RECIPES[cell.recipe].end_to_end) if private else "",
                    releases_charged=report.get("releases_charged", ""), planned_command=plan["command"],
                    planned_commit=plan["commit"], train_command=plan["train_command"],
                    guarantee_lost=report.get("guarantee_lost") or "")
@@ -665,7 +693,7 @@ class Grid:
 def _columns(sizes) -> list[str]:
     accs = [c for n in sorted(sizes) for c in (f"acc_{n}", f"acc_{n}_seconds")]
     return ["cell", "kind", "recipe", "epsilon_target", "epsilon", "delta", "budget", "steps", "public_steps",
-            "noise_multiplier", "sample_rate", "train_seconds", "pilot_seconds_per_step", "release_seconds", "samples",
+            "teacher_steps", "noise_multiplier", "sample_rate", "train_seconds", "pilot_seconds_per_step", "release_seconds", "samples",
             "sampler", "sample_seconds", *accs, "acc_direct", "fid", "precision", "recall",
             "feature_metrics_seconds", "end_to_end", "releases_charged", "guarantee_lost", "seed",
             "sample_seed", "noise_seed", "eval_seed", "scale", "cell_seconds", "device", "torch", "commit",
@@ -737,7 +765,8 @@ def write_markdown(rows: list[dict], path: Path, opts: Options, env: dict) -> No
     for r in rows:
         lines.append("| " + " | ".join([
             _label(r), _f(r.get("epsilon_target"), "g"), _f(r.get("epsilon"), ".3f"), r.get("budget") or "—",
-            str(r.get("steps", "—")) + (f" (+{r['public_steps']} public)" if r.get("public_steps") else ""),
+            str(r.get("steps", "—")) + (f" (+{r['public_steps']} public)" if r.get("public_steps") else "")
+            + (f" (+{r['teacher_steps']} teacher)" if r.get("teacher_steps") else ""),
             _f(r.get("noise_multiplier"), ".3f"), _f(r.get("train_seconds"), ".0f"),
             *[_f(r.get(f"acc_{n}"), ".3f") for n in sizes], _f(r.get("acc_direct"), ".3f"),
             _f(r.get("fid"), ".2f"), _f(r.get("precision"), ".3f"), _f(r.get("recall"), ".3f"),
