@@ -270,6 +270,28 @@ def test_every_recipe_meets_its_target_epsilon_in_the_grid(data_dir, tmp_path, m
         assert 0.9 * r["epsilon_target"] <= r["epsilon"] <= r["epsilon_target"] * (1 + 1e-9), r
 
 
+def test_dp_sad_cells_spend_a_share_of_the_budget_on_their_teacher(data_dir, tmp_path, monkeypatch):
+    """DP-SAD's teacher trains inside the cell's time budget: teacher steps at the teacher's DPDM step
+    time, the rest to the student; epsilon covers both, and the row says whether it is end to end."""
+    sad = TINY.replace(recipe="dp-sad", sad_teacher_steps=1, sad_teacher_nf=8, sad_disc_nf=4)
+    for name, teacher in (("dp-sad", "dp"), ("dp-sad-paper", "nonprivate")):
+        monkeypatch.setitem(U.RECIPES, name, U.Recipe(name, "test", {"tiny": sad.replace(sad_teacher=teacher)},
+                                                      end_to_end=teacher == "dp", teacher_share=0.5, pilot="dp-sad"))
+    monkeypatch.setattr(U, "pilot_seconds_per_step", lambda cfg, data: 0.25 if cfg.recipe == "dpdm" else 0.5)
+    cells = U.plan_cells(["dp-sad", "dp-sad-paper"], [6.0], [U.parse_budget("4s")], baselines=(), nonprivate=False)
+    grid = U.Grid(cells, opts(tmp_path / "sad", data_dir))
+    rows = {r["recipe"]: r for r in grid.run()}
+    for name, row in rows.items():
+        assert row["steps"] == 4 and row["teacher_steps"] == 8       # 2 s / 0.5 and 2 s / 0.25
+        assert row["epsilon"] <= 6.0
+    assert rows["dp-sad"]["end_to_end"] is True and rows["dp-sad-paper"]["end_to_end"] is False
+    plan = json.loads((grid.cell_dir(cells[0]) / "plan.json").read_text())
+    assert plan["config"]["sad_teacher_steps"] == 8 and plan["teacher_seconds_per_step"] == 0.25
+    assert "+8 teacher" in (tmp_path / "sad" / "results.md").read_text()
+    assert set(json.loads((tmp_path / "sad" / "pilots.json").read_text())) == {
+        "dp-sad:teacher-private", "dp-sad:teacher-non-private", "dp-sad:private"}
+
+
 def test_syngen_cells_spend_a_share_of_the_budget_on_their_public_phase(data_dir, tmp_path, monkeypatch):
     """DP-SynGen's public phase runs inside the cell's time budget: public steps at the non-private
     step time, the rest of the budget to the private phase (which its noise is calibrated for)."""
