@@ -145,7 +145,8 @@ for _name, _preset, _text, _e2e in (
     RECIPES[_name] = Recipe(
         _name, f"DP-SAD (Liu et al.): {_text} (teacher inside the budget)",
         {"cpu": PRESETS[_preset].replace(grid_every=0, checkpoint_every=50, sample_steps=10)},
-        end_to_end=_e2e, teacher_share=SAD_TEACHER_SHARE, pilot="dp-sad-nodisc" if _name == "dp-sad-nodisc" else "dp-sad")
+        # one pilot for all three: the ablation gets dp-sad's step counts, so it differs by the discriminator only
+        end_to_end=_e2e, teacher_share=SAD_TEACHER_SHARE, pilot="dp-sad")
 BASELINES = ("dp-sgd-classifier", "real-data", "public-only")
 # the public-only baseline: the pre-trained model sampled as it is (no private data, epsilon 0)
 PUBLIC_ONLY_MODEL = "builtin:demo14"

@@ -142,6 +142,10 @@ class Accountant:
         from dpfast.accounting.rdp import RDPAccountant
 
         kinds = {"prv": PRVAccountant, "rdp": RDPAccountant}
+        if kind == "gdp":
+            raise ValueError("accountant='gdp' (Opacus' Gaussian-DP accountant) relies on a central-limit "
+                             "approximation that can under-state epsilon, so dpfast does not offer it; use 'prv' "
+                             "(tight, the default) or 'rdp' (an upper bound)")
         if kind not in kinds:
             raise ValueError(f"unknown accountant {kind!r}; choose one of {sorted(kinds)}")
         return kinds[kind](**kwargs)
@@ -173,6 +177,23 @@ class Accountant:
     @property
     def history(self) -> list[Phase]:
         return list(self._history)
+
+    @classmethod
+    def mechanism(cls) -> str:
+        """The accountant's kind ("prv" or "rdp"), as Opacus' ``accountant.mechanism()`` names it."""
+        return cls.name
+
+    def __len__(self) -> int:
+        """The number of phases in the history (Opacus: ``len(accountant)``)."""
+        return len(self._history)
+
+    def get_privacy_spent(self, *, delta: float, alphas=None) -> tuple[float, float | None]:
+        """Opacus' ``(epsilon, best_alpha)``: the upper bound on epsilon at ``delta``, and the RDP order
+        that gives it (None for the PRV accountant, which has no order). ``alphas`` is honoured by the
+        RDP accountant only."""
+        if alphas is not None:
+            raise ValueError(f"alphas= is for the RDP accountant; this one is {self.name!r}")
+        return self.get_epsilon(delta), None
 
     @property
     def steps(self) -> int:

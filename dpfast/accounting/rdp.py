@@ -170,6 +170,17 @@ class RDPAccountant(Accountant):
         eps, order = rdp_epsilon(phases, delta, self.orders)
         return 0.0, eps, eps, self.name, f"best RDP order {order:g}"
 
+    def get_privacy_spent(self, *, delta: float, alphas=None) -> tuple[float, float | None]:
+        """Opacus' ``(epsilon, best_alpha)`` over this accountant's orders (or ``alphas``)."""
+        from dpfast.accounting import check_delta
+
+        delta = check_delta(delta)
+        orders = self.orders if alphas is None else tuple(float(a) for a in alphas)
+        if not self._history:
+            return 0.0, None
+        eps, order = rdp_epsilon(tuple(self._history), delta, orders)
+        return max(0.0, float(eps)), float(order)
+
     def _config(self) -> dict:
         return {"orders": list(self.orders)}
 
