@@ -68,9 +68,21 @@ class PrivacyEngine:
                      multiplicity: int = 1, poisson_sampling: bool = True,
                      max_physical_batch_size: int | None = None, loss_reduction: str = "mean",
                      mode: str = "bk", backend: str = "auto", expected_batch_size: float | None = None,
-                     sample_rate: float | None = None, nonfinite: str = "zero", norm_method: str = "auto"):
+                     sample_rate: float | None = None, nonfinite: str = "zero", norm_method: str = "auto",
+                     criterion=None, grad_sample_mode: str | None = None, clipping: str = "flat",
+                     batch_first: bool = True, wrap_model: bool = True, noise_generator=None,
+                     rand_on_empty: bool = False, secure_mode: bool | None = None):
         """Returns ``(module, optimizer, data_loader)``: the same module (made private in place), a
-        DPOptimizer wrapping ``optimizer``, and a Poisson-sampling loader over ``data_loader``'s dataset."""
+        DPOptimizer wrapping ``optimizer``, and a Poisson-sampling loader over ``data_loader``'s dataset.
+
+        Opacus' keywords are accepted where dpfast can honour them and refused, with the dpfast way,
+        where it cannot (:func:`_opacus_keywords`). ``grad_sample_mode="ghost"`` returns Opacus' ghost
+        tuple ``(module, optimizer, criterion, data_loader)``; the criterion is returned as it is (a
+        loss with ``reduction`` equal to ``loss_reduction``: dpfast needs no wrapped criterion)."""
+        ghost = _opacus_keywords(self, max_grad_norm=max_grad_norm, criterion=criterion, loss_reduction=loss_reduction,
+                                 grad_sample_mode=grad_sample_mode, clipping=clipping, batch_first=batch_first,
+                                 wrap_model=wrap_model, noise_generator=noise_generator, rand_on_empty=rand_on_empty,
+                                 secure_mode=secure_mode)
         _check_number("noise_multiplier", noise_multiplier, lo=0.0, lo_open=False)
         _check_number("max_grad_norm", max_grad_norm, lo=0.0, lo_open=True)
         if not isinstance(multiplicity, int) or multiplicity < 1:
@@ -172,13 +184,19 @@ class PrivacyEngine:
         if pending is not None:  # load_state_dict ran before make_private: resume where it left off
             self._pending_state = None
             self._apply_progress(pending)
+        if ghost:
+            return (ddp if ddp is not None else module), dp_opt, criterion, loader
         return (ddp if ddp is not None else module), dp_opt, loader
 
     def make_private_with_epsilon(self, *, module, optimizer, data_loader, target_epsilon: float,
                                   target_delta: float, epochs: float | None = None, steps: int | None = None,
-                                  **kwargs):
+                                  epsilon_tolerance: float | None = None, **kwargs):
         """Like make_private, with the smallest noise multiplier whose epsilon after ``epochs`` (or
-        ``steps``) logical steps is at most ``target_epsilon`` (upper bound of the accountant)."""
+        ``steps``) logical steps is at most ``target_epsilon`` (upper bound of the accountant).
+        ``epsilon_tolerance`` (Opacus) is accepted: dpfast's calibration never exceeds the target and
+        lands within 1% below it."""
+        if epsilon_tolerance is not None:
+            _check_number("epsilon_tolerance", epsilon_tolerance, lo=0.0, lo_open=True)
         from .accounting import calibrate_noise_multiplier
         from .distributed import world_size_of
 
@@ -327,6 +345,67 @@ class PrivacyEngine:
             return math.inf   # why: self.why_no_privacy
         return self.accountant.get_epsilon(delta)
 
+    # ------------------------------------------------------------------ Opacus' module checks and checkpoints
+    @staticmethod
+    def get_compatible_module(module: nn.Module) -> nn.Module:
+        """Opacus' name for :func:`dpfast.fix_module` (BatchNorm -> GroupNorm, in place; returns the module)."""
+        from .fix import fix_module
+
+        return fix_module(module)
+
+    @staticmethod
+    def validate(*, module: nn.Module, optimizer=None, data_loader=None) -> None:
+        """Raises UnsupportedModuleError (naming the layer and the fix) if dpfast cannot make ``module``
+        private; Opacus' ``validate``. Nothing is changed."""
+        from .private_module import check_module
+
+        check_module(module)
+
+    @classmethod
+    def is_compatible(cls, *, module: nn.Module, optimizer=None, data_loader=None) -> bool:
+        """Opacus' ``is_compatible``: whether :meth:`validate` passes."""
+        from .errors import UnsupportedModuleError
+
+        try:
+            cls.validate(module=module, optimizer=optimizer, data_loader=data_loader)
+        except UnsupportedModuleError:
+            return False
+        return True
+
+    def save_checkpoint(self, *, path, module: nn.Module, optimizer=None, checkpoint_dict: dict | None = None,
+                        noise_scheduler=None, grad_clip_scheduler=None, module_state_dict_kwargs=None,
+                        torch_save_kwargs=None) -> None:
+        """Opacus' ``save_checkpoint``: the module's and optimizer's state and this engine's (accountant,
+        sampler position, noise seed) in one file, written atomically and readable by its owner only
+        (it holds the noise seed: keep it as secret as the data)."""
+        if noise_scheduler is not None or grad_clip_scheduler is not None:
+            raise DPError("noise and clip schedulers: set optimizer.noise_multiplier between steps and save your "
+                          "scheduler's own state; dpfast checkpoints the noise multiplier of every release")
+        from .diffusion.trainer import atomic_torch_save
+
+        state = dict(checkpoint_dict or {})
+        state.update(module_state_dict=module.state_dict(**(module_state_dict_kwargs or {})),
+                     privacy_engine_state_dict=self.state_dict())
+        if optimizer is not None:
+            state["optimizer_state_dict"] = optimizer.state_dict()
+        atomic_torch_save(state, path, secret=True)
+
+    def load_checkpoint(self, *, path, module: nn.Module, optimizer=None, noise_scheduler=None,
+                        grad_clip_scheduler=None, module_load_dict_kwargs=None, torch_load_kwargs=None) -> dict:
+        """Opacus' ``load_checkpoint``; returns the checkpoint dict. Call it before ``make_private`` (the
+        engine then adopts the checkpoint's seed, sampler position and accountant) or on the engine that
+        wrote it; an engine that already drew its own seed refuses it."""
+        if noise_scheduler is not None or grad_clip_scheduler is not None:
+            raise DPError("noise and clip schedulers are not part of a dpfast checkpoint (see save_checkpoint)")
+        state = torch.load(path, weights_only=False, **(torch_load_kwargs or {}))
+        if "privacy_engine_state_dict" not in state:
+            raise DPError(f"{path} is not a dpfast engine checkpoint (no privacy_engine_state_dict)")
+        self.load_state_dict(state["privacy_engine_state_dict"])  # first: refuses before anything changes
+        module.load_state_dict(state["module_state_dict"], **(module_load_dict_kwargs or {}))
+        if optimizer is not None and "optimizer_state_dict" in state:
+            optimizer.load_state_dict(state["optimizer_state_dict"])
+        return state
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         if self.steps and self.sample_rate is None and not self._no_privacy:
@@ -428,6 +507,47 @@ class PrivacyEngine:
         self.optimizer.seed = self.seed
         if self.loader is not None and sd["sampler"] is not None:
             self.loader.load_state_dict(sd["sampler"])
+
+
+_GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "expanded_weights", "ghost")
+
+
+def _opacus_keywords(engine, *, max_grad_norm, criterion, loss_reduction, grad_sample_mode, clipping, batch_first,
+                     wrap_model, noise_generator, rand_on_empty, secure_mode) -> bool:
+    """Checks Opacus' make_private keywords; returns True for Opacus' ghost-clipping tuple."""
+    if isinstance(max_grad_norm, (list, tuple)):
+        raise DPError("a list of max_grad_norm values is Opacus' per-layer clipping; dpfast clips each sample's "
+                      "whole gradient to one norm (pass one number)")
+    if clipping != "flat":
+        raise DPError(f"clipping={clipping!r}: dpfast clips flat (one norm over all layers, exact per-sample); "
+                      "per-layer and adaptive clipping are not supported")
+    if grad_sample_mode is not None and grad_sample_mode not in _GRAD_SAMPLE_MODES:
+        raise ValueError(f"grad_sample_mode must be one of {_GRAD_SAMPLE_MODES} (or left out), got {grad_sample_mode!r}")
+    if not batch_first:
+        raise DPError("batch_first=False: dpfast needs the batch first in the model's inputs (rows are dim 0); "
+                      "transpose the inputs, or keep batch_first=True (nn.MultiheadAttention's own batch_first is "
+                      "handled per layer)")
+    if not isinstance(wrap_model, bool):
+        raise ValueError(f"wrap_model must be True or False, got {wrap_model!r}")  # dpfast never wraps the module
+    if noise_generator is not None:
+        raise DPError("noise_generator: dpfast's noise is counter-based, keyed by the engine's seed: use "
+                      "PrivacyEngine(seed=...) for reproducible noise (keep the seed secret) or "
+                      "PrivacyEngine(secure_mode=True) for cryptographic noise")
+    if rand_on_empty:
+        raise DPError("rand_on_empty=True: dpfast yields an empty chunk for an empty Poisson batch and the step still "
+                      "releases its noise; skip the forward and backward when len(x) == 0 and call optimizer.step()")
+    if secure_mode is not None and bool(secure_mode) != engine.secure_mode:
+        raise DPError(f"secure_mode={secure_mode!r} is a property of the engine: pass PrivacyEngine(secure_mode="
+                      f"{bool(secure_mode)!r})")
+    ghost = grad_sample_mode == "ghost"
+    if ghost and criterion is None:
+        raise DPError("grad_sample_mode='ghost' returns (module, optimizer, criterion, data_loader): pass the loss as "
+                      "criterion=")
+    reduction = getattr(criterion, "reduction", None)
+    if criterion is not None and reduction is not None and reduction != loss_reduction:
+        raise DPError(f"criterion.reduction is {reduction!r} but loss_reduction is {loss_reduction!r}: make them agree "
+                      "(the engine undoes the reduction to find each sample's gradient)")
+    return ghost
 
 
 def _check_number(name, value, lo, lo_open):
