@@ -195,10 +195,21 @@ class DPOptimizer(torch.optim.Optimizer):
                           "consumed; that batch contributes nothing", stacklevel=2)
         tape.reset()
 
+    # torch.amp.GradScaler hands itself to step() as grad_scaler= instead of unscaling the gradients
+    # itself (which fails here with "No inf checks were recorded": dpfast's gradients exist only inside step)
+    _step_supports_amp_scaling = True
+
     @torch.no_grad()
-    def step(self, closure=None) -> bool:
+    def step(self, closure=None, grad_scaler=None) -> bool:
         """Returns True when a logical step was taken (noise added, parameters updated), False after an
         intermediate physical chunk of a larger logical batch."""
+        if grad_scaler is not None:
+            # fp16 loss scaling multiplies every per-sample gradient by the scale, and skips the steps that
+            # overflow: a skip decided by the data, released without noise. Refused before anything is.
+            raise DPError("torch.amp.GradScaler (fp16 loss scaling, also accelerate's mixed_precision='fp16') is "
+                          "not supported: use bf16 autocast without a scaler (torch.autocast(device_type, "
+                          "dtype=torch.bfloat16); accelerate: mixed_precision='bf16'); dpfast keeps norms, clipping "
+                          "and the noisy sum in fp32")
         self.took_step = False
         if closure is not None:
             with torch.enable_grad():

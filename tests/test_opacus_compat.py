@@ -172,3 +172,19 @@ def test_batch_memory_manager_gives_the_same_run_as_max_physical_batch_size():
         assert torch.equal(x, y)
     with pytest.raises(DPError, match="make_private returned"):
         BatchMemoryManager(data_loader=DataLoader(DATA, batch_size=4), max_physical_batch_size=2)
+
+
+def test_grad_scaler_is_refused_with_the_bf16_answer():
+    """torch.amp.GradScaler used to fail inside torch with "No inf checks were recorded"; now the step is
+    refused with what to do instead, and nothing is released."""
+    import warnings
+
+    engine, model, (m, opt, loader) = setup()
+    scaler = torch.amp.GradScaler("cpu")
+    x, y = next(iter(loader))
+    scaler.scale(nn.functional.cross_entropy(m(x), y)).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch announces the grad_scaler= contract's future
+        with pytest.raises(DPError, match="bfloat16"):
+            scaler.step(opt)
+    assert opt.steps == 0 and engine.get_epsilon(1e-5) == 0.0
