@@ -290,6 +290,16 @@ def test_dp_sad_cells_spend_a_share_of_the_budget_on_their_teacher(data_dir, tmp
     assert "+8 teacher" in (tmp_path / "sad" / "results.md").read_text()
     assert set(json.loads((tmp_path / "sad" / "pilots.json").read_text())) == {
         "dp-sad:teacher-private", "dp-sad:teacher-non-private", "dp-sad:private"}
+    # the teacher, evaluated under the grid's protocol as a row of its own
+    from benchmarks.evaluate_run import evaluate_run
+
+    o = opts(tmp_path / "sad", data_dir)
+    teacher = evaluate_run(tmp_path / "sad", grid.cell_dir(cells[0]) / "run" / "teacher", "teacher", progress=False,
+                           log=o.log, data_dir=o.data_dir, scale=o.scale, sizes=o.sizes, feature_steps=o.feature_steps,
+                           classifier_max_steps=o.classifier_max_steps, metric_samples=o.metric_samples,
+                           num_classes=o.num_classes)
+    assert teacher["steps"] == 8 and teacher["epsilon"] < rows["dp-sad"]["epsilon"] and "fid" in teacher
+    assert json.loads((tmp_path / "sad" / "extra" / "teacher" / "result.json").read_text())["name"] == "teacher"
 
 
 def test_syngen_cells_spend_a_share_of_the_budget_on_their_public_phase(data_dir, tmp_path, monkeypatch):
