@@ -231,6 +231,10 @@ class TrainConfig:
                   "--trainable and --sigma-* do not apply")
             check(self.sad_adv_weight == 0 or self.sad_disc_weight > 0,
                   "--sad-adv-weight > 0 needs a discriminator that learns: --sad-disc-weight > 0")
+            # the pair's second output (the discriminator's loss) depends on its first: two-pass cannot
+            # replay that, and would refuse the first step after the teacher spent its budget
+            check(self.sad_adv_weight == 0 or self.mode == "bk",
+                  "recipe dp-sad with a discriminator needs --mode bk (two-pass cannot replay its loss)")
         else:
             sad = [f.name for f in fields(self) if f.name.startswith("sad_")
                    and getattr(self, f.name) != getattr(TrainConfig, f.name)]

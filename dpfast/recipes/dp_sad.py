@@ -29,12 +29,17 @@ the released student:
   paper's random timestep r, times noise multiplicity) are reduced together by the engine's
   ``multiplicity``: the clip bounds the sample, not a row.
 
+What the teacher spent is read from its checkpoint and its ledger (releases after a checkpoint that
+was put back stay charged), and the student's checkpoint binds the teacher by a hash of its weights
+and its release count: a resumed student refuses any other teacher, and no second teacher is trained
+beside an existing student.
+
 ``tests/diffusion/test_dp_sad.py`` checks each path: epsilon equals one accountant over the teacher's
-and the student's histories; the teacher's and the student's engines have different seeds (a shared one
-is refused); the discriminator's parameters are inside the engine and change only through its releases
-(its per-sample gradient is clipped with the student's: the whole pair moves by at most C per sample
-before noise); a resumed student refuses a teacher that changed; the paper's setting is reported as
-not end to end.
+and the student's histories (with the teacher ledger's later releases); the teacher's and the student's
+engines have different seeds (a shared one is refused); the discriminator's parameters are inside the
+engine and change only through its releases (its per-sample gradient is clipped with the student's: the
+whole pair moves by at most C per sample before noise); a resumed student refuses a teacher that
+changed; the paper's setting is reported as not end to end.
 """
 from __future__ import annotations
 
@@ -152,6 +157,18 @@ def teacher_config(cfg: TrainConfig, noise_multiplier: float | None) -> TrainCon
                        max_steps=None, grid_every=0, **defaults)
 
 
+def _fingerprint(weights: dict) -> str:
+    """SHA-256 of a state dict's tensors (names, dtypes, shapes, bytes)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(weights):
+        t = weights[k].detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def _split_history(history, prior_steps: int):
     """(the first prior_steps releases, the rest) of an accountant history (phases merge when equal)."""
     before, after, left = [], [], prior_steps
@@ -226,24 +243,64 @@ class SADTrainer(Trainer):
                if k not in RUN_CONTROL_FIELDS):
             raise ConfigError(f"{self.teacher_dir} holds a teacher trained with other settings than this run's "
                               "(--sad-teacher-*, data, batch, seeds): use another --out")
-        self.teacher_engine_state = state.get("engine")  # None for a teacher without DP
+        model_state = torch.load(self.teacher_dir / "model.pt", map_location="cpu", weights_only=True)
+        if model_state["step"] != state["step"] or state["step"] < self.teacher_cfg.steps:
+            raise ConfigError(f"the teacher's model.pt (step {model_state['step']}) and checkpoint.pt (step "
+                              f"{state['step']}) in {self.teacher_dir} are not one finished run (a checkpoint put "
+                              "back?): use another --out")
+        self.teacher_engine_state = None  # a teacher without DP
+        if state.get("engine") is not None:
+            # what the teacher spent: its checkpoint, plus every release its ledger records after it (a
+            # checkpoint put back after later releases must not hide them)
+            from dpfast import PrivacyEngine
+
+            spent = PrivacyEngine(accountant=self.teacher_cfg.accountant, ledger=self.teacher_dir / "privacy_ledger.jsonl")
+            spent.load_state_dict(state["engine"])
+            self.teacher_engine_state = spent.state_dict()
         self.teacher_steps = state["step"]
+        self.teacher_fingerprint = _fingerprint(model_state["ema"])
         teacher, self.teacher_meta = load_denoiser(self.teacher_dir / "model.pt", "cpu")
         self.teacher = teacher.requires_grad_(False)
         super().__init__(cfg, out_dir, dataset, progress, log)
         self.teacher = self.teacher.to(self.device)
         self.started = self._sad_started  # --time-budget counts the teacher's time too
+        try:
+            self._check_bound_teacher()
+        except ConfigError:
+            self.lock.release()
+            raise
+        self._ready = True
+
+    def _check_bound_teacher(self) -> None:
+        """A resumed student refuses any teacher but the one it was trained with and composed with."""
+        bound = (self.resume_state or {}).get("teacher")
+        if bound is not None and (bound["sha256"] != self.teacher_fingerprint
+                                  or bound["releases"] != self._teacher_releases()):
+            raise ConfigError(f"the teacher in {self.teacher_dir} is not the one this student was trained with (it "
+                              "was retrained, resumed or replaced, or its ledger records releases since): use another "
+                              "--out")
         if self.engine is not None and self.teacher_engine_state is not None:
             from dpfast.ledger import run_id
 
-            spent = sum(int(n) for *_, n in self.teacher_engine_state["accountant"]["history"])
-            if [(p["run"], p["steps"]) for p in self.engine.prior_runs] != [(run_id(self.teacher_engine_state["seed"]), spent)]:
+            if [(p["run"], p["steps"]) for p in self.engine.prior_runs] != [
+                    (run_id(self.teacher_engine_state["seed"]), self._teacher_releases())]:
                 raise ConfigError(f"the teacher in {self.teacher_dir} is not the one this student's epsilon was "
                                   "composed with (it was retrained, resumed or replaced): use another --out")
-        self._ready = True
+
+    def _teacher_releases(self) -> int:
+        if self.teacher_engine_state is None:
+            return 0
+        return sum(int(n) for *_, n in self.teacher_engine_state["accountant"]["history"])
 
     def train(self) -> dict:
         if not self._ready:
+            out = Path(self._sad_args[1])
+            if (out / "checkpoint.pt").exists() or (out / "privacy_ledger.jsonl").exists():
+                # a student exists, so its teacher finished once: a new teacher would be another release of
+                # the data that no report covers together with the student
+                raise ConfigError(f"{out} holds a DP-SAD student whose teacher in {self.teacher_dir} is missing or "
+                                  "unfinished; training another teacher would spend privacy no report covers: use "
+                                  "another --out")
             result = self._train_teacher()
             if not result["report"] or not result["report"].get("complete"):
                 self._sad_log("DP-SAD: the teacher is not finished; run the same command again to resume it")
@@ -310,7 +367,9 @@ class SADTrainer(Trainer):
 
     def _checkpoint_extra(self) -> dict:
         disc = self.pair.discriminator if getattr(self, "pair", None) is not None else None
-        return {"discriminator": None if disc is None else disc.state_dict()}
+        # the teacher this student is bound to: a resume refuses any other
+        return {"discriminator": None if disc is None else disc.state_dict(),
+                "teacher": {"sha256": self.teacher_fingerprint, "releases": self._teacher_releases()}}
 
     def _load_extra(self, state: dict) -> None:
         disc = self._build_pair().discriminator
@@ -321,11 +380,13 @@ class SADTrainer(Trainer):
 
     # -- report
     def end_to_end(self) -> bool:
-        return not (self.cfg.private and self.cfg.sad_teacher == "nonprivate")
+        return self.cfg.private and self.cfg.sad_teacher == "dp"
 
     def _teacher_epsilon(self) -> float:
         if self.teacher_engine_state is None:
             return None
+        if self.teacher_engine_state.get("no_privacy"):
+            return math.inf
         from dpfast.accounting import epsilon_report
 
         history = self.teacher_engine_state["accountant"]["history"]
@@ -335,7 +396,7 @@ class SADTrainer(Trainer):
         t = self.teacher_cfg
         row = {"name": "teacher", "data": "private", "steps": t.steps, "steps_done": self.teacher_steps,
                "trainable": f"teacher U-Net (nf={t.nf})", "private": t.private, "run": str(self.teacher_dir),
-               "data_description": self.dataset.name if self.dataset is not None else None}
+               "data_description": t.data_dir or (self.dataset.name if self.dataset is not None else None)}
         if t.private:
             row.update(noise_multiplier=t.noise_multiplier, sample_rate=self.q, epsilon=self._teacher_epsilon())
         else:
@@ -351,7 +412,8 @@ class SADTrainer(Trainer):
             from dpfast.accounting import epsilon_report
 
             _, own = _split_history(self.engine.accountant.history, self.engine.prior_steps)
-            student_eps = epsilon_report(own, cfg.delta, cfg.accountant).epsilon if own else 0.0
+            student_eps = math.inf if self.engine._no_privacy else (
+                epsilon_report(own, cfg.delta, cfg.accountant).epsilon if own else 0.0)
         for row in report.get("phases", []):
             if row.get("name") != "teacher" and row.get("private"):
                 row.update(name="student", epsilon_alone=student_eps,
@@ -360,7 +422,8 @@ class SADTrainer(Trainer):
         report["end_to_end"] = e2e
         report["sad"] = {
             "teacher": {"mode": cfg.sad_teacher, "private": self.teacher_cfg.private, "nf": cfg.sad_teacher_nf,
-                        "steps": self.teacher_steps, "epsilon": self._teacher_epsilon() if cfg.private else None,
+                        "steps": self.teacher_steps, "releases_charged": self._teacher_releases(),
+                        "epsilon": self._teacher_epsilon() if cfg.private else None,
                         "composed_into_epsilon": self.teacher_engine_state is not None, "run": str(self.teacher_dir)},
             "student": {"nf": cfg.nf, "steps": report.get("steps"), "epsilon_alone": student_eps},
             "discriminator": None if cfg.sad_adv_weight == 0 else {
@@ -368,7 +431,8 @@ class SADTrainer(Trainer):
                 "privacy": "trained inside the student's release: its per-sample gradient is clipped with the "
                            "student's as one vector and noised once (no extra cost)"},
             "note": ("epsilon covers the teacher, the discriminator and the student (composed in one accountant)"
-                     if e2e else "epsilon covers the student and the discriminator ONLY: the teacher was trained on "
+                     if e2e else "trained without differential privacy (--no-private)" if not cfg.private else
+                     "epsilon covers the student and the discriminator ONLY: the teacher was trained on "
                      "the private data without differential privacy (--sad-teacher nonprivate, the paper's "
                      "setting), so this run is NOT differentially private end to end")}
         return report

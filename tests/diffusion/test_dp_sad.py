@@ -229,3 +229,92 @@ def test_settings_are_checked_before_anything_runs():
         cfg = PRESETS[name].validate()
         assert cfg.recipe == "dp-sad" and cfg.sad_teacher_nf > cfg.nf  # the student is the smaller model
     assert PRESETS["dp-sad-paper-demo"].sad_teacher == "nonprivate" and PRESETS["dp-sad-nodisc-demo"].sad_adv_weight == 0
+
+
+# ----------------------------------------------------------------------------- review findings
+def test_releases_the_teachers_ledger_records_after_its_checkpoint_are_composed(data_dir, tmp_path):
+    """The teacher's spent privacy is its checkpoint plus its ledger: releases recorded after the
+    checkpoint (a checkpoint put back) are charged to the student's epsilon."""
+    from dpfast.recipes.dp_sad import teacher_config
+
+    out = tmp_path / "ledger"
+    cfg = TrainConfig(**SAD, data_dir=str(data_dir))
+    run(teacher_config(cfg, 1.0), out / "teacher")  # the teacher alone, as a dp-sad run trains it
+    ledger = out / "teacher" / "privacy_ledger.jsonl"
+    lines = ledger.read_text().splitlines()
+    extra = [json.loads(lines[-1]) for _ in range(2)]
+    for i, e in enumerate(extra):  # two releases made after this checkpoint by a run that was rolled back
+        e.update(key=3 + i, sampler_step=3 + i)
+    ledger.write_text("\n".join(lines + [json.dumps(e) for e in extra]) + "\n")
+    with pytest.warns(UserWarning, match="2 steps released after this checkpoint"):
+        run(cfg, out)
+    report = json.loads((out / "privacy_report.json").read_text())
+    q = report["sample_rate"]
+    assert report["sad"]["teacher"]["releases_charged"] == 5
+    assert report["epsilon"] == pytest.approx(epsilon_report([(1.0, q, 5 + 3)], 1e-5, "rdp").epsilon, rel=1e-12)
+    # once a student was composed with the teacher, a teacher ledger that grows is refused
+    extra[-1].update(key=5, sampler_step=5)
+    with open(ledger, "a") as f:
+        f.write(json.dumps(extra[-1]) + "\n")
+    with pytest.raises(ConfigError, match="not the one this student was trained with"), \
+            pytest.warns(UserWarning, match="released after this checkpoint"):
+        run(cfg, out)
+
+
+def test_a_teacher_checkpoint_put_back_is_refused(data_dir, tmp_path):
+    import shutil
+
+    from dpfast.recipes.dp_sad import teacher_config
+
+    out = tmp_path / "back"
+    cfg = TrainConfig(**SAD, data_dir=str(data_dir))
+    run(teacher_config(cfg, 1.0), out / "teacher")
+    shutil.copy(out / "teacher" / "checkpoint.pt", tmp_path / "teacher-ckpt.pt")
+    state = final_state(out / "teacher")
+    state["step"] = 1  # an older checkpoint of the teacher, beside the finished teacher's model.pt
+    from dpfast.diffusion.trainer import atomic_torch_save
+
+    atomic_torch_save(state, out / "teacher" / "checkpoint.pt")
+    with pytest.raises(ConfigError, match="not one finished run"):
+        run(cfg, out)
+
+
+def test_no_second_teacher_is_trained_for_an_existing_student(data_dir, tmp_path):
+    """A student exists only after its teacher finished; a missing teacher is refused before a new one
+    would release the data again."""
+    import shutil
+
+    out = tmp_path / "again"
+    cfg = TrainConfig(**SAD, data_dir=str(data_dir))
+    run(cfg.replace(max_steps=1), out)
+    shutil.rmtree(out / "teacher")
+    with pytest.raises(ConfigError, match="missing or unfinished"):
+        run(cfg, out)
+    assert not (out / "teacher").exists()
+
+
+def test_a_resumed_student_refuses_a_teacher_with_other_weights(data_dir, tmp_path):
+    out = tmp_path / "weights"
+    cfg = TrainConfig(**SAD, data_dir=str(data_dir))
+    run(cfg.replace(max_steps=1), out)
+    model = torch.load(out / "teacher" / "model.pt", weights_only=True)
+    k = next(iter(model["ema"]))
+    model["ema"][k] = model["ema"][k] + 1.0
+    torch.save(model, out / "teacher" / "model.pt")
+    with pytest.raises(ConfigError, match="not the one this student was trained with"):
+        run(cfg, out)
+
+
+def test_a_run_without_dp_is_not_reported_as_end_to_end(data_dir, tmp_path):
+    out = tmp_path / "nodp"
+    run(TrainConfig(**dict(SAD, private=False, noise_multiplier=None, steps=2, sad_teacher_steps=2),
+                    data_dir=str(data_dir)), out)
+    report = json.loads((out / "privacy_report.json").read_text())
+    assert report["private"] is False and report["end_to_end"] is False
+    assert "without differential privacy" in report["sad"]["note"]
+
+
+def test_two_pass_with_a_discriminator_is_refused_before_the_teacher_trains():
+    with pytest.raises(ConfigError, match="--mode bk"):
+        TrainConfig(**dict(SAD, mode="two-pass")).validate()
+    TrainConfig(**dict(SAD, mode="two-pass", sad_adv_weight=0.0)).validate()
