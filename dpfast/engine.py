@@ -372,25 +372,27 @@ class PrivacyEngine:
             return False
         return True
 
-    def save_checkpoint(self, *, path, module: nn.Module, optimizer=None, checkpoint_dict: dict | None = None,
+    def save_checkpoint(self, *, path, module: nn.Module | None, optimizer=None, checkpoint_dict: dict | None = None,
                         noise_scheduler=None, grad_clip_scheduler=None, module_state_dict_kwargs=None,
                         torch_save_kwargs=None) -> None:
         """Opacus' ``save_checkpoint``: the module's and optimizer's state and this engine's (accountant,
         sampler position, noise seed) in one file, written atomically and readable by its owner only
-        (it holds the noise seed: keep it as secret as the data)."""
+        (it holds the noise seed: keep it as secret as the data). ``module=None`` writes the engine's
+        state alone (beside a trainer's own checkpoint: accelerate's ``save_state``)."""
         if noise_scheduler is not None or grad_clip_scheduler is not None:
             raise DPError("noise and clip schedulers: set optimizer.noise_multiplier between steps and save your "
                           "scheduler's own state; dpfast checkpoints the noise multiplier of every release")
         from .diffusion.trainer import atomic_torch_save
 
         state = dict(checkpoint_dict or {})
-        state.update(module_state_dict=module.state_dict(**(module_state_dict_kwargs or {})),
-                     privacy_engine_state_dict=self.state_dict())
+        state["privacy_engine_state_dict"] = self.state_dict()
+        if module is not None:
+            state["module_state_dict"] = module.state_dict(**(module_state_dict_kwargs or {}))
         if optimizer is not None:
             state["optimizer_state_dict"] = optimizer.state_dict()
         atomic_torch_save(state, path, secret=True)
 
-    def load_checkpoint(self, *, path, module: nn.Module, optimizer=None, noise_scheduler=None,
+    def load_checkpoint(self, *, path, module: nn.Module | None, optimizer=None, noise_scheduler=None,
                         grad_clip_scheduler=None, module_load_dict_kwargs=None, torch_load_kwargs=None) -> dict:
         """Opacus' ``load_checkpoint``; returns the checkpoint dict. Call it before ``make_private`` (the
         engine then adopts the checkpoint's seed, sampler position and accountant) or on the engine that
@@ -401,7 +403,8 @@ class PrivacyEngine:
         if "privacy_engine_state_dict" not in state:
             raise DPError(f"{path} is not a dpfast engine checkpoint (no privacy_engine_state_dict)")
         self.load_state_dict(state["privacy_engine_state_dict"])  # first: refuses before anything changes
-        module.load_state_dict(state["module_state_dict"], **(module_load_dict_kwargs or {}))
+        if module is not None:
+            module.load_state_dict(state["module_state_dict"], **(module_load_dict_kwargs or {}))
         if optimizer is not None and "optimizer_state_dict" in state:
             optimizer.load_state_dict(state["optimizer_state_dict"])
         return state

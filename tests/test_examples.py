@@ -37,3 +37,31 @@ def test_the_same_script_is_opacus_code(capsys):
         warnings.simplefilter("ignore")
         out = load("opacus_mnist_original", text).main(["--epochs", "1"])
     assert out["epsilon"] > 0
+
+
+@pytest.mark.parametrize("K", [1, 4])
+def test_diffusers_accelerate_loop_resumes_as_if_never_stopped(tmp_path, K):
+    """The diffusers + accelerate recipe, with noise multiplicity K: a run stopped at step 3 and resumed
+    from accelerate's checkpoint (and the engine's, loaded before make_private) ends with the weights
+    and epsilon of the uninterrupted run, and its saved UNet loads with diffusers."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("accelerate")
+    import torch
+    from diffusers import UNet2DModel
+
+    ex = load("diffusers_accelerate")
+    common = ["--max-train-steps", "6", "--checkpointing-steps", "3", "--multiplicity", str(K),
+              "--train-batch-size", "48", "--max-physical-batch-size", "16", "--noise-seed", "7"]
+    a = ex.main(["--out", str(tmp_path / "a"), *common])
+    ex.main(["--out", str(tmp_path / "b"), *common, "--stop-at-step", "3"])
+    b = ex.main(["--out", str(tmp_path / "b"), *common, "--resume", "latest"])
+    assert a["global_step"] == b["global_step"] == 6 and a["steps_released"] == b["steps_released"] == 6
+    assert a["epsilon"] == pytest.approx(b["epsilon"], rel=1e-12)
+    ua = UNet2DModel.from_pretrained(str(tmp_path / "a" / "unet"))
+    ub = UNet2DModel.from_pretrained(str(tmp_path / "b" / "unet"))
+    for (n, x), (_, y) in zip(ua.state_dict().items(), ub.state_dict().items()):
+        assert torch.equal(x, y), n
+    import os
+    import stat
+
+    assert stat.S_IMODE(os.stat(tmp_path / "b" / "checkpoint-3" / "privacy_engine.pt").st_mode) == 0o600
