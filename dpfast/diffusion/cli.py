@@ -122,7 +122,8 @@ def cmd_sample(args) -> int:
     import numpy as np
     import torch
 
-    from .trainer import atomic_write_bytes, draw_batches, load_sampler, resolve_device, save_grid, to_uint8
+    from .trainer import (atomic_write_bytes, class_names, draw_batches, load_sampler, resolve_device, save_grid,
+                          to_uint8)
 
     _set_threads(args.threads)
     try:
@@ -160,9 +161,18 @@ def cmd_sample(args) -> int:
     print(f"wrote {args.num} samples {tuple(as_uint8.shape[1:])} (uint8, N x C x H x W"
           f"{', with labels' if labels is not None else ''}) from step {meta['step']} to {out}")
     if args.grid:
-        n = min(args.num, 100)
-        save_grid(images[:n], Path(args.grid), nrow=10)
-        print(f"grid of the first {n}: {args.grid}")
+        rows = None
+        if labels is None:
+            picked = images[:100]
+        else:  # one class per row, as the training grids: the first 10 images of each of the first 10 classes
+            classes = [c for c in range(min(k, 10)) if (labels == c).any()]
+            picked = torch.cat([images[labels == c][:10] for c in classes])
+            names = class_names(meta["config"], k)
+            rows = [names[c] for c in classes]
+            if any((labels == c).sum() < 10 for c in classes):  # rows of unequal length: one image per row start
+                picked, rows = images[:100], None
+        save_grid(picked, Path(args.grid), nrow=10, row_labels=rows)
+        print(f"grid of {len(picked)} samples" + (" (a row per class)" if rows else "") + f": {args.grid}")
     return 0
 
 

@@ -77,10 +77,11 @@ def atomic_write_json(obj, path: Path) -> None:
     atomic_write_bytes(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
-def save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
+def save_grid(images: torch.Tensor, path: Path, nrow: int, row_labels: list[str] | None = None) -> None:
     """images: (N, C, H, W) in [-1, 1] -> a PNG grid with nrow images per row and a 2-pixel border.
-    Images under 28 pixels are enlarged (nearest neighbour) so that a grid stays easy to look at."""
-    from PIL import Image
+    Images under 28 pixels are enlarged (nearest neighbour) so that a grid stays easy to look at.
+    row_labels: a name written left of each row (the class of a one-class-per-row grid)."""
+    from PIL import Image, ImageDraw
 
     scale = max(1, 28 // images.shape[-1])
     if scale > 1:
@@ -94,8 +95,36 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
         grid[:, top:top + h, left:left + w] = img
     arr = ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     arr = arr[0].numpy() if c == 1 else arr.permute(1, 2, 0).numpy()
+    picture = Image.fromarray(arr)
+    if row_labels:
+        margin = 7 * max(len(t) for t in row_labels) + 8
+        labelled = Image.new(picture.mode, (picture.width + margin, picture.height), 0)
+        labelled.paste(picture, (margin, 0))
+        draw = ImageDraw.Draw(labelled)
+        fill = 255 if picture.mode == "L" else (255, 255, 255)
+        for r, text in enumerate(row_labels[:rows]):
+            draw.text((4, pad + r * (h + pad) + h // 2 - 5), text, fill=fill)
+        picture = labelled
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, lambda f: Image.fromarray(arr).save(f, format="PNG"))
+    atomic_write_bytes(path, lambda f: picture.save(f, format="PNG"))
+
+
+def class_names(cfg: TrainConfig, num_classes: int) -> list[str]:
+    """Names for a grid's rows: Fashion-MNIST's (public), else "class k"."""
+    from .data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR
+
+    fashion = cfg.data_dir is None or Path(cfg.data_dir).resolve() == Path(FASHION_MNIST_DIR).resolve()
+    if fashion and cfg.recipe != "pretrain" and num_classes == len(FASHION_MNIST_CLASSES):
+        return list(FASHION_MNIST_CLASSES)
+    return [f"class {k}" for k in range(num_classes)]
+
+
+def grid_row_labels(cfg: TrainConfig, num_classes: int) -> list[str] | None:
+    """The row names of a training grid (grid_labels: one class per row)."""
+    if grid_labels(cfg, num_classes) is None:
+        return None
+    names = class_names(cfg, num_classes)
+    return [names[r % num_classes] for r in range(cfg.grid_size)]
 
 
 def build_denoiser(cfg: TrainConfig, image_shape, num_classes: int) -> EDMPrecond:
@@ -503,7 +532,7 @@ class Trainer:
                                                num_steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed,
                                                device=self.device))
         path = self.out / name
-        save_grid(images, path, nrow=cfg.grid_size)
+        save_grid(images, path, nrow=cfg.grid_size, row_labels=grid_row_labels(cfg, self.num_classes))
         return path
 
     def _provenance(self) -> dict:

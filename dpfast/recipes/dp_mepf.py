@@ -525,7 +525,8 @@ class MEPFTrainer:
 
     def _train(self) -> dict:
         from dpfast.diffusion.ema import EMA
-        from dpfast.diffusion.trainer import _StopOnSignal, atomic_torch_save, atomic_write_json, grid_labels, save_grid
+        from dpfast.diffusion.trainer import (_StopOnSignal, atomic_torch_save, atomic_write_json, grid_labels,
+                                              grid_row_labels, save_grid)
 
         cfg = self.cfg
         atomic_write_json(cfg.to_dict(), self.out / "config.json")
@@ -600,7 +601,7 @@ class MEPFTrainer:
                            "ema": sample_gen.state_dict()}, self.out / "model.pt")
         n = cfg.grid_size * cfg.grid_size
         save_grid(sample_gen.sample(n, grid_labels(cfg, self.num_classes), seed=cfg.seed, device=self.device),
-                  self.out / "samples.png", nrow=cfg.grid_size)
+                  self.out / "samples.png", nrow=cfg.grid_size, row_labels=grid_row_labels(cfg, self.num_classes))
         report = self.privacy_report(release)
         atomic_write_json(report, self.out / "privacy_report.json")
         done = self.step >= self.total_steps

@@ -145,6 +145,17 @@ def test_cli_train_sample_evaluate(data_dir, tmp_path):
     with np.load(samples) as f:
         assert f["images"].shape == (30, 1, 8, 8) and f["images"].dtype == np.uint8
         assert f["labels"].tolist() == [i % 3 for i in range(30)]
+    # the grid has one class per row, as the training grids, each row named
+    from PIL import Image
+
+    grid = tmp_path / "grid.png"
+    assert main(["sample", "--model", str(out), "--num", "30", "--out", str(samples), "--steps", "2",
+                 "--device", "cpu", "--grid", str(grid), "--no-progress"]) == 0
+    with Image.open(grid) as im, Image.open(out / "samples.png") as train_grid:
+        cell = 24 + 2                                # 8x8 images enlarged 3x (28 // 8), 2-pixel border
+        assert (im.height - 2) // cell == 3          # 3 classes, 10 images each
+        assert im.width > 10 * cell + 2              # a margin with the class names
+        assert train_grid.width > 2 * cell + 2       # the training grid (2x2) names its rows too
     rep = tmp_path / "eval.json"
     assert main(["evaluate", "--samples", str(samples), "--data-dir", str(data_dir), "--epochs", "1",
                  "--feature-steps", "2", "--feature-cache", str(tmp_path / "feat.pt"), "--no-progress",
