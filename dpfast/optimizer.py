@@ -120,6 +120,15 @@ class DPOptimizer(torch.optim.Optimizer):
         return self.original_optimizer.state_dict()
 
     def load_state_dict(self, state_dict):
+        trained = any(v for v in (state_dict.get("state") or {}).values())
+        if trained and self.steps == 0:
+            # the optimizer of a run that took steps, into an engine that released none: the engine's state
+            # (accountant, sampler position, noise key) was not restored with it, and epsilon would restart
+            # at 0 while the model carries the earlier steps (accelerate's load_state without the engine)
+            raise DPError("optimizer state from a run that already took steps was loaded, but this engine has released "
+                          "nothing: restore the engine's state too, before make_private (engine.load_state_dict or "
+                          "engine.load_checkpoint), so the privacy already spent is charged; an optimizer state from "
+                          "public pre-training belongs in the optimizer before make_private")
         self.original_optimizer.load_state_dict(state_dict)
 
     def add_param_group(self, param_group):

@@ -18,8 +18,8 @@ def load(name, source=None):
 
 
 def test_opacus_script_runs_with_the_import_swapped(capsys):
-    out = load("opacus_mnist").main(["--epochs", "2"])
-    assert 0 < out["epsilon"] < 10 and out["accuracy"] > 0.2
+    out = load("opacus_mnist").main(["--epochs", "4", "--sigma", "0.7"])
+    assert 0 < out["epsilon"] < 30 and out["accuracy"] > 0.3   # chance is 0.1
     assert "epsilon =" in capsys.readouterr().out
 
 
