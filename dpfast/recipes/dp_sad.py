@@ -309,18 +309,10 @@ class SADTrainer(Trainer):
         return super().train()
 
     # -- the student: its engine covers the student and the discriminator
-    def _noise_multiplier(self) -> float:
-        cfg = self.cfg
-        saved = self.resume_state
-        if saved is not None and saved.get("noise_multiplier") is not None:
-            return float(saved["noise_multiplier"])
-        if cfg.noise_multiplier is not None:
-            return float(cfg.noise_multiplier)
-        from dpfast.accounting import calibrate_noise_multiplier
-
-        history = [] if self.teacher_engine_state is None else self.teacher_engine_state["accountant"]["history"]
-        return float(calibrate_noise_multiplier(cfg.target_epsilon, cfg.delta, self.q, steps=self.private_phase.steps,
-                                                accountant=cfg.accountant, history=[tuple(p) for p in history]))
+    def _prior_history(self) -> list:
+        if self.teacher_engine_state is None:
+            return []
+        return [tuple(p) for p in self.teacher_engine_state["accountant"]["history"]]
 
     def _build_pair(self) -> StudentPair:
         if getattr(self, "pair", None) is None:
