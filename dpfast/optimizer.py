@@ -120,15 +120,9 @@ class DPOptimizer(torch.optim.Optimizer):
         return self.original_optimizer.state_dict()
 
     def load_state_dict(self, state_dict):
-        trained = any(v for v in (state_dict.get("state") or {}).values())
-        if trained and self.steps == 0:
-            # the optimizer of a run that took steps, into an engine that released none: the engine's state
-            # (accountant, sampler position, noise key) was not restored with it, and epsilon would restart
-            # at 0 while the model carries the earlier steps (accelerate's load_state without the engine)
-            raise DPError("optimizer state from a run that already took steps was loaded, but this engine has released "
-                          "nothing: restore the engine's state too, before make_private (engine.load_state_dict or "
-                          "engine.load_checkpoint), so the privacy already spent is charged; an optimizer state from "
-                          "public pre-training belongs in the optimizer before make_private")
+        # the optimizer of a run that took steps: the engine's state must be restored too (in any order:
+        # accelerate's load_state restores the optimizer before registered objects), checked at the next step
+        self._trained_state_loaded = any(v for v in (state_dict.get("state") or {}).values())
         self.original_optimizer.load_state_dict(state_dict)
 
     def add_param_group(self, param_group):
@@ -212,6 +206,14 @@ class DPOptimizer(torch.optim.Optimizer):
     def step(self, closure=None, grad_scaler=None) -> bool:
         """Returns True when a logical step was taken (noise added, parameters updated), False after an
         intermediate physical chunk of a larger logical batch."""
+        if getattr(self, "_trained_state_loaded", False) and self.steps == 0:
+            # an optimizer state of a run that took steps, into an engine that released nothing: the engine's
+            # state (accountant, sampler position, noise key) was not restored, and epsilon would restart at 0
+            # while the model carries the earlier steps (accelerate's load_state without the engine)
+            raise DPError("optimizer state from a run that already took steps was loaded, but this engine has released "
+                          "nothing: restore the engine's state too (engine.load_state_dict or engine.load_checkpoint; "
+                          "with accelerate, before make_private), so the privacy already spent is charged; an "
+                          "optimizer state from public pre-training belongs in the optimizer before make_private")
         if grad_scaler is not None:
             # fp16 loss scaling multiplies every per-sample gradient by the scale, and skips the steps that
             # overflow: a skip decided by the data, released without noise. Refused before anything is.

@@ -203,10 +203,24 @@ def test_an_optimizer_state_restored_without_the_engines_is_refused():
     m, opt, loader = adam_run(engine)
     steps(m, opt, loader, 3)
     saved, engine_state = opt.state_dict(), engine.state_dict()
-    m2, opt2, _ = adam_run(PrivacyEngine(accountant="rdp"))
+    m2, opt2, loader2 = adam_run(PrivacyEngine(accountant="rdp"))
+    opt2.load_state_dict(saved)
+    x, y = next(iter(loader2))
+    nn.functional.cross_entropy(m2(x), y).backward()
     with pytest.raises(DPError, match="restore the engine's state too"):
-        opt2.load_state_dict(saved)
+        opt2.step()                                   # refused before the first release
+    assert opt2.steps == 0
+    m2, opt2, loader2 = adam_run(PrivacyEngine(accountant="rdp"))
     opt2.load_state_dict(torch.optim.Adam(m2.parameters()).state_dict())  # an untrained state is fine
+    steps(m2, opt2, loader2, 1)
+    # the optimizer first, then the engine (accelerate's order with the engine registered): accepted
+    engine4 = PrivacyEngine(accountant="rdp", seed=1)
+    m4, opt4, loader4 = adam_run(engine4)
+    opt4.load_state_dict(saved)
+    with pytest.warns(UserWarning, match="without a privacy ledger"):
+        engine4.load_state_dict(engine_state)
+    steps(m4, opt4, loader4, 1)
+    assert engine4.steps == 4
     # the engine restored first (before make_private), then the optimizer: accepted
     engine3 = PrivacyEngine(accountant="rdp")
     with pytest.warns(UserWarning, match="without a privacy ledger"):

@@ -211,6 +211,8 @@ def test_history_steps_and_validation():
         with pytest.raises(ValueError, match="delta"):
             acc.get_epsilon(delta)
     with pytest.raises(ValueError, match="unknown accountant"):
+        Accountant.create("moments")
+    with pytest.raises(ValueError, match="central-limit approximation"):
         Accountant.create("gdp")
     assert acc.history == [(1.0, 0.01, 10), (1.2, 0.02, 10)]  # refused steps left no trace
 
