@@ -77,8 +77,8 @@ class PrivacyEngine:
 
         Opacus' keywords are accepted where dpfast can honour them and refused, with the dpfast way,
         where it cannot (:func:`_opacus_keywords`). ``grad_sample_mode="ghost"`` returns Opacus' ghost
-        tuple ``(module, optimizer, criterion, data_loader)``; the criterion is returned as it is (a
-        loss with ``reduction`` equal to ``loss_reduction``: dpfast needs no wrapped criterion)."""
+        tuple ``(module, optimizer, criterion, data_loader)``, the criterion (default cross-entropy)
+        wrapped in :class:`RowReducedLoss` so that its mean is a plain mean over rows."""
         ghost = _opacus_keywords(self, max_grad_norm=max_grad_norm, criterion=criterion, loss_reduction=loss_reduction,
                                  grad_sample_mode=grad_sample_mode, clipping=clipping, batch_first=batch_first,
                                  wrap_model=wrap_model, noise_generator=noise_generator, rand_on_empty=rand_on_empty,
@@ -184,7 +184,8 @@ class PrivacyEngine:
         if pending is not None:  # load_state_dict ran before make_private: resume where it left off
             self._pending_state = None
             self._apply_progress(pending)
-        if ghost:
+        if ghost:  # Opacus' ghost tuple; its default criterion is cross-entropy
+            criterion = RowReducedLoss(criterion if criterion is not None else nn.CrossEntropyLoss(), loss_reduction)
             return (ddp if ddp is not None else module), dp_opt, criterion, loader
         return (ddp if ddp is not None else module), dp_opt, loader
 
@@ -193,8 +194,11 @@ class PrivacyEngine:
                                   epsilon_tolerance: float | None = None, **kwargs):
         """Like make_private, with the smallest noise multiplier whose epsilon after ``epochs`` (or
         ``steps``) logical steps is at most ``target_epsilon`` (upper bound of the accountant).
-        ``epsilon_tolerance`` (Opacus) is accepted: dpfast's calibration never exceeds the target and
-        lands within 1% below it."""
+        ``epsilon_tolerance`` (Opacus) is accepted and checked; dpfast's calibration is its own: never
+        above the target, within about 1% below it. The history of engines composed before this one
+        (``compose_after``) counts against the target; this run's own earlier releases (a checkpoint
+        loaded before make_private) do not, so a resumed run gets the uninterrupted run's sigma, and
+        ``steps`` / ``epochs`` are the whole run's."""
         if epsilon_tolerance is not None:
             _check_number("epsilon_tolerance", epsilon_tolerance, lo=0.0, lo_open=True)
         from .accounting import calibrate_noise_multiplier
@@ -210,8 +214,11 @@ class PrivacyEngine:
         q = min(1.0, batch_size * world_size_of(module) / n)
         if steps is None:
             steps = int(math.ceil(epochs * max(1, round(1 / q))))
+        # the history of the engines composed before this one (compose_after), not this run's own releases:
+        # a resumed run (its state loaded before make_private) gets the sigma of the uninterrupted run
+        prior, _ = self.accountant.split_history(self.prior_steps)
         sigma = calibrate_noise_multiplier(target_epsilon, target_delta, q, steps=steps,
-                                           accountant=self.accountant_kind, history=self.accountant.history)
+                                           accountant=self.accountant_kind, history=prior)
         if self.secure_mode and "max_grad_norm" in kwargs:
             # the accountant charges the grid's effective sigma, a little below the nominal one: raise the
             # nominal sigma until the charged one meets the calibrated value
@@ -253,6 +260,7 @@ class PrivacyEngine:
         self.accountant.step(noise_multiplier=sigma, sample_rate=self.sample_rate, steps=1)
 
     def _lose_privacy(self, why: str) -> None:
+        self.accountant.lost = why  # engine.accountant.get_epsilon (Opacus' call) reports infinity too
         if not self._no_privacy:
             self.why_no_privacy = why
             if self.ledger is not None and (self.distributed is None or self.distributed.rank == 0):
@@ -382,7 +390,7 @@ class PrivacyEngine:
         if noise_scheduler is not None or grad_clip_scheduler is not None:
             raise DPError("noise and clip schedulers: set optimizer.noise_multiplier between steps and save your "
                           "scheduler's own state; dpfast checkpoints the noise multiplier of every release")
-        from .diffusion.trainer import atomic_torch_save
+        from .diffusion.trainer import atomic_write_bytes
 
         state = dict(checkpoint_dict or {})
         state["privacy_engine_state_dict"] = self.state_dict()
@@ -390,7 +398,7 @@ class PrivacyEngine:
             state["module_state_dict"] = module.state_dict(**(module_state_dict_kwargs or {}))
         if optimizer is not None:
             state["optimizer_state_dict"] = optimizer.state_dict()
-        atomic_torch_save(state, path, secret=True)
+        atomic_write_bytes(path, lambda f: torch.save(state, f, **(torch_save_kwargs or {})), secret=True)
 
     def load_checkpoint(self, *, path, module: nn.Module | None, optimizer=None, noise_scheduler=None,
                         grad_clip_scheduler=None, module_load_dict_kwargs=None, torch_load_kwargs=None) -> dict:
@@ -439,9 +447,14 @@ class PrivacyEngine:
         if self.optimizer is not None and sd["seed"] != self.seed:
             raise ValueError("checkpoint was made with another seed: build the engine with "
                              "PrivacyEngine(seed=...) from the checkpoint, or load before make_private")
+        # every check before anything changes: a refused checkpoint (caught by a script that then starts
+        # afresh) must not leave its seed behind, or the next releases would repeat its noise and batches
+        from .accounting import Accountant
+
+        Accountant.create(self.accountant_kind).load_state_dict(sd["accountant"])
+        self._refuse_if_behind(sd)
         self.seed = sd["seed"]
         self._seed_given = True
-        self._refuse_if_behind(sd)
         self.accountant.load_state_dict(sd["accountant"])
         self._prior = [dict(p) for p in sd.get("prior", [])]
         # a release without noise can never be undone by loading a private checkpoint
@@ -515,6 +528,30 @@ class PrivacyEngine:
 _GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "expanded_weights", "ghost")
 
 
+class RowReducedLoss(nn.Module):
+    """A torch loss reduced as the engine undoes it: per-row losses (``reduction="none"``), each row's
+    mean over its elements, then a plain mean (or sum) over the rows. A loss's own "mean" can divide by
+    a data-dependent count (``CrossEntropyLoss(weight=...)`` divides by the sum of the batch's class
+    weights, ``ignore_index`` by the rows not ignored): removing one record would then rescale every
+    other sample's contribution, past the clip bound. Ghost mode returns the criterion wrapped in this."""
+
+    def __init__(self, loss: nn.Module, reduction: str = "mean"):
+        super().__init__()
+        if not hasattr(loss, "reduction"):
+            raise DPError(f"criterion {type(loss).__name__} has no reduction attribute: pass a torch loss module, or "
+                          "compute per-row losses and their plain mean yourself")
+        import copy
+
+        self.loss = copy.copy(loss)
+        self.loss.reduction = "none"
+        self.reduction = reduction
+
+    def forward(self, *args, **kwargs):
+        rows = self.loss(*args, **kwargs)
+        rows = rows.reshape(rows.shape[0], -1) if rows.dim() > 0 else rows.reshape(1, 1)
+        return rows.mean(1).mean() if self.reduction == "mean" else rows.sum()
+
+
 def _opacus_keywords(engine, *, max_grad_norm, criterion, loss_reduction, grad_sample_mode, clipping, batch_first,
                      wrap_model, noise_generator, rand_on_empty, secure_mode) -> bool:
     """Checks Opacus' make_private keywords; returns True for Opacus' ghost-clipping tuple."""
@@ -543,9 +580,6 @@ def _opacus_keywords(engine, *, max_grad_norm, criterion, loss_reduction, grad_s
         raise DPError(f"secure_mode={secure_mode!r} is a property of the engine: pass PrivacyEngine(secure_mode="
                       f"{bool(secure_mode)!r})")
     ghost = grad_sample_mode == "ghost"
-    if ghost and criterion is None:
-        raise DPError("grad_sample_mode='ghost' returns (module, optimizer, criterion, data_loader): pass the loss as "
-                      "criterion=")
     reduction = getattr(criterion, "reduction", None)
     if criterion is not None and reduction is not None and reduction != loss_reduction:
         raise DPError(f"criterion.reduction is {reduction!r} but loss_reduction is {loss_reduction!r}: make them agree "

@@ -117,12 +117,18 @@ class DPOptimizer(torch.optim.Optimizer):
         self._noise_multiplier = _checked_sigma(value)
 
     def state_dict(self):
-        return self.original_optimizer.state_dict()
+        # stamped with the releases behind it: loaded into an engine that released fewer, it is refused at
+        # the next step (the engine's state was not restored with it)
+        from .ledger import run_id
+
+        return {**self.original_optimizer.state_dict(), "dpfast": {"steps": self.steps, "run": run_id(self.seed)}}
 
     def load_state_dict(self, state_dict):
-        # the optimizer of a run that took steps: the engine's state must be restored too (in any order:
-        # accelerate's load_state restores the optimizer before registered objects), checked at the next step
-        self._trained_state_loaded = any(v for v in (state_dict.get("state") or {}).values())
+        # the optimizer of a run that released steps: the engine's state must be restored too (in either
+        # order: accelerate's load_state restores the optimizer before registered objects), checked at the
+        # next step. A state without the stamp comes from a plain torch optimizer (public pre-training).
+        state_dict = dict(state_dict)
+        self._loaded_stamp = state_dict.pop("dpfast", None)
         self.original_optimizer.load_state_dict(state_dict)
 
     def add_param_group(self, param_group):
@@ -198,7 +204,8 @@ class DPOptimizer(torch.optim.Optimizer):
                           "consumed; that batch contributes nothing", stacklevel=2)
         tape.reset()
 
-    # torch.amp.GradScaler hands itself to step() as grad_scaler= instead of unscaling the gradients
+    # torch.amp.GradScaler hands itself to step() (grad_scaler=, or the grad_scale / found_inf attributes
+    # when step's signature is hidden, as accelerate's wrapper hides it) instead of unscaling the gradients
     # itself (which fails here with "No inf checks were recorded": dpfast's gradients exist only inside step)
     _step_supports_amp_scaling = True
 
@@ -206,15 +213,23 @@ class DPOptimizer(torch.optim.Optimizer):
     def step(self, closure=None, grad_scaler=None) -> bool:
         """Returns True when a logical step was taken (noise added, parameters updated), False after an
         intermediate physical chunk of a larger logical batch."""
-        if getattr(self, "_trained_state_loaded", False) and self.steps == 0:
-            # an optimizer state of a run that took steps, into an engine that released nothing: the engine's
-            # state (accountant, sampler position, noise key) was not restored, and epsilon would restart at 0
-            # while the model carries the earlier steps (accelerate's load_state without the engine)
-            raise DPError("optimizer state from a run that already took steps was loaded, but this engine has released "
-                          "nothing: restore the engine's state too (engine.load_state_dict or engine.load_checkpoint; "
-                          "with accelerate, before make_private), so the privacy already spent is charged; an "
-                          "optimizer state from public pre-training belongs in the optimizer before make_private")
-        if grad_scaler is not None:
+        stamp = getattr(self, "_loaded_stamp", None)
+        if stamp and int(stamp.get("steps", 0)) > 0:
+            from .ledger import run_id
+
+            if int(stamp["steps"]) > self.steps or stamp.get("run") != run_id(self.seed):
+                # an optimizer state of a run that released more than this engine knows of: the engine's state
+                # (accountant, sampler position, noise key) was not restored, and epsilon would restart below
+                # what the model carries (accelerate's load_state without the engine)
+                self.took_step = False
+                raise DPError(f"optimizer state from a run that released {stamp['steps']} steps was loaded, but this "
+                              f"engine {'is another run' if stamp.get('run') != run_id(self.seed) else f'has released {self.steps}'}: "
+                              "restore the engine's state too (engine.load_state_dict or engine.load_checkpoint; with "
+                              "accelerate, before make_private), so the privacy already spent is charged")
+            self._loaded_stamp = None
+        if grad_scaler is not None or getattr(self, "grad_scale", None) is not None \
+                or getattr(self, "found_inf", None) is not None:
+            self.took_step = False
             # fp16 loss scaling multiplies every per-sample gradient by the scale, and skips the steps that
             # overflow: a skip decided by the data, released without noise. Refused before anything is.
             raise DPError("torch.amp.GradScaler (fp16 loss scaling, also accelerate's mixed_precision='fp16') is "

@@ -53,9 +53,6 @@ def train(model, optimizer, loader, epoch, privacy_engine, delta, max_physical_b
                             optimizer=optimizer) as memory_safe_loader:
         for images, target in memory_safe_loader:
             optimizer.zero_grad()
-            if len(images) == 0:     # an empty Poisson batch: no forward; step() still releases noise
-                optimizer.step()
-                continue
             loss = criterion(model(images), target)
             loss.backward()
             optimizer.step()

@@ -133,6 +133,9 @@ class Accountant:
     def __init__(self) -> None:
         self._history: list[Phase] = []
         self._steps = 0
+        # set by an engine whose releases are no longer covered (a release without noise, a refused batch):
+        # get_epsilon and get_privacy_spent then report infinity; loading a state never clears it
+        self.lost: str | None = None
         self._results: dict[tuple[tuple[Phase, ...], float], EpsilonReport] = {}
 
     @staticmethod
@@ -195,12 +198,29 @@ class Accountant:
             raise ValueError(f"alphas= is for the RDP accountant; this one is {self.name!r}")
         return self.get_epsilon(delta), None
 
+    def split_history(self, first_steps: int) -> tuple[list[Phase], list[Phase]]:
+        """(the history's first ``first_steps`` releases, the rest): equal phases merge, so the split
+        may fall inside one (an engine composed after another: the earlier engine's part and its own)."""
+        before, after, left = [], [], int(first_steps)
+        for sigma, q, n in self._history:
+            take = min(n, left)
+            if take:
+                before.append((sigma, q, take))
+            if n - take:
+                after.append((sigma, q, n - take))
+            left -= take
+        return before, after
+
     @property
     def steps(self) -> int:
         return self._steps
 
-    def get_epsilon(self, delta: float) -> float:
-        """Upper bound on epsilon at ``delta`` for the history so far (0.0 for an empty history)."""
+    def get_epsilon(self, delta: float, eps_error: float | None = None) -> float:
+        """Upper bound on epsilon at ``delta`` for the history so far (0.0 for an empty history; infinity
+        once the engine lost its guarantee). ``eps_error`` (Opacus' PRV keyword) is accepted: dpfast's
+        PRV accountant controls its own error and reports the upper bound."""
+        if self.lost is not None:
+            return math.inf
         return self.report(delta).epsilon
 
     def report(self, delta: float) -> EpsilonReport:

@@ -175,6 +175,8 @@ class RDPAccountant(Accountant):
         from dpfast.accounting import check_delta
 
         delta = check_delta(delta)
+        if self.lost is not None:
+            return math.inf, None
         orders = self.orders if alphas is None else tuple(float(a) for a in alphas)
         if not self._history:
             return 0.0, None

@@ -169,19 +169,6 @@ def _fingerprint(weights: dict) -> str:
     return h.hexdigest()
 
 
-def _split_history(history, prior_steps: int):
-    """(the first prior_steps releases, the rest) of an accountant history (phases merge when equal)."""
-    before, after, left = [], [], prior_steps
-    for sigma, q, n in history:
-        take = min(n, left)
-        if take:
-            before.append((sigma, q, take))
-        if n - take:
-            after.append((sigma, q, n - take))
-        left -= take
-    return before, after
-
-
 class SADTrainer(Trainer):
     """The student's run (its checkpoint, ledger and report in --out); the teacher's run in out/teacher
     comes first, in train()."""
@@ -403,7 +390,7 @@ class SADTrainer(Trainer):
         if self.engine is not None:
             from dpfast.accounting import epsilon_report
 
-            _, own = _split_history(self.engine.accountant.history, self.engine.prior_steps)
+            _, own = self.engine.accountant.split_history(self.engine.prior_steps)
             student_eps = math.inf if self.engine._no_privacy else (
                 epsilon_report(own, cfg.delta, cfg.accountant).epsilon if own else 0.0)
         for row in report.get("phases", []):

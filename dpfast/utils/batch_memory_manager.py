@@ -26,16 +26,20 @@ class BatchMemoryManager:
         if isinstance(max_physical_batch_size, bool) or not isinstance(max_physical_batch_size, int) \
                 or max_physical_batch_size < 1:
             raise ValueError(f"max_physical_batch_size must be an int >= 1, got {max_physical_batch_size!r}")
-        if optimizer is not None and getattr(data_loader, "optimizer", None) not in (None, optimizer):
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+        if optimizer is not None and getattr(data_loader, "optimizer", None) not in (None, optimizer, inner):
             raise DPError("BatchMemoryManager: this optimizer is not the one make_private attached to the loader")
         self.loader = data_loader
         self.size = max_physical_batch_size
-        self._before = None
+        self._before = []
 
     def __enter__(self) -> DPDataLoader:
-        self._before = self.loader.max_physical_batch_size
+        self._before.append(self.loader.max_physical_batch_size)
         self.loader.max_physical_batch_size = self.size
+        # an iterator started before planned its chunks with the old size: it is superseded (its next
+        # chunk raises), so that the limit is never silently ignored
+        self.loader._generation += 1
         return self.loader
 
     def __exit__(self, *exc) -> None:
-        self.loader.max_physical_batch_size = self._before
+        self.loader.max_physical_batch_size = self._before.pop()
