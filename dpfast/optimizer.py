@@ -202,7 +202,9 @@ class DPOptimizer(torch.optim.Optimizer):
         if any(s.received for s in tape.sites):
             warnings.warn("optimizer.zero_grad() discarded a backward pass that optimizer.step() never "
                           "consumed; that batch contributes nothing", stacklevel=2)
-        tape.reset()
+            tape.reset()
+        # a forward still waiting for its backward is kept: Lightning's closure calls zero_grad between
+        # them (the next forward of the model starts a new tape anyway)
 
     # torch.amp.GradScaler hands itself to step() (grad_scaler=, or the grad_scale / found_inf attributes
     # when step's signature is hidden, as accelerate's wrapper hides it) instead of unscaling the gradients

@@ -65,3 +65,34 @@ def test_diffusers_accelerate_loop_resumes_as_if_never_stopped(tmp_path, K):
     import stat
 
     assert stat.S_IMODE(os.stat(tmp_path / "b" / "checkpoint-3" / "privacy_engine.pt").st_mode) == 0o600
+
+
+def test_lightning_automatic_optimisation_takes_one_dp_step_per_lightning_step():
+    """Lightning's closure calls zero_grad between forward and backward (it used to fail with a tape
+    error); each of its steps is now one DP-SGD release, accounted."""
+    pytest.importorskip("lightning")
+    from dpfast.accounting import compute_epsilon
+
+    out = load("lightning_dp").main(["--max-steps", "6", "--noise-seed", "3"])
+    assert out["steps"] == out["global_step"] == 6
+    # PRV is numerical: the engine reuses its discretisation as the history grows (within 1e-3)
+    assert out["epsilon"] == pytest.approx(compute_epsilon(1.0, 128 / 1797, 6, 1e-5, "prv"), rel=1e-3)
+
+
+def test_lightning_gradient_accumulation_is_refused():
+    """accumulate_grad_batches=2 used to drop half the batches silently: the second backward before a
+    step is refused, with the dpfast way in the message."""
+    pytest.importorskip("lightning")
+    import lightning as L
+
+    from dpfast.errors import DPError
+
+    ex = load("lightning_dp")
+    args = ex.argparse.Namespace(lr=0.5, sigma=1.0, delta=1e-5, noise_seed=3, batch_size=128)
+    model = ex.build(args)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                        accumulate_grad_batches=2)
+    with pytest.raises(DPError, match="max_physical_batch_size"):
+        trainer.fit(model)
+    assert model.engine.steps == 0
