@@ -175,15 +175,20 @@ class DPDataLoader:
         return {"step": self.step, "seed": self.seed, "sample_rate": self.sample_rate,
                 "dataset_size": len(self.dataset)}
 
-    def load_state_dict(self, sd: dict) -> None:
-        if sd["seed"] != self.seed or sd["sample_rate"] != self.sample_rate or sd["dataset_size"] != len(self.dataset):
+    def check_state(self, sd: dict, seed: int | None = None) -> None:
+        """Raises if ``load_state_dict(sd)`` would; ``seed``: the seed the loader will have by then."""
+        seed = self.seed if seed is None else seed
+        if sd["seed"] != seed or sd["sample_rate"] != self.sample_rate or sd["dataset_size"] != len(self.dataset):
             raise ValueError(
                 f"sampler state is for seed={sd['seed']}, q={sd['sample_rate']}, N={sd['dataset_size']} but this "
-                f"loader has seed={self.seed}, q={self.sample_rate}, N={len(self.dataset)}")
+                f"loader has seed={seed}, q={self.sample_rate}, N={len(self.dataset)}")
         if int(sd["step"]) < self._drawn:
             raise ValueError(f"sampler state is at step {sd['step']} but this loader already drew step "
                              f"{self._drawn - 1}: rewinding would release the same Poisson batches again. To roll "
                              "a run back, load the checkpoint into a new PrivacyEngine (with its ledger)")
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.check_state(sd)
         self.step = int(sd["step"])
         # an iterator started before the load planned its steps from the old position: its remaining
         # steps may be ones the checkpointed run already released (the same Poisson batches again)

@@ -15,6 +15,7 @@ What has to agree across ranks, and who makes it agree (all at ``make_private``)
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,15 @@ from .errors import BatchLayoutError, DPError, NonFiniteGradientError, PrivacyLe
 # so that every rank raises the same class: a loop that catches NonFiniteGradientError and goes on
 # behaves as it does on one process.
 _FAILURES = (NonFiniteGradientError, PrivacyLeakError, BatchLayoutError, DPError)
+
+
+_FP_BYTES = 4  # state fingerprint carried in the gradient all-reduce: collisions 2**-32
+
+
+def state_fingerprint(seed: int, key: int, sampler_step: int | None) -> bytes:
+    """Bytes that differ (but for a 2**-32 collision) when two ranks would release with another seed,
+    noise key or sampler step."""
+    return hashlib.sha256(f"{seed}:{key}:{sampler_step}".encode()).digest()[:_FP_BYTES]
 
 
 def failure_code(exc: BaseException) -> int:
@@ -72,6 +82,7 @@ class DistributedContext:
     rank: int          # rank within ``group``
     world_size: int    # size of ``group``
     group: object = None  # None: the default (WORLD) group
+    disagree: bool = False  # the last all_reduce_ met ranks in different states (seed, key, sampler step)
 
     @classmethod
     def detect(cls, ddp=None):
@@ -93,14 +104,20 @@ class DistributedContext:
             return 0
         return torch.distributed.get_global_rank(self.group, 0)
 
-    def all_reduce_(self, tensors: list[torch.Tensor], failed: int = 0,
-                    step: int | None = None) -> dict[int, int]:
+    def all_reduce_(self, tensors: list[torch.Tensor], failed: int = 0, step: int | None = None,
+                    fingerprint: bytes = b"\0" * _FP_BYTES) -> dict[int, int]:
         """Sum the clipped sums over ranks with ONE collective (flattened into one buffer), in place.
 
         A failure flag rides in the same buffer: a rank whose logical batch was refused passes
         ``failed=failure_code(exc)`` (and zeros). Returns {rank: code} of the ranks that flagged a
         failure; the caller refuses the step on every rank when it is not empty. ``step`` only names
         the logical step in the error raised when the collective itself fails (timeout, dead rank).
+
+        ``fingerprint`` (:func:`state_fingerprint` of the seed, noise key and sampler step) rides there
+        too, one byte per slot (integers below 256 are exact in bf16, fp16 and fp32, and each slot has
+        one writer, so the sum is the byte). After the call ``self.disagree`` says whether the ranks'
+        fingerprints differed: ranks with different seeds would draw different Poisson batches (a record
+        in two ranks' shares counts twice: sensitivity 2C) and different noise.
         """
         if tensors:
             dtype = tensors[0].dtype
@@ -109,8 +126,12 @@ class DistributedContext:
             device = tensors[0].device
         else:
             dtype, device = torch.float32, _comm_device(self.group)
-        flags = torch.zeros(self.world_size, dtype=dtype, device=device)
+        if len(fingerprint) != _FP_BYTES:
+            raise ValueError(f"fingerprint must be {_FP_BYTES} bytes")
+        flags = torch.zeros(self.world_size * (1 + _FP_BYTES), dtype=dtype, device=device)
         flags[self.rank] = float(failed)
+        fp_at = self.world_size + self.rank * _FP_BYTES
+        flags[fp_at:fp_at + _FP_BYTES] = torch.tensor(list(fingerprint), dtype=dtype, device=device)
         flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors] + [flags])
         try:
             torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM, group=self.group)
@@ -128,7 +149,11 @@ class DistributedContext:
             n = t.numel()
             t.copy_(flat[off:off + n].view_as(t))
             off += n
-        return {r: int(f) for r, f in enumerate(flat[off:].tolist()) if f != 0}
+        tail = [int(f) for f in flat[off:].tolist()]
+        prints = {tuple(tail[self.world_size + r * _FP_BYTES:self.world_size + (r + 1) * _FP_BYTES])
+                  for r in range(self.world_size)}
+        self.disagree = len(prints) > 1
+        return {r: f for r, f in enumerate(tail[:self.world_size]) if f != 0}
 
     def agree_seed(self, seed: int, given: bool) -> int:
         """The seed every rank uses. Membership and noise are keyed on it, so ranks must agree: when no

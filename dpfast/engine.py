@@ -61,6 +61,7 @@ class PrivacyEngine:
         self.why_no_privacy: str | None = None
         self._pending_state = None      # load_state_dict before make_private: applied by make_private
         self._prior: list[dict] = []    # earlier engines on the same data (compose_after)
+        self._ledger_check_due = False  # make_private met a used ledger and no checkpoint yet
 
     # ------------------------------------------------------------------ make_private
     def make_private(self, *, module: nn.Module, optimizer: torch.optim.Optimizer,
@@ -104,7 +105,9 @@ class PrivacyEngine:
         if self.optimizer is not None:
             raise DPError("this PrivacyEngine already made a model private; use one engine per model")
         if self.ledger is not None and self._pending_state is None:
-            self._refuse_used_ledger()
+            # a used ledger needs the state of its run: loaded before make_private, or after it (the
+            # accelerate order) but before the first step(), which refuses otherwise
+            self._ledger_check_due = bool(self.ledger.entries())
         if backend == "triton":
             from .rules.backends import resolve_backend
 
@@ -176,6 +179,7 @@ class PrivacyEngine:
                              expected_batch_size=expected_batch_size, loss_reduction=loss_reduction,
                              seed=self.seed, on_release=self._charge, on_refusal=self._refused, nonfinite=nonfinite,
                              distributed=self.distributed, param_names=names, secure_key=self._secure_key)
+        dp_opt._before_step = self._before_step
         if loader is not None:
             loader.optimizer = dp_opt
             dp_opt.data_loader_attached = True
@@ -278,6 +282,11 @@ class PrivacyEngine:
                           "the refusal itself depends on the data without noise, so get_epsilon() now reports "
                           "infinity. Fix the cause and start a new run", stacklevel=3)
 
+    def _before_step(self) -> None:
+        """Run by the optimizer at the start of every step(), before anything is accumulated or released."""
+        if self._ledger_check_due:
+            self._refuse_used_ledger()
+
     def _refuse_used_ledger(self) -> None:
         from .ledger import run_id
 
@@ -287,7 +296,7 @@ class PrivacyEngine:
         mine = [e for e in entries if e.get("run") == run_id(self.seed)]
         raise DPError(
             f"privacy ledger {self.ledger.path} already records {len(entries)} releases "
-            + ("of this run: load its checkpoint (engine.load_state_dict) before make_private to resume"
+            + ("of this run: load its checkpoint (engine.load_state_dict) before the first step() to resume"
                if mine else "of another run: give each run its own ledger file"))
 
     def compose_after(self, earlier) -> None:
@@ -444,17 +453,24 @@ class PrivacyEngine:
             raise ValueError("this checkpoint is of a secure_mode run: resume it with "
                              "PrivacyEngine(secure_mode=True) (a new key is drawn), never with the Philox generator "
                              "keyed by the seed the checkpoint holds")
-        if self.optimizer is not None and sd["seed"] != self.seed:
-            raise ValueError("checkpoint was made with another seed: build the engine with "
-                             "PrivacyEngine(seed=...) from the checkpoint, or load before make_private")
+        adopt = self.optimizer is not None and sd["seed"] != self.seed
+        if adopt:
+            self._refuse_unless_adoptable(sd)
         # every check before anything changes: a refused checkpoint (caught by a script that then starts
         # afresh) must not leave its seed behind, or the next releases would repeat its noise and batches
         from .accounting import Accountant
 
         Accountant.create(self.accountant_kind).load_state_dict(sd["accountant"])
         self._refuse_if_behind(sd)
+        if self.loader is not None and sd.get("sampler") is not None:
+            self.loader.check_state(sd["sampler"], seed=sd["seed"])
         self.seed = sd["seed"]
         self._seed_given = True
+        self._ledger_check_due = False
+        if adopt:  # the loader and the optimizer were built with the seed this engine drew and never used
+            self.optimizer.seed = self.seed
+            if self.loader is not None:
+                self.loader.seed = self.seed
         self.accountant.load_state_dict(sd["accountant"])
         self._prior = [dict(p) for p in sd.get("prior", [])]
         # a release without noise can never be undone by loading a private checkpoint
@@ -469,6 +485,37 @@ class PrivacyEngine:
             self._pending_state = sd  # applied by make_private: steps and sampler position
             return
         self._apply_progress(sd)
+
+    def _refuse_unless_adoptable(self, sd: dict) -> None:
+        """A checkpoint loaded after ``make_private`` (accelerate's ``load_state`` after ``prepare``, the
+        diffusers order) has another seed than the one this engine drew from the OS. Adopting it is sound
+        only while that drawn seed has keyed nothing: no release, no charge, no batch drawn (a Poisson
+        batch planned with it would sit beside the checkpoint's sampler position), no earlier engine
+        composed in. Then the engine is exactly one built from the checkpoint before make_private: every
+        later noise key and batch is the checkpoint run's next one, never one it released. Under
+        torch.distributed each rank adopts what it loads; the first release checks that every rank holds
+        the same seed, noise key and sampler step (:meth:`DistributedContext.all_reduce_`), so a rank
+        that did not load stops the run before anything is released."""
+        opt = self.optimizer
+        why = None
+        if self._seed_given:
+            why = "this engine's seed was chosen (PrivacyEngine(seed=...) or an earlier checkpoint)"
+        elif self._prior:
+            why = "this engine composes after an earlier engine (compose_after)"
+        elif opt.steps or opt._last_key >= 0 or self.accountant.steps or self._no_privacy:
+            why = f"this engine already released {max(opt.steps, self.accountant.steps)} steps with its own seed"
+        elif opt._acc or opt._chunk_pending or opt._refused is not None or \
+                (self.loader is not None and self.loader._drawn):
+            why = "this engine's loader already drew a batch with its own seed"
+        elif self.ledger is not None:
+            from .ledger import run_id
+
+            if any(e.get("run") == run_id(self.seed) for e in self.ledger.entries()):
+                why = "the ledger records releases of this engine's own seed"
+        if why is not None:
+            raise ValueError(f"checkpoint was made with another seed and {why}: build the engine with "
+                             "PrivacyEngine(seed=...) from the checkpoint, or load it before make_private or "
+                             "the first batch")
 
     def _charge_ledger_after(self, sd: dict) -> dict:
         """Releases the ledger records after checkpoint ``sd`` were made and may not be forgotten: charge

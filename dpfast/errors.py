@@ -19,3 +19,8 @@ class PrivacyLeakError(DPError):
 
 class BatchLayoutError(DPError, ValueError):
     """The rows of the batch do not match the samples (multiplicity, batch size or layout)."""
+
+
+class RankStateMismatchError(DPError):
+    """Ranks of a distributed run hold different seeds, noise keys or sampler steps (a checkpoint loaded
+    on some ranks only); nothing was released, and the mismatch does not depend on the data."""

@@ -21,7 +21,7 @@ import warnings
 
 import torch
 
-from .errors import BatchLayoutError, DPError, NonFiniteGradientError, PrivacyLeakError
+from .errors import BatchLayoutError, DPError, NonFiniteGradientError, PrivacyLeakError, RankStateMismatchError
 from .finalize import finalize_
 from .random import normal_f64
 
@@ -78,6 +78,7 @@ class DPOptimizer(torch.optim.Optimizer):
         # wrapper loses it (accelerate's AcceleratedOptimizer.step returns None): advance LR
         # schedulers, EMA and global_step only when it is True
         self.took_step = False
+        self._before_step = None  # the engine's checks at the start of every step()
 
     # ----------------------------------------------------------- torch.optim.Optimizer surface
     @property
@@ -215,6 +216,12 @@ class DPOptimizer(torch.optim.Optimizer):
     def step(self, closure=None, grad_scaler=None) -> bool:
         """Returns True when a logical step was taken (noise added, parameters updated), False after an
         intermediate physical chunk of a larger logical batch."""
+        if self._before_step is not None:
+            try:
+                self._before_step()
+            except Exception:
+                self.took_step = False
+                raise
         stamp = getattr(self, "_loaded_stamp", None)
         if stamp and int(stamp.get("steps", 0)) > 0:
             from .ledger import run_id
@@ -271,7 +278,8 @@ class DPOptimizer(torch.optim.Optimizer):
                 from .distributed import failure_code
 
                 zeros = [self._acc_for(p) for p in self.params]
-                self.distributed.all_reduce_(zeros, failed=failure_code(exc), step=self.steps)
+                self.distributed.all_reduce_(zeros, failed=failure_code(exc), step=self.steps,
+                                             fingerprint=self._state_fingerprint())
                 self._acc.clear()
             self._refuse(exc)  # at once: a loop that leaves after a refused early chunk is still charged
             raise
@@ -279,6 +287,9 @@ class DPOptimizer(torch.optim.Optimizer):
             return False
         try:
             self._finalize_logical_batch()
+        except RankStateMismatchError:
+            self.private_module.tape.reset()
+            raise
         except Exception as exc:
             self._refuse(exc)
             raise
@@ -287,6 +298,11 @@ class DPOptimizer(torch.optim.Optimizer):
             p.grad = None  # the released gradient has been used; keep p.grad free for the leak check
         self.took_step = True
         return True
+
+    def _state_fingerprint(self) -> bytes:
+        from .distributed import state_fingerprint
+
+        return state_fingerprint(self.seed, self.steps, self.sampler_step if self.data_loader_attached else None)
 
     @property
     def noise_step(self) -> int:
@@ -409,7 +425,14 @@ class DPOptimizer(torch.optim.Optimizer):
     def _finalize_logical_batch(self) -> None:
         accs = [self._acc_for(p) for p in self.params]
         if self.distributed is not None:
-            failed = self.distributed.all_reduce_(accs, step=self.steps)
+            failed = self.distributed.all_reduce_(accs, step=self.steps, fingerprint=self._state_fingerprint())
+            if self.distributed.disagree:
+                # not a refusal of the batch: the states differ whatever the data, and nothing is released
+                self._acc.clear()
+                raise RankStateMismatchError(
+                    f"rank {self.distributed.rank}: the ranks hold different seeds, noise keys or sampler steps at "
+                    f"logical step {self.steps}; a checkpoint was probably loaded on some ranks only (load the "
+                    "engine's state on every rank, before the first step); nothing was released")
             if failed:  # another rank refused its share of this logical batch: refuse it here too
                 from .distributed import refused_step_error
 

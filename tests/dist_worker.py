@@ -139,6 +139,51 @@ def _seed_checks(world: int, rank: int) -> dict:
             "partial_error": make_private(5 if rank == 1 else None)}     # explicit on rank 1 only
 
 
+def _resume_checks(world: int, rank: int) -> dict:
+    """A checkpoint loaded after make_private (accelerate's order), by engines with OS-drawn seeds: on
+    every rank it is adopted and the run goes on; on rank 0 only, the first release stops every rank
+    (their seeds differ) before anything is released, and no guarantee is lost."""
+    x = torch.randn(N, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    data = TensorDataset(x, x[:, :2].clone())
+
+    def engine_and_loop():
+        engine = PrivacyEngine(accountant="rdp")
+        m = make_model(torch.float64)
+        m, opt, loader = engine.make_private(module=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1),
+                                             data_loader=DataLoader(data, batch_size=PER_RANK),
+                                             noise_multiplier=1.0, max_grad_norm=1.0, backend="torch")
+
+        def run(n):
+            done = 0
+            while done < n:
+                for xb, yb in loader:
+                    opt.zero_grad()
+                    (m(xb) - yb).square().sum().backward()
+                    if opt.step():
+                        done += 1
+                        if done == n:
+                            break
+        return engine, m, run
+
+    first, _, run = engine_and_loop()
+    run(2)
+    state = first.state_dict()
+    out = {}
+    for who in ("all", "rank0"):
+        engine, m, run = engine_and_loop()
+        if who == "all" or rank == 0:
+            engine.load_state_dict(state)
+        try:
+            run(1)
+            out[who] = {"steps": engine.steps, "seed": engine.seed,
+                        "params": torch.cat([p.detach().reshape(-1) for p in m.parameters()])}
+        except DPError as e:
+            out[who] = {"error": f"{type(e).__name__}: {e}", "steps": engine.steps,
+                        "lost": engine.why_no_privacy}
+    out["first_seed"] = first.seed
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -157,6 +202,7 @@ def main() -> None:
     results = {name: train(world=info.world_size, rank=info.rank, **kw) for name, kw in SCENARIOS.items()
                if not args.only or name in args.only}
     results.update(_seed_checks(info.world_size, info.rank))
+    results["resume"] = _resume_checks(info.world_size, info.rank)
     results["is_main"] = info.is_main
     torch.save(results, os.path.join(args.out, f"rank{info.rank}.pt"))
     barrier()

@@ -165,6 +165,20 @@ def test_seeds_agree_across_ranks(runs):
     assert r0["is_main"] and not r1["is_main"]
 
 
+def test_checkpoint_loaded_after_make_private(runs):
+    """Loaded on every rank after make_private: the checkpoint's seed is adopted and the ranks go on in
+    step. Loaded on rank 0 only: the first release's all-reduce finds the ranks' seeds, noise keys
+    and sampler steps differ, and every rank stops before anything is released, its guarantee intact."""
+    r0, r1 = (r["resume"] for r in runs["ranks"])
+    assert r0["all"]["seed"] == r1["all"]["seed"] == r0["first_seed"]
+    assert r0["all"]["steps"] == r1["all"]["steps"] == 3
+    assert torch.equal(r0["all"]["params"], r1["all"]["params"])
+    for r, steps in ((r0, 2), (r1, 0)):
+        bad = r["rank0"]
+        assert bad["error"].startswith("RankStateMismatchError") and "some ranks only" in bad["error"], bad
+        assert bad["steps"] == steps and bad["lost"] is None
+
+
 def test_crashing_rank_stops_the_run(runs):
     """Rank 1 raises while rank 0 waits in the step's all-reduce: rank 0's all-reduce fails at once
     (gloo: connection closed) or torchrun stops it, and the run fails with rank 1's error."""

@@ -134,9 +134,10 @@ def test_save_and_load_checkpoint_continue_the_run(tmp_path):
     steps(m, opt, loader, 2)  # the uninterrupted run
     for a, b in zip(model.parameters(), model2.parameters()):
         assert torch.equal(a, b)
-    # an engine that already drew its own seed and made a model private refuses another run's checkpoint
-    engine3, _, (m3, o3, _) = setup(PrivacyEngine(accountant="rdp"))
-    with pytest.raises(ValueError, match="another seed"):
+    # an engine that already released with its own seed refuses another run's checkpoint
+    engine3, _, (m3, o3, l3) = setup(PrivacyEngine(accountant="rdp"))
+    steps(m3, o3, l3, 1)
+    with pytest.raises(ValueError, match="another seed and this engine already released 1 steps"):
         engine3.load_checkpoint(path=path, module=m3, optimizer=o3)
     with pytest.raises(DPError, match="schedulers"):
         engine.save_checkpoint(path=tmp_path / "x.pt", module=m, noise_scheduler=object())
