@@ -32,10 +32,10 @@ _FAILURES = (NonFiniteGradientError, PrivacyLeakError, BatchLayoutError, DPError
 _FP_BYTES = 4  # state fingerprint carried in the gradient all-reduce: collisions 2**-32
 
 
-def state_fingerprint(seed: int, key: int, sampler_step: int | None) -> bytes:
+def state_fingerprint(seed: int, key: int, sampler_step: int | None, mechanism: tuple = ()) -> bytes:
     """Bytes that differ (but for a 2**-32 collision) when two ranks would release with another seed,
-    noise key or sampler step."""
-    return hashlib.sha256(f"{seed}:{key}:{sampler_step}".encode()).digest()[:_FP_BYTES]
+    noise key, sampler step or mechanism (sigma, clip norm, expected batch size, reduction)."""
+    return hashlib.sha256(f"{seed}:{key}:{sampler_step}:{mechanism!r}".encode()).digest()[:_FP_BYTES]
 
 
 def failure_code(exc: BaseException) -> int:

@@ -62,6 +62,7 @@ class PrivacyEngine:
         self._pending_state = None      # load_state_dict before make_private: applied by make_private
         self._prior: list[dict] = []    # earlier engines on the same data (compose_after)
         self._ledger_check_due = False  # make_private met a used ledger and no checkpoint yet
+        self._calibrated = False        # make_private_with_epsilon chose sigma
 
     # ------------------------------------------------------------------ make_private
     def make_private(self, *, module: nn.Module, optimizer: torch.optim.Optimizer,
@@ -72,7 +73,8 @@ class PrivacyEngine:
                      sample_rate: float | None = None, nonfinite: str = "zero", norm_method: str = "auto",
                      criterion=None, grad_sample_mode: str | None = None, clipping: str = "flat",
                      batch_first: bool = True, wrap_model: bool = True, noise_generator=None,
-                     rand_on_empty: bool = False, secure_mode: bool | None = None):
+                     rand_on_empty: bool = False, secure_mode: bool | None = None,
+                     max_materialized_bytes: int | float | None = None):
         """Returns ``(module, optimizer, data_loader)``: the same module (made private in place), a
         DPOptimizer wrapping ``optimizer``, and a Poisson-sampling loader over ``data_loader``'s dataset.
 
@@ -96,8 +98,15 @@ class PrivacyEngine:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         if nonfinite not in ("raise", "zero"):
             raise ValueError(f"nonfinite must be 'raise' or 'zero', got {nonfinite!r}")
-        if norm_method not in ("auto", "direct", "ghost"):
-            raise ValueError(f"norm_method must be 'auto', 'direct' or 'ghost', got {norm_method!r}")
+        from .plan import check_norm_method, resolve_extra_bytes
+
+        check_norm_method(norm_method)
+        if mode == "two-pass" and (norm_method == "materialize" or
+                                   (isinstance(norm_method, dict) and "materialize" in norm_method.values())):
+            raise ValueError("norm_method 'materialize' keeps per-sample gradients until the clip factors are "
+                             "known, which mode='two-pass' exists to avoid: use mode='bk'")
+        first = next(module.parameters(), None)
+        extra = resolve_extra_bytes(max_materialized_bytes, first.device if first is not None else None)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, DPOptimizer):
@@ -140,7 +149,7 @@ class PrivacyEngine:
                 self.distributed.broadcast_module_(module)
 
         pm = PrivateModule(module, multiplicity=multiplicity, mode=mode, backend=backend,
-                           norm_method=norm_method)
+                           norm_method=norm_method, max_materialized_bytes=extra)
         loader = None
         if data_loader is not None:
             dataset = data_loader.dataset
@@ -170,6 +179,12 @@ class PrivacyEngine:
         elif expected_batch_size is None and loss_reduction == "mean":
             raise DPError("without a data_loader, pass expected_batch_size (the logical batch size) so the "
                           "noisy sum can be divided by it")
+        if self._pending_state is not None and loader is not None and self._pending_state.get("sampler") is not None:
+            try:  # the loaded checkpoint must fit this loader, before the engine holds anything of this call
+                loader.check_state(self._pending_state["sampler"])
+            except ValueError:
+                pm.remove()
+                raise
         self._noise_multiplier = float(noise_multiplier)
         self.sample_rate = sample_rate
         if noise_multiplier == 0:
@@ -220,9 +235,17 @@ class PrivacyEngine:
             steps = int(math.ceil(epochs * max(1, round(1 / q))))
         # the history of the engines composed before this one (compose_after), not this run's own releases:
         # a resumed run (its state loaded before make_private) gets the sigma of the uninterrupted run
-        prior, _ = self.accountant.split_history(self.prior_steps)
+        prior, own = self.accountant.split_history(self.prior_steps)
         sigma = calibrate_noise_multiplier(target_epsilon, target_delta, q, steps=steps,
                                            accountant=self.accountant_kind, history=prior)
+        done = sum(n for *_, n in own)
+        if any(abs(s_ - sigma) > 1e-9 * sigma or q_ != q for s_, q_, _ in own):
+            # the run's earlier part used another sigma or rate: the uninterrupted run's sigma would miss the
+            # target, so calibrate what is left against the whole history
+            if done >= steps:
+                raise DPError(f"this run already released {done} steps, not fewer than the {steps} asked for")
+            sigma = calibrate_noise_multiplier(target_epsilon, target_delta, q, steps=steps - done,
+                                               accountant=self.accountant_kind, history=prior + own)
         if self.secure_mode and "max_grad_norm" in kwargs:
             # the accountant charges the grid's effective sigma, a little below the nominal one: raise the
             # nominal sigma until the charged one meets the calibrated value
@@ -230,8 +253,10 @@ class PrivacyEngine:
 
             dim = sum(p.numel() for g in optimizer.param_groups for p in g["params"] if p.requires_grad)
             sigma = nominal_noise_multiplier(sigma, max(1, dim), max_grad_norm=kwargs["max_grad_norm"])
-        return self.make_private(module=module, optimizer=optimizer, data_loader=data_loader,
-                                 noise_multiplier=sigma, sample_rate=q, **kwargs)
+        out = self.make_private(module=module, optimizer=optimizer, data_loader=data_loader,
+                                noise_multiplier=sigma, sample_rate=q, **kwargs)
+        self._calibrated = True
+        return out
 
     # ------------------------------------------------------------------ accounting
     @property
@@ -453,17 +478,29 @@ class PrivacyEngine:
             raise ValueError("this checkpoint is of a secure_mode run: resume it with "
                              "PrivacyEngine(secure_mode=True) (a new key is drawn), never with the Philox generator "
                              "keyed by the seed the checkpoint holds")
-        adopt = self.optimizer is not None and sd["seed"] != self.seed
-        if adopt:
-            self._refuse_unless_adoptable(sd)
         # every check before anything changes: a refused checkpoint (caught by a script that then starts
         # afresh) must not leave its seed behind, or the next releases would repeat its noise and batches
         from .accounting import Accountant
+        from .ledger import run_id
 
+        if not isinstance(sd.get("seed"), int) or not 0 <= sd["seed"] < (1 << 64):
+            raise ValueError(f"checkpoint seed must be an int in [0, 2**64), got {sd.get('seed')!r}")
+        run_id(sd["seed"])
+        adopt = self.optimizer is not None and sd["seed"] != self.seed
+        if adopt:
+            self._refuse_unless_adoptable(sd)
+        if self.optimizer is not None:
+            self._refuse_if_unreleased()
+            if self._calibrated and (int(sd["steps"]) > 0 or sd.get("prior")):
+                raise ValueError("this engine's noise multiplier was calibrated by make_private_with_epsilon before "
+                                 f"the checkpoint's {sd['steps']} releases (and earlier engines) were known, so the run "
+                                 "would miss its target: load the checkpoint before make_private_with_epsilon")
         Accountant.create(self.accountant_kind).load_state_dict(sd["accountant"])
         self._refuse_if_behind(sd)
+        self._refuse_if_prior_dropped(sd)
         if self.loader is not None and sd.get("sampler") is not None:
             self.loader.check_state(sd["sampler"], seed=sd["seed"])
+        later, lost_events = self._ledger_after(sd)  # read before anything changes (I/O can fail)
         self.seed = sd["seed"]
         self._seed_given = True
         self._ledger_check_due = False
@@ -480,7 +517,7 @@ class PrivacyEngine:
             warnings.warn("loading a checkpoint without a privacy ledger: if steps after it were released (a "
                           "rollback), they are not charged and their noise keys repeat. Pass "
                           "PrivacyEngine(ledger=...) to keep a durable record of every release", stacklevel=2)
-        sd = self._charge_ledger_after(sd)
+        sd = self._charge_ledger_after(sd, later, lost_events)
         if self.optimizer is None:
             self._pending_state = sd  # applied by make_private: steps and sampler position
             return
@@ -517,18 +554,46 @@ class PrivacyEngine:
                              "PrivacyEngine(seed=...) from the checkpoint, or load it before make_private or "
                              "the first batch")
 
-    def _charge_ledger_after(self, sd: dict) -> dict:
-        """Releases the ledger records after checkpoint ``sd`` were made and may not be forgotten: charge
-        them, and move the noise key and the sampler past them (fresh noise, fresh batches)."""
+    def _refuse_if_unreleased(self) -> None:
+        """A batch drawn (and maybe backpropagated) before the load and not yet released would be
+        released after it with the checkpoint's noise key but its own, possibly already released,
+        Poisson batch."""
+        opt = self.optimizer
+        if opt._chunk_pending or opt._acc or opt._refused is not None:
+            raise ValueError("a batch drawn before this load is waiting for optimizer.step(): load the checkpoint "
+                             "before drawing the first batch (or right after a step())")
+
+    def _refuse_if_prior_dropped(self, sd: dict) -> None:
+        """Engines composed before this one (compose_after) released on the same data: a checkpoint that
+        does not carry them would make get_epsilon forget those releases."""
+        theirs = {p.get("run") for p in sd.get("prior", [])}
+        dropped = [p for p in self._prior if p.get("run") not in theirs]
+        if dropped:
+            raise ValueError(f"this engine composes after {len(dropped)} earlier engine(s) that the checkpoint does "
+                             "not: loading it would forget their releases on the same data. Load a checkpoint of "
+                             "the composed run")
+
+    def _ledger_after(self, sd: dict) -> tuple[list, list]:
+        """(releases the ledger records at or after checkpoint ``sd``'s step, guarantee-lost events) of
+        its run; read only."""
         if self.ledger is None:
-            return sd
+            return [], []
         from .ledger import run_id
 
         mine = [e for e in self.ledger.entries() if e.get("run") == run_id(sd["seed"])]
         lost = [e for e in mine if e.get("event") == "guarantee_lost"]
+        later = [e for e in mine if "key" in e and int(e["key"]) >= int(sd["steps"])]
+        for e in later:
+            int(e["key"]), float(e["sigma"]) if e.get("sigma") is not None else None  # malformed: refused here
+        return later, lost
+
+    def _charge_ledger_after(self, sd: dict, later: list, lost: list) -> dict:
+        """Releases the ledger records after checkpoint ``sd`` were made and may not be forgotten: charge
+        them, and move the noise key and the sampler past them (fresh noise, fresh batches)."""
+        if self.ledger is None:
+            return sd
         if lost:
             self._lose_privacy(f"the privacy ledger records that the guarantee was lost: {lost[0].get('why')}")
-        later = [e for e in mine if "key" in e and int(e["key"]) >= int(sd["steps"])]
         if not later:
             return sd
         for e in later:
@@ -570,6 +635,8 @@ class PrivacyEngine:
         self.optimizer.seed = self.seed
         if self.loader is not None and sd["sampler"] is not None:
             self.loader.load_state_dict(sd["sampler"])
+            # the checkpointed run released every batch before the sampler's position
+            self.optimizer._last_sampler_step = max(self.optimizer._last_sampler_step, int(sd["sampler"]["step"]) - 1)
 
 
 _GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "expanded_weights", "ghost")

@@ -302,7 +302,9 @@ class DPOptimizer(torch.optim.Optimizer):
     def _state_fingerprint(self) -> bytes:
         from .distributed import state_fingerprint
 
-        return state_fingerprint(self.seed, self.steps, self.sampler_step if self.data_loader_attached else None)
+        return state_fingerprint(self.seed, self.steps, self.sampler_step if self.data_loader_attached else None,
+                                 (self.noise_multiplier, self.max_grad_norm, self.expected_batch_size,
+                                  self.loss_reduction))
 
     @property
     def noise_step(self) -> int:

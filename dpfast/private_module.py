@@ -59,6 +59,7 @@ class _ReplayTape(Tape):
 
     def __init__(self, tape: Tape, row_scale: torch.Tensor, accumulate, bound: float):
         super().__init__(tape.multiplicity, two_pass=False, backend=tape.backend, norm_method=tape.norm_method)
+        self.can_materialize = False  # the replay adds each layer's clipped gradient as it comes
         self.expected = tape.sites
         self.low_precision = tape.low_precision
         self.row_scale = row_scale
@@ -183,13 +184,14 @@ class PrivateModule:
     """Owns the tape of the current step, the installed forwards and the two-pass replay."""
 
     def __init__(self, module: nn.Module, *, multiplicity: int, mode: str, backend: str,
-                 norm_method: str = "auto"):
+                 norm_method="auto", max_materialized_bytes: int | None = None):
         if _REGISTRY.get(module) is not None:
             raise DPError("this module is already private (make_private was called on it before); "
                           "call dpfast.remove_private(module) first or build a fresh model")
         self.module = module
         self.mode = mode
-        self.tape = Tape(multiplicity, two_pass=(mode == "two-pass"), backend=backend, norm_method=norm_method)
+        self.tape = Tape(multiplicity, two_pass=(mode == "two-pass"), backend=backend, norm_method=norm_method,
+                         max_materialized_bytes=max_materialized_bytes)
         self.replaying = False
         self._replay_tape: _ReplayTape | None = None
         self._installed: list[nn.Module] = []

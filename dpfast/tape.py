@@ -55,16 +55,26 @@ class Site:
     # two-pass: per-row fingerprints of G and of the layer's input, checked by the replay
     fingerprint: torch.Tensor | None = None
     input_fingerprint: torch.Tensor | None = None
+    # dpfast.plan: "ghost" / "direct" / "auto" for the rule's norm; per-sample gradients when materialized
+    method: str = "auto"
+    materialized: list | None = None
 
 
 class Tape:
     """Sites of one forward pass; per-sample squared norms accumulated during backward."""
 
-    def __init__(self, multiplicity: int, two_pass: bool, backend: str, norm_method: str = "auto"):
+    can_materialize = True  # the two-pass replay tape sets it False: its sites are summed as they come
+
+    def __init__(self, multiplicity: int, two_pass: bool, backend: str, norm_method="auto",
+                 max_materialized_bytes: int | None = None):
+        from .plan import DEFAULT_EXTRA_BYTES
+
         self.multiplicity = multiplicity
         self.two_pass = two_pass
         self.backend = backend
-        self.norm_method = norm_method
+        self.norm_method = norm_method  # "auto", a strategy, or {layer name or glob: either}
+        self.max_extra_bytes = DEFAULT_EXTRA_BYTES if max_materialized_bytes is None else max_materialized_bytes
+        self.last_plan: list[dict] = []  # per single-site layer of the last step: name, strategy, timings
         # rows of the current physical chunk (samples x K) when the private loader announced it; every
         # layer's row count is checked against it at its forward (a layer that sees positions or a
         # reshaped batch in dim 0 is refused, whatever the other layers see)
@@ -72,6 +82,11 @@ class Tape:
         self.reset()
 
     def reset(self) -> None:
+        if getattr(self, "_plan_now", None):
+            self.last_plan = self._plan_now
+        self._plan_now: list[dict] = []
+        self._extra_bytes = 0  # what materialized layers hold beyond what they freed, this pass
+        self._holders: dict | None = None
         self.epoch = getattr(self, "epoch", 0) + 1
         self.sites: list[Site] = []
         self.rows: int | None = None
@@ -179,12 +194,110 @@ class Tape:
         # named for profilers (the benchmark harness reports the norm share of a step from it)
         with torch.profiler.record_function("dpfast::norm"), exact_fp32():
             if len(members) == 1:
-                self._add_norms(members[0].rule.norm_sq(members[0], self))
+                self._add_norms(self._single_norm_sq(members[0]))
             else:
                 self._add_norms(self._shared_norm_sq(members))
         if self.two_pass:
             for s in members:
                 s.rule.release(s)
+
+    def method_of(self, site: Site) -> str:
+        """The norm a rule with a ghost and a direct form computes for ``site``: "ghost", "direct", or
+        "auto" (the FLOP model of :mod:`dpfast.rules._norms`)."""
+        return site.method
+
+    def _single_norm_sq(self, site: Site) -> torch.Tensor:
+        """A layer whose parameters no other site touches: norm by the strategy :mod:`dpfast.plan`
+        chooses (forced by ``norm_method``, else measured once per layer shape and remembered)."""
+        from . import plan
+
+        forced = plan.forced_strategy(self.norm_method, site.name)
+        n = self.rows // self.multiplicity
+        psg_bytes, freed = self._materialize_bytes(site, n)
+        fits = self.can_materialize and not self.two_pass and \
+            self._extra_bytes + psg_bytes - freed <= self.max_extra_bytes
+        entry = None
+        if forced != "auto":
+            strategy = forced
+            if strategy == "materialize" and not (self.can_materialize and not self.two_pass):
+                strategy = "direct"
+        else:
+            key = plan.shape_key(site, self.multiplicity)
+            entry = plan.planner().lookup(key)
+            if entry is None:
+                return self._calibrate(site, key, n, fits)
+            strategy = entry["strategy"]
+            if strategy == "materialize" and not fits:
+                rest = {k: v for k, v in entry["times"].items() if k != "materialize"}
+                strategy = min(rest, key=rest.get) if rest else "auto"
+        return self._run_strategy(site, strategy, n, psg_bytes, freed, entry)
+
+    def _run_strategy(self, site, strategy, n, psg_bytes, freed, entry, sq=None, psg=None):
+        self._plan_now.append({"layer": site.name, "rule": type(site.rule).__name__, "strategy": strategy,
+                               "samples": n, "times": dict(entry["times"]) if entry else None,
+                               "materialized_bytes": psg_bytes if strategy == "materialize" else 0})
+        if strategy == "materialize":
+            if psg is None:
+                psg = site.rule.per_sample_grads(site, self, slice(0, n))
+            if sq is None:
+                sq = _sum_sq(psg)
+            site.materialized = psg
+            site.rule.release(site)  # its input and output gradient are no longer needed
+            self._extra_bytes += psg_bytes - freed
+            return sq
+        site.method = strategy if strategy in ("ghost", "direct") else "auto"
+        return sq if sq is not None else site.rule.norm_sq(site, self)
+
+    def _materialize_bytes(self, site: Site, n: int) -> tuple[int, int]:
+        """(bytes of the layer's per-sample gradients, bytes freed by releasing its saved tensors)."""
+        acc = 8 if any(t.param.dtype == torch.float64 for t in site.targets) else 4
+        psg = n * sum(t.shape.numel() for t in site.targets) * acc
+        if self._holders is None:  # how many sites hold each saved storage (once per pass)
+            self._holders = {}
+            for o in self.sites:
+                for t in o.saved.values():
+                    if torch.is_tensor(t):
+                        ptr = t.untyped_storage().data_ptr()
+                        self._holders[ptr] = self._holders.get(ptr, 0) + 1
+        freed = site.G.numel() * site.G.element_size() if site.G is not None else 0
+        for k in self.ROW_TENSORS + ("xh", "idx"):
+            t = site.saved.get(k)
+            if torch.is_tensor(t) and self._holders.get(t.untyped_storage().data_ptr(), 0) <= 1:
+                freed += t.numel() * t.element_size()  # no other site keeps it alive
+        return psg, freed
+
+    def _calibrate(self, site: Site, key: str, n: int, fits: bool) -> torch.Tensor:
+        """Times every strategy on this step's tensors (twice, the faster of the two), records the
+        fastest per sample, and goes on with it. Only the machine's speed decides, never the values."""
+        from . import plan
+        from .rules.conv import ConvRule
+        from .rules.linear import LinearRule
+
+        dev = next(t.device for t in [site.G, *site.saved.values()] if torch.is_tensor(t))
+        two_forms = isinstance(site.rule, (LinearRule, ConvRule)) and site.saved.get("has_w")
+        ones = torch.ones(self.rows, dtype=torch.float32, device=dev)
+        times: dict[str, float] = {}
+        results: dict[str, torch.Tensor] = {}
+        psg = None
+        for _ in range(2):
+            for m in (("ghost", "direct") if two_forms else ("direct",)):
+                site.method = m if two_forms else "auto"
+                results[m], t = plan.timed(lambda: site.rule.norm_sq(site, self), dev)
+                times[m] = min(times.get(m, float("inf")), t)
+            _, t_sum = plan.timed(lambda: site.rule.clipped_grads(site, self, ones), dev)
+            times["sum"] = min(times.get("sum", float("inf")), t_sum)
+            if fits:
+                (psg, sq), t = plan.timed(lambda: _psg_and_sq(site, self, n), dev)
+                _, t_mv = plan.timed(lambda: _materialized_sums(psg, ones[:n]), dev)
+                times["materialize"] = min(times.get("materialize", float("inf")), t + t_mv)
+                results["materialize"] = sq
+        t_sum = times.pop("sum")
+        per_sample = {m: (t + (0.0 if m == "materialize" else t_sum)) / max(1, n) for m, t in times.items()}
+        entry = plan.planner().record(key, per_sample)
+        strategy = entry["strategy"]
+        psg_bytes, freed = self._materialize_bytes(site, n)
+        return self._run_strategy(site, strategy, n, psg_bytes, freed, entry, sq=results[strategy],
+                                  psg=psg if strategy == "materialize" else None)
 
     def _shared_norm_sq(self, members: list[Site]) -> torch.Tensor:
         """Norm of each sample's gradient of every parameter the members touch, chunk by chunk.
@@ -238,7 +351,11 @@ class Tape:
 
     def drop_rows(self, bad_rows: torch.Tensor) -> None:
         """Zero the saved rows of samples that are dropped (non-finite), so NaN * 0 cannot leak in."""
+        bad_samples = bad_rows.view(-1, self.multiplicity).any(dim=1)
         for site in self.sites:
+            if site.materialized is not None:
+                site.materialized = [g.masked_fill(bad_samples.to(g.device).view(-1, *([1] * (g.dim() - 1))), 0)
+                                     for g in site.materialized]
             if site.G is not None:
                 site.G = site.G.masked_fill(bad_rows.view(-1, *([1] * (site.G.dim() - 1))), 0)
             for k in self.ROW_TENSORS:
@@ -249,12 +366,48 @@ class Tape:
     def clipped_sums(self, row_scale: torch.Tensor, accumulate) -> None:
         """For every site that received a gradient: ``accumulate(target, sum_r row_scale[r] * grad_r)``."""
         with exact_fp32():
+            per_sample = None
             for site in self.sites:
                 if not site.received:
+                    continue
+                if site.materialized is not None:
+                    if per_sample is None:
+                        per_sample = _per_sample_scale(row_scale, self.multiplicity)
+                    for t, g in zip(site.targets, _materialized_sums(site.materialized, per_sample)):
+                        accumulate(t, g)
+                    site.materialized = None
                     continue
                 for t, g in zip(site.targets, site.rule.clipped_grads(site, self, row_scale)):
                     accumulate(t, g)
                 site.rule.release(site)
+
+
+def _sum_sq(grads: list[torch.Tensor]) -> torch.Tensor:
+    """(B,) squared norm of each sample's gradient over all of a site's targets."""
+    out = 0
+    for g in grads:
+        out = out + g.reshape(g.shape[0], -1).square().sum(dim=1)
+    return out
+
+
+def _psg_and_sq(site: Site, tape: Tape, n: int):
+    psg = site.rule.per_sample_grads(site, tape, slice(0, n))
+    return psg, _sum_sq(psg)
+
+
+def _materialized_sums(grads: list[torch.Tensor], s: torch.Tensor) -> list[torch.Tensor]:
+    """``sum_i s[i] * grads[i]`` for each target: one matrix-vector product, in the gradients' dtype
+    (fp32, or fp64 for fp64 layers)."""
+    return [(s.to(g.dtype) @ g.reshape(g.shape[0], -1)).view(g.shape[1:]) for g in grads]
+
+
+def _per_sample_scale(row_scale: torch.Tensor, K: int) -> torch.Tensor:
+    """The optimizer's row scale is each sample's factor repeated over its K rows; a materialized
+    gradient is the sum over those rows, so it can only take a factor that is the same for all K."""
+    rs = row_scale.reshape(-1, K)
+    if K > 1 and not torch.equal(rs, rs[:, :1].expand_as(rs)):
+        raise DPError("internal: a materialized layer got different scales for the rows of one sample")
+    return rs[:, 0]
 
 
 _PROJECTIONS: dict = {}

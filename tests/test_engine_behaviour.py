@@ -45,13 +45,16 @@ class MaxAlloc(TorchDispatchMode):
         return out
 
 
-def test_no_B_by_P_tensor_during_a_bk_step():
+@pytest.mark.parametrize("norm_method", ["ghost", "direct"])
+def test_no_B_by_P_tensor_during_a_bk_step(norm_method):
+    """Without materialized layers (dpfast.plan), no tensor of a layer's per-sample gradients of all B
+    samples exists: the norms are taken chunk by chunk under the memory budget."""
     model = small_cnn()
     P = sum(p.numel() for p in model.parameters())
     B = 16
     dpfast.rules._norms.set_memory_budget(P // 4)  # force chunking: a layer's per-sample grads of all B
     try:                                            # samples would be larger than the budget
-        _, m, o, _ = private(model, B=B, C=0.1)
+        _, m, o, _ = private(model, B=B, C=0.1, norm_method=norm_method)
         x = torch.randn(B, 1, 8, 8)
         with MaxAlloc() as mode:
             o.zero_grad()
@@ -62,6 +65,29 @@ def test_no_B_by_P_tensor_during_a_bk_step():
     assert mode.largest < B * P / 4, f"largest tensor {mode.largest} vs B*P={B * P}"
 
 
+def test_materialized_layers_stay_within_their_budget():
+    """max_materialized_bytes=0: a layer is materialized only where its per-sample gradients are no
+    larger than the saved input and output gradient they free, so what the step holds never grows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.SiLU(), nn.Conv2d(4, 4, 3, padding=1), nn.Flatten(),
+                          nn.Linear(4 * 16 * 16, 64))  # the Linear's 16k-element gradient per sample > its A + G
+    engine, m, o, _ = private(model, B=8, C=0.1, norm_method="auto", max_materialized_bytes=0)
+    x = torch.randn(8, 1, 16, 16)
+    for _ in range(2):  # the first step measures, the second uses the cached choice
+        o.zero_grad()
+        m(x).square().mean(1).mean().backward()
+        o.step()
+    plan = {d["layer"]: d for d in engine.private_module.tape.last_plan}
+    assert plan["4"]["strategy"] != "materialize"
+    assert all(d["materialized_bytes"] <= 8 * 2 * 4 * 16 * 16 * 4 for d in plan.values())
+    with pytest.raises(ValueError, match="max_materialized_bytes"):
+        private(small_cnn(), max_materialized_bytes=-1)
+    with pytest.raises(ValueError, match="norm_method"):
+        private(small_cnn(), norm_method={"0": "fastest"})
+    with pytest.raises(ValueError, match="two-pass"):
+        private(small_cnn(), mode="two-pass", norm_method="materialize")
+
+
 def _released(model, x, *, sigma, B_expected, chunks, seed=7):
     """Released gradient of one logical batch processed in ``chunks`` physical pieces."""
     m = copy.deepcopy(model)
@@ -69,12 +95,12 @@ def _released(model, x, *, sigma, B_expected, chunks, seed=7):
     engine = PrivacyEngine(accountant="rdp", seed=seed)
     m, o, _ = engine.make_private(module=m, optimizer=torch.optim.SGD(m.parameters(), lr=1.0),
                                   noise_multiplier=sigma, max_grad_norm=1.0, expected_batch_size=B_expected,
-                                  backend="torch")
+                                  backend="torch", loss_reduction="sum")
     pieces = torch.tensor_split(x, chunks)
     for k, piece in enumerate(pieces):
         o._announce_chunk(len(piece), k == len(pieces) - 1)
         o.zero_grad()
-        m(piece).square().mean(1).sum().backward()  # "sum" per chunk: same scale whatever the split
+        m(piece).square().mean(1).sum().backward()  # "sum": the same per-sample gradients whatever the split
         took = o.step()
         assert took == (k == len(pieces) - 1)
     return torch.cat([(b - p.detach()).flatten() for b, p in zip(before, m.parameters())])
@@ -485,7 +511,17 @@ def test_an_iterator_started_before_a_checkpoint_load_can_yield_nothing_more():
     ckpt = copy.deepcopy(engine.state_dict())
     engine2, m2, o2, loader2 = make()
     it = iter(loader2)
-    next(it)                                   # one chunk of step 0: the plan is made
-    engine2.load_state_dict(ckpt)
+    first = next(it)                           # one chunk of step 0: the plan is made
+    with pytest.raises(ValueError, match="waiting for optimizer.step"):
+        engine2.load_state_dict(ckpt)          # that chunk would be released after the load
+    import itertools
+
+    for x, y in itertools.chain([first], it):  # finish logical step 0; the iterator stays live
+        o2.zero_grad()
+        if len(x):
+            nn.functional.cross_entropy(m2(x), y, reduction="none").mean().backward()
+        if o2.step():
+            break
+    engine2.load_state_dict(ckpt)              # at step 4: ahead of the one step released here
     with pytest.raises(DPError, match="superseded"):
         next(it)

@@ -77,7 +77,8 @@ def _data(B, seed=0):
             torch.randn(B, 4, 3, 8, 8, generator=g))
 
 
-def released_grads(model, rows_fn, inputs, *, K, C, reduction, mode="bk", opt="sgd", channels_last=False):
+def released_grads(model, rows_fn, inputs, *, K, C, reduction, mode="bk", opt="sgd", channels_last=False,
+                   norm_method="auto"):
     """Run one private step with sigma=0, return the released gradient (from the SGD update)."""
     m = copy.deepcopy(model)
     if channels_last:
@@ -89,12 +90,16 @@ def released_grads(model, rows_fn, inputs, *, K, C, reduction, mode="bk", opt="s
     B = inputs[0].shape[0]
     m, o, _ = engine.make_private(module=m, optimizer=o, noise_multiplier=0.0, max_grad_norm=C,
                                   multiplicity=K, loss_reduction=reduction, mode=mode, backend="torch",
-                                  expected_batch_size=B)
+                                  expected_batch_size=B, norm_method=norm_method)
     o.zero_grad()
     rows = rows_fn(m, *inputs)
     (rows.mean() if reduction == "mean" else rows.sum()).backward()
     assert o.step() is True
+    LAST_PLAN[:] = engine.private_module.tape.last_plan
     return {n: before[n] - p.detach() for n, p in m.named_parameters()}, o.last_norms
+
+
+LAST_PLAN: list = []  # the strategy each layer took in the last released_grads step
 
 
 def _assert_close(got, want, rtol=1e-10):
@@ -142,7 +147,37 @@ def test_modes_and_memory_formats(mode, channels_last):
     assert all(g.abs().sum() > 0 for g in got.values()), "a parameter was silently frozen"
 
 
-@pytest.mark.parametrize("method", ["direct", "ghost"])
+# every strategy of dpfast.plan, for the whole model and forced per layer (the rest measured)
+PER_LAYER = {"conv": "materialize", "conv_s2": "ghost", "conv_dil": "direct", "up": "materialize",
+             "t_mlp": "ghost", "gn": "materialize", "c1": "direct", "lin": "materialize", "emb": "materialize"}
+
+
+@pytest.mark.parametrize("norm_method", ["auto", "ghost", "direct", "materialize", "per-layer"])
+def test_every_strategy_releases_the_clipped_sum(norm_method):
+    """The released gradient and norms equal the batch-of-one oracle (fp64, 1e-10) whichever way each
+    layer's norm and clipped sum are computed, with clipping active (C = the median norm)."""
+    torch.manual_seed(4)
+    model = Blocks()
+    inputs = _data(4, seed=5)
+    K = 2
+    rows_fn = rows_fn_for(K)
+    _, norms = clipped_sum_oracle(model, rows_fn, inputs, K, C=1e9)
+    C = norms.median().item()
+    want, _ = clipped_sum_oracle(model, rows_fn, inputs, K, C)
+    got, got_norms = released_grads(model, rows_fn, inputs, K=K, C=C, reduction="sum",
+                                    norm_method=PER_LAYER if norm_method == "per-layer" else norm_method)
+    torch.testing.assert_close(got_norms, norms, rtol=1e-10, atol=0)
+    _assert_close(got, want)
+    taken = {d["layer"]: d["strategy"] for d in LAST_PLAN}
+    if norm_method == "per-layer":
+        assert {n: taken[n] for n in PER_LAYER} == PER_LAYER
+    elif norm_method != "auto":
+        assert set(taken.values()) == {norm_method}
+    else:
+        assert set(taken.values()) <= {"ghost", "direct", "materialize"} and len(taken) == 13  # the single-site layers
+
+
+@pytest.mark.parametrize("method", ["direct", "ghost", "materialize"])
 def test_norm_methods_agree(method, monkeypatch):
     torch.manual_seed(2)
     model = Blocks()

@@ -171,3 +171,63 @@ def test_accelerate_register_for_checkpointing_resumes_after_prepare(tmp_path):
     run(m, first.optimizer, first.loader, 2)  # the uninterrupted run
     assert torch.equal(params(m2), params(m))
     assert engine.get_epsilon(1e-5) == pytest.approx(first.get_epsilon(1e-5))
+
+
+def test_a_batch_drawn_before_the_load_is_never_released_after_it():
+    """Same seed (nothing to adopt): a chunk drawn and backpropagated before the load would be released
+    with the checkpoint's next noise key but its own batch, one the checkpointed run released."""
+    first, _, ck = checkpoint()
+    engine = PrivacyEngine(accountant="rdp", seed=first.seed)
+    m, opt, loader = build(engine)
+    x, y = next(iter(loader))
+    nn.functional.cross_entropy(m(x), y).backward()
+    with pytest.raises(ValueError, match="waiting for optimizer.step"):
+        engine.load_state_dict(ck["engine"])
+    assert engine.steps == 0 and engine.accountant.steps == 0
+
+
+def test_a_checkpoint_without_the_composed_engines_is_refused():
+    earlier, _, _ = checkpoint(n=2)
+    _, _, ck = checkpoint()  # a run that was not composed after `earlier`
+    engine = PrivacyEngine(accountant="rdp")
+    engine.compose_after(earlier)
+    eps = engine.get_epsilon(1e-5)
+    with pytest.raises(ValueError, match="composes after 1 earlier engine"):
+        engine.load_state_dict(ck["engine"])
+    assert engine.get_epsilon(1e-5) == eps and engine.prior_steps == 2
+
+
+def test_a_calibrated_engine_refuses_a_later_checkpoint():
+    _, _, ck = checkpoint()
+    engine = PrivacyEngine(accountant="rdp")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    engine.make_private_with_epsilon(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                     data_loader=DataLoader(DATA, batch_size=24), target_epsilon=8.0,
+                                     target_delta=1e-5, steps=20, max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="calibrated by make_private_with_epsilon"):
+        engine.load_state_dict(ck["engine"])
+
+
+def test_a_lost_guarantee_survives_the_accountant_state_and_its_report():
+    from dpfast.accounting import Accountant
+
+    first, _, ck = checkpoint()
+    first._lose_privacy("test")
+    assert math.isinf(first.accountant.report(1e-5).epsilon)
+    again = Accountant.create("rdp")
+    again.load_state_dict(first.accountant.state_dict())
+    assert math.isinf(again.get_epsilon(1e-5)) and math.isinf(again.report(1e-5).epsilon)
+
+
+def test_a_failed_make_private_after_a_load_leaves_nothing_half_built():
+    _, _, ck = checkpoint()
+    engine = PrivacyEngine(accountant="rdp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine.load_state_dict(ck["engine"])
+    with pytest.raises(ValueError, match="sampler state is for"):
+        build(engine, data=TensorDataset(torch.randn(100, 4), torch.randint(0, 3, (100,))))
+    assert engine.optimizer is None and engine.loader is None
+    m, opt, loader = build(engine)  # the right data: the run resumes
+    assert engine.steps == 3

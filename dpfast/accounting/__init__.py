@@ -225,6 +225,10 @@ class Accountant:
 
     def report(self, delta: float) -> EpsilonReport:
         delta = check_delta(delta)
+        if self.lost is not None:  # every epsilon bound is infinite once the guarantee is lost
+            return EpsilonReport(epsilon=math.inf, epsilon_lower=math.inf, epsilon_estimate=math.inf, delta=delta,
+                                 accountant=self.name, history=tuple(self._history), steps=self._steps,
+                                 note=f"guarantee lost: {self.lost}")
         history = tuple(self._history)
         key = (history, delta)
         if key not in self._results:
@@ -262,6 +266,7 @@ class Accountant:
             "adjacency": ADJACENCY,
             "history": [[s, q, n] for s, q, n in self._history],
             "config": self._config(),
+            **({"lost": self.lost} if self.lost is not None else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -274,7 +279,7 @@ class Accountant:
             raise ValueError(f"unsupported accountant state_dict version {state.get('version')!r}")
         if state.get("adjacency", ADJACENCY) != ADJACENCY:
             raise ValueError(f"state_dict adjacency {state.get('adjacency')!r} is not {ADJACENCY!r}")
-        unknown = set(state) - {"kind", "version", "adjacency", "history", "config"}
+        unknown = set(state) - {"kind", "version", "adjacency", "history", "config", "lost"}
         if unknown:
             raise ValueError(f"unexpected keys in accountant state_dict: {sorted(unknown)}")
         raw = state.get("history")
@@ -284,10 +289,15 @@ class Accountant:
         config = state.get("config", {})
         if not isinstance(config, dict):
             raise ValueError("state_dict 'config' must be a dict")
+        lost = state.get("lost")
+        if lost is not None and not isinstance(lost, str):
+            raise ValueError("state_dict 'lost' must be a string (why the guarantee was lost)")
         self._load_config(config)
         self._history = history
         self._steps = sum(n for _, _, n in history)
         self._results.clear()
+        if lost is not None:
+            self.lost = lost  # a lost guarantee is never restored by loading
 
 
 def compute_epsilon(

@@ -138,7 +138,7 @@ class ConvRule(Rule):
             T = K * other[0, 0].numel()
             x, ks = site.saved["x"], site.saved["kernel_size"]
             kernel = conv2d_kernel_applies(x, transposed, ks, tape.backend)
-            method = tape.norm_method
+            method = tape.method_of(site)
             if method == "auto":
                 method = "ghost" if _norms.prefer_ghost(T, d_g, p_g, x.dtype if kernel else None) else "direct"
             fast = None
@@ -171,11 +171,20 @@ class ConvRule(Rule):
         per_sample = K * weight.numel()
         step = max(1, _norms.get_memory_budget() // max(1, per_sample))
         acc = torch.float64 if G.dtype == torch.float64 else torch.float32
+        pointwise = (not transposed and groups == 1 and all(k == 1 for k in site.saved["kernel_size"])
+                     and all(v == 1 for v in stride) and all(v == 0 for v in padding))
         for start in range(samples.start, samples.stop, step):
             stop = min(samples.stop, start + step)
             r = (stop - start) * K
             # in fp32: per-sample gradients rounded to bf16 would give norms (and clip factors) off by 2^-9
             xs, Gs = x[start * K:stop * K].to(acc), G[start * K:stop * K].to(acc)
+            if pointwise:  # a 1x1 conv is a linear map per position: one batched matmul over positions
+                b = stop - start
+                gw = torch.bmm(Gs.reshape(b, K, Gs.shape[1], -1).transpose(1, 2).reshape(b, Gs.shape[1], -1),
+                               xs.reshape(b, K, xs.shape[1], -1).transpose(1, 2).reshape(b, xs.shape[1], -1)
+                               .transpose(1, 2))
+                yield slice(start - samples.start, stop - samples.start), gw.view(b, *weight.shape)
+                continue
             shape = (r * weight.shape[0], *weight.shape[1:])
             gw = _conv_bwd(Gs.reshape(1, -1, *Gs.shape[2:]), xs.reshape(1, -1, *xs.shape[2:]),
                            xs.new_empty(1).expand(shape), None, stride, padding, dilation, transposed,

@@ -67,7 +67,7 @@ class LinearRule(Rule):
         K = tape.multiplicity
         out = 0
         if site.saved["has_w"]:
-            out = linear_weight_norm_sq(A3, G3, K, tape.backend, tape.norm_method)
+            out = linear_weight_norm_sq(A3, G3, K, tape.backend, tape.method_of(site))
         if site.saved["has_b"]:
             out = out + _norms.per_sample_sum_sq(_norms.to_acc(G3).sum(dim=1), K)
         return out

@@ -52,7 +52,7 @@ def check(layer, make_input, B, K, method="auto"):
 @given(B=st.integers(1, 3), K=st.integers(1, 3), groups=st.sampled_from([1, 2]), cin=st.integers(1, 3),
        cout=st.integers(1, 3), k=st.tuples(st.integers(1, 3), st.integers(1, 3)), stride=st.integers(1, 2),
        dil=st.integers(1, 2), pad=st.integers(0, 2), hw=st.tuples(st.integers(5, 9), st.integers(5, 9)),
-       bias=st.booleans(), method=st.sampled_from(["auto", "direct", "ghost"]))
+       bias=st.booleans(), method=st.sampled_from(["auto", "direct", "ghost", "materialize"]))
 def test_conv2d(B, K, groups, cin, cout, k, stride, dil, pad, hw, bias, method):
     layer = nn.Conv2d(cin * groups, cout * groups, k, stride=stride, padding=pad, dilation=dil, groups=groups,
                       bias=bias)
@@ -84,7 +84,7 @@ def test_conv1d(B, K, cin, cout, k, stride, padding, L):
 
 @SETTINGS
 @given(B=st.integers(1, 4), K=st.integers(1, 3), dims=st.lists(st.integers(1, 5), min_size=0, max_size=2),
-       d=st.integers(1, 7), p=st.integers(1, 7), bias=st.booleans(), method=st.sampled_from(["direct", "ghost"]))
+       d=st.integers(1, 7), p=st.integers(1, 7), bias=st.booleans(), method=st.sampled_from(["direct", "ghost", "materialize"]))
 def test_linear_nd(B, K, dims, d, p, bias, method):
     check(nn.Linear(d, p, bias=bias), lambda n, g: torch.randn(n, *dims, d, generator=g, dtype=torch.float64),
           B, K, method)
