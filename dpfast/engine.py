@@ -375,6 +375,28 @@ class PrivacyEngine:
         return [dict(p) for p in self._prior]
 
     @property
+    def profile(self) -> dict:
+        """How the last step computed each layer's norm and clipped sum (:mod:`dpfast.plan`): per
+        single-site layer its strategy, the measured seconds per sample of each candidate (where it was
+        calibrated in this process or read from the cache), the materialized bytes, and ``share``: the
+        chosen strategy's measured time over the wall time between the last two releases (None before
+        two releases). Layers that share parameters (tied weights, a module called twice, attention's
+        packed projections) are not listed: their per-sample gradients are summed together, chunk by chunk."""
+        if self.private_module is None:
+            return {"layers": [], "step_s": None}
+        period = self.optimizer.step_period_s if self.optimizer is not None else None
+        rows = []
+        for d in self.private_module.tape.last_plan:
+            t = (d["times"] or {}).get(d["strategy"])
+            spent = t * d["samples"] if t is not None else None
+            rows.append({**d, "seconds": spent,
+                         "share": spent / period if spent is not None and period else None})
+        counts: dict[str, int] = {}
+        for d in rows:
+            counts[d["strategy"]] = counts.get(d["strategy"], 0) + 1
+        return {"layers": rows, "strategies": counts, "step_s": period}
+
+    @property
     def steps(self) -> int:
         return self.optimizer.steps if self.optimizer is not None else 0
 

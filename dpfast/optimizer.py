@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import time
 import warnings
 
 import torch
@@ -79,6 +80,8 @@ class DPOptimizer(torch.optim.Optimizer):
         # schedulers, EMA and global_step only when it is True
         self.took_step = False
         self._before_step = None  # the engine's checks at the start of every step()
+        self._released_at: float | None = None
+        self.step_period_s: float | None = None  # engine.profile: the step its layer shares are of
 
     # ----------------------------------------------------------- torch.optim.Optimizer surface
     @property
@@ -297,6 +300,10 @@ class DPOptimizer(torch.optim.Optimizer):
         for p in self._watched:
             p.grad = None  # the released gradient has been used; keep p.grad free for the leak check
         self.took_step = True
+        now = time.perf_counter()
+        if self._released_at is not None:
+            self.step_period_s = now - self._released_at  # wall time between the last two releases
+        self._released_at = now
         return True
 
     def _state_fingerprint(self) -> bytes:

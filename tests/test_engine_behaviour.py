@@ -525,3 +525,53 @@ def test_an_iterator_started_before_a_checkpoint_load_can_yield_nothing_more():
     engine2.load_state_dict(ckpt)              # at step 4: ahead of the one step released here
     with pytest.raises(DPError, match="superseded"):
         next(it)
+
+
+def test_profile_lists_each_layers_strategy_and_share():
+    torch.manual_seed(0)
+    engine, m, o, _ = private(small_cnn(), B=8, C=0.1, norm_method={"0": "materialize", "*": "auto"})
+    x = torch.randn(8, 1, 8, 8)
+    for _ in range(3):
+        o.zero_grad()
+        m(x).square().mean(1).mean().backward()
+        o.step()
+    prof = engine.profile
+    layers = {d["layer"]: d for d in prof["layers"]}
+    assert layers["0"]["strategy"] == "materialize" and layers["0"]["materialized_bytes"] > 0
+    assert prof["step_s"] > 0 and sum(prof["strategies"].values()) == len(layers)
+    measured = [d for d in layers.values() if d["times"]]
+    assert measured and all(0 < d["share"] < 1 for d in measured)
+
+
+@pytest.mark.parametrize("norm_method", ["materialize", "ghost"])
+def test_a_nonfinite_sample_is_dropped_from_materialized_layers(norm_method):
+    """A NaN sample's per-sample gradients are zeroed before the clipped sum (0 * NaN would be NaN):
+    the release is that of the batch without it."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    bad = x.clone()
+    bad[2] = math.nan
+
+    def released(xs, keep):
+        m = copy.deepcopy(model)
+        before = [p.detach().clone() for p in m.parameters()]
+        engine = PrivacyEngine(accountant="rdp", seed=3)
+        m, o, _ = engine.make_private(module=m, optimizer=torch.optim.SGD(m.parameters(), lr=1.0),
+                                      noise_multiplier=0.0, max_grad_norm=0.5, expected_batch_size=5,
+                                      loss_reduction="sum", backend="torch", norm_method=norm_method)
+        o.zero_grad()
+        (m(xs).square().sum(1) * keep).sum().backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            o.step()
+        return torch.cat([(b - p.detach()).flatten() for b, p in zip(before, m.parameters())])
+
+    import warnings
+
+    keep = torch.ones(5, dtype=torch.float64)
+    got = released(bad, keep)
+    keep[2] = 0
+    want = released(x, keep)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
