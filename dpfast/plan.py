@@ -14,13 +14,15 @@ Three strategies, all exact (they differ only in float rounding, in fp32 or fp64
   ``P_layer < T (d + p)`` (convolutions at high resolution) it saves memory as well as time.
 
 ``auto`` picks per layer. The choice is measured, not modelled: the first time a layer shape is
-seen (the rule, the shapes of its saved tensors but the batch dimension, multiplicity, dtype,
-device, thread count) every candidate is timed on that step's real tensors, and the fastest is kept
-in memory and in a JSON cache (``$DPFAST_CACHE_DIR`` or ``~/.cache/dpfast/plan-v1.json``), keyed by
-machine as well, so later runs skip the calibration. Timing only chooses among exact computations:
-the released gradient is the same function of the data whatever it picks (to float rounding), and
-which one runs depends on the machine, never on the data's values (the shapes are public: batch
-sizes enter only through the memory budget, and Poisson batch sizes are released with the step).
+seen (the rule, its parameters' and saved tensors' shapes but the batch dimension, multiplicity,
+dtype, device, backend, thread count) every candidate is timed on that step's tensors, and the
+fastest is kept in memory and in a JSON cache (``$DPFAST_CACHE_DIR`` or
+``~/.cache/dpfast/plan-v1.json``), keyed by machine as well, so later runs skip the calibration.
+Timing only chooses among exact computations: the released gradient is the same function of the data
+whatever it picks, up to float rounding (fp32, or fp64 for fp64 layers). The timings are taken on
+the private step's own tensors, so in principle they could depend on values (subnormals on a CPU);
+what that could move is the choice, and through it the release only at the rounding level. The
+batch size enters only through the memory budget, and a Poisson batch's size is released anyway.
 
 Memory: a materialized layer holds ``B x P_layer`` gradients from its backward to the end of the
 step. ``max_materialized_bytes`` bounds what the materialized layers hold beyond what they free
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import os
 import platform
 import threading
@@ -110,10 +113,9 @@ class Planner:
         if cache_path is not None:
             try:
                 data = json.loads(cache_path.read_text())
-                if data.get("version") == _CACHE_VERSION:
-                    self.choices = dict(data.get("machines", {}).get(self.machine, {}))
             except (OSError, ValueError):
-                pass
+                data = None
+            self.choices = _valid_entries(data, self.machine)
 
     def lookup(self, key: str) -> dict | None:
         return self.choices.get(key)
@@ -133,17 +135,40 @@ class Planner:
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
             try:
                 data = json.loads(self.cache_path.read_text())
-                if data.get("version") != _CACHE_VERSION:
-                    data = {}
             except (OSError, ValueError):
-                data = {}
-            data["version"] = _CACHE_VERSION
-            data.setdefault("machines", {}).setdefault(self.machine, {}).update(self.choices)
+                data = None
+            if not isinstance(data, dict) or data.get("version") != _CACHE_VERSION \
+                    or not isinstance(data.get("machines"), dict):
+                data = {"version": _CACHE_VERSION, "machines": {}}
+            # other machines' entries are kept as they are; this machine's are rewritten, valid ones only
+            data["machines"][self.machine] = {**_valid_entries(data, self.machine), **self.choices}
             tmp = self.cache_path.with_suffix(f".tmp{os.getpid()}")
             tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
             os.replace(tmp, self.cache_path)
         except OSError:
             pass  # a read-only home: the choices stay in memory for this process
+
+
+def _valid_entries(data, machine: str) -> dict:
+    """The well-formed entries of a cache file for ``machine``; anything else is ignored (a damaged
+    cache only costs a new measurement)."""
+    if not isinstance(data, dict) or data.get("version") != _CACHE_VERSION:
+        return {}
+    machines = data.get("machines")
+    mine = machines.get(machine) if isinstance(machines, dict) else None
+    if not isinstance(mine, dict):
+        return {}
+    out = {}
+    for key, entry in mine.items():
+        if not (isinstance(key, str) and isinstance(entry, dict) and entry.get("strategy") in STRATEGIES):
+            continue
+        times = entry.get("times")
+        if not isinstance(times, dict) or not times or entry["strategy"] not in times:
+            continue
+        if all(k in STRATEGIES and isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
+               for k, v in times.items()):
+            out[key] = {"strategy": entry["strategy"], "times": {k: float(v) for k, v in times.items()}}
+    return out
 
 
 _PLANNER: Planner | None = None
@@ -169,10 +194,11 @@ def forced_strategy(norm_method, name: str) -> str:
     return "auto"
 
 
-def shape_key(site, multiplicity: int) -> str:
-    """What the choice depends on: the rule, the saved tensors' shapes without the batch dimension,
-    K, dtype, device and threads (never values)."""
-    parts = [type(site.rule).__name__, f"K{multiplicity}", f"t{torch.get_num_threads()}"]
+def shape_key(site, multiplicity: int, backend: str = "torch") -> str:
+    """What the choice depends on: the rule, its parameters' and saved tensors' shapes (without the
+    batch dimension), K, dtype, device, backend and threads (never values)."""
+    parts = [type(site.rule).__name__, f"K{multiplicity}", f"t{torch.get_num_threads()}", backend,
+             "P" + ",".join(str(tuple(t.shape)) for t in site.targets)]
     for k in sorted(site.saved):
         v = site.saved[k]
         if torch.is_tensor(v):

@@ -219,13 +219,13 @@ class Tape:
         entry = None
         if forced != "auto":
             strategy = forced
-            if strategy == "materialize" and not (self.can_materialize and not self.two_pass):
+            if strategy == "materialize" and not fits:  # forced or not, the budget holds
                 strategy = "direct"
         else:
-            key = plan.shape_key(site, self.multiplicity)
+            key = plan.shape_key(site, self.multiplicity, self.backend)
             entry = plan.planner().lookup(key)
-            if entry is None:
-                return self._calibrate(site, key, n, fits)
+            if entry is None or (fits and "materialize" not in entry["times"]):
+                return self._calibrate(site, key, n, fits)  # new, or measured when it could not materialize
             strategy = entry["strategy"]
             if strategy == "materialize" and not fits:
                 rest = {k: v for k, v in entry["times"].items() if k != "materialize"}
@@ -233,6 +233,11 @@ class Tape:
         return self._run_strategy(site, strategy, n, psg_bytes, freed, entry)
 
     def _run_strategy(self, site, strategy, n, psg_bytes, freed, entry, sq=None, psg=None):
+        from .rules.conv import ConvRule
+        from .rules.linear import LinearRule
+
+        if strategy in ("ghost", "auto") and not isinstance(site.rule, (LinearRule, ConvRule)):
+            strategy = "direct"  # the rule has one norm of its own (norm layers, embeddings)
         self._plan_now.append({"layer": site.name, "rule": type(site.rule).__name__, "strategy": strategy,
                                "samples": n, "times": dict(entry["times"]) if entry else None,
                                "materialized_bytes": psg_bytes if strategy == "materialize" else 0})

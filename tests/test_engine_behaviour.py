@@ -3,6 +3,7 @@ Poisson loading, bad input, checkpoints."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -575,3 +576,17 @@ def test_a_nonfinite_sample_is_dropped_from_materialized_layers(norm_method):
     want = released(x, keep)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("content", ["[]", "null", '{"version": 1, "machines": []}', "{not json",
+                                     '{"version": 1, "machines": {"M": {"k": 3, "j": {"strategy": "ghost"},'
+                                     ' "i": {"strategy": "ghost", "times": {"ghost": "fast"}}}}}'])
+def test_a_damaged_plan_cache_costs_only_a_new_measurement(tmp_path, content):
+    from dpfast import plan
+
+    path = tmp_path / "plan-v1.json"
+    path.write_text(content.replace('"M"', json.dumps(plan._machine())))
+    planner = plan.Planner(path)
+    assert planner.choices == {}
+    entry = planner.record("key", {"ghost": 1e-5, "materialize": 2e-5})
+    assert entry["strategy"] == "ghost" and plan.Planner(path).lookup("key") == entry
