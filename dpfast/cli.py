@@ -1,5 +1,5 @@
 """The ``dpfast`` command: ``epsilon``, ``calibrate``, ``train``, ``pretrain``, ``sample``, ``syngen-threshold``,
-``evaluate``, ``bench``, ``check-kernels``."""
+``evaluate``, ``bench``, ``audit``, ``check-kernels``."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,7 @@ _COMMAND_MODULES = [
     ("dpfast.accounting.cli", "epsilon, calibrate"),
     ("dpfast.diffusion.cli", "train, pretrain, sample, syngen-threshold, evaluate"),
     ("dpfast._bench:cli", "bench"),
+    ("dpfast.audit", "audit"),
 ]
 
 
