@@ -292,6 +292,7 @@ class Tape:
             _, t_sum = plan.timed(lambda: site.rule.clipped_grads(site, self, ones), dev)
             times["sum"] = min(times.get("sum", float("inf")), t_sum)
             if fits:
+                psg = None  # the first repetition's gradients are dropped before the second forms its own
                 (psg, sq), t = plan.timed(lambda: _psg_and_sq(site, self, n), dev)
                 _, t_mv = plan.timed(lambda: _materialized_sums(psg, ones[:n]), dev)
                 times["materialize"] = min(times.get("materialize", float("inf")), t + t_mv)
