@@ -15,7 +15,9 @@ canaries (canary i's gradient is ``c * e_i``, c >= max_grad_norm, so clipping le
 along coordinate i) pass through the engine's real Poisson sampler, per-sample clipping, noise and
 accountant, on a linear model whose gradient is its input; the other records have zero gradient. The
 score of canary i is coordinate i of the sum of all model updates, which is what the adversary of
-DP-SGD sees. It audits the engine, whatever model a user trains with it.
+DP-SGD sees. It audits the engine's mechanism (sampler, clipping, noise, accountant) on the torch
+backend, fp32, in one process with one chunk per step; other rules, backends, physical chunking and
+distributed runs are covered by the exactness tests, not by this audit.
 """
 from __future__ import annotations
 
@@ -30,17 +32,12 @@ from torch.utils.data import DataLoader, TensorDataset
 __all__ = ["epsilon_lower_bound", "audit_engine", "AuditReport", "guess_counts"]
 
 
-def _log_binom_tail(r: int, v: int, p: float) -> float:
-    """log P[Binomial(r, p) >= v], exactly (log-sum-exp over the terms)."""
+def _log_binom_tail(r: int, v: int, lp: float, lq: float) -> float:
+    """log P[Binomial(r, p) >= v] from log p and log(1 - p), exactly (log-sum-exp over the terms)."""
     if v <= 0:
         return 0.0
     if v > r:
         return -math.inf
-    if p <= 0.0:
-        return -math.inf
-    if p >= 1.0:
-        return 0.0
-    lp, lq = math.log(p), math.log1p(-p)
     terms = [math.lgamma(r + 1) - math.lgamma(k + 1) - math.lgamma(r - k + 1) + k * lp + (r - k) * lq
              for k in range(v, r + 1)]
     top = max(terms)
@@ -58,11 +55,13 @@ def epsilon_lower_bound(r: int, v: int, *, beta: float = 0.05, delta: float = 0.
         raise ValueError(f"beta must be in (0, 1), got {beta!r}")
     if delta < 0 or delta >= 1:
         raise ValueError(f"delta must be in [0, 1), got {delta!r}")
+    if delta > 0 and (m is None or m < r):
+        raise ValueError("with delta > 0 pass m, the number of canaries (>= r): the delta term grows with it")
     if r == 0:
         return 0.0
 
     def refuted(eps: float) -> bool:
-        return _tail_bound(r, v, eps, delta, m if m is not None else r) < beta
+        return _tail_bound(r, v, eps, delta, m if m is not None else r) < beta  # m only matters if delta > 0
 
     if not refuted(0.0):
         return 0.0
@@ -79,17 +78,16 @@ def epsilon_lower_bound(r: int, v: int, *, beta: float = 0.05, delta: float = 0.
 
 def _tail_bound(r: int, v: int, eps: float, delta: float, m: int) -> float:
     """An upper bound on P[correct >= v] for r guesses of an (eps, delta)-DP run (see module doc)."""
-    p = math.exp(eps) / (1 + math.exp(eps)) if eps < 700 else 1.0
-    pure = math.exp(_log_binom_tail(r, v, p))
+    lp, lq = -math.log1p(math.exp(-eps)), -math.log1p(math.exp(eps)) if eps < 700 else -eps
+    pure = math.exp(_log_binom_tail(r, v, lp, lq))
     if delta == 0:
         return pure
-    return _delta_tail_bound(r, v, p, eps, delta, m, pure)
+    return _delta_tail_bound(r, v, lp, lq, delta, m, pure)
 
 
-def _delta_tail_bound(r, v, p, eps, delta, m, pure):
+def _delta_tail_bound(r, v, lp, lq, delta, m, pure):
     """Steinke et al.'s (eps, delta) bound: P[W >= v] <= P[B >= v] + 2 m delta max_{1<=i<=v} P[v > B >= v-i] / i,
     B ~ Binomial(r, p). The max is over a running sum of the pmf below v."""
-    lp, lq = math.log(p), math.log1p(-p)
     alpha, acc = 0.0, 0.0
     for i in range(1, v + 1):
         k = v - i
@@ -172,6 +170,7 @@ def audit_engine(*, steps: int, noise_multiplier: float | None = None, target_ep
     if c < max_grad_norm:
         raise ValueError("canary_norm must be >= max_grad_norm: a canary must use its whole clip budget")
     g = torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+    engine_seed = int.from_bytes(os.urandom(8), "little") if seed is None else seed * 2 + 1
     included = torch.rand(canaries, generator=g) < 0.5
     # Dirac canaries: record j of the data set is (row, weight); its loss weight * emb(row) has gradient
     # weight * e_row on the embedding table. Canaries weigh c; the other records use row m, weight 0.
@@ -181,7 +180,7 @@ def audit_engine(*, steps: int, noise_multiplier: float | None = None, target_ep
     model = nn.Embedding(canaries + 1, 1)  # fp32: the path users train on
     nn.init.zeros_(model.weight)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    engine = PrivacyEngine(accountant=accountant, seed=int(torch.randint(0, 2**62, (1,), generator=g)))
+    engine = PrivacyEngine(accountant=accountant, seed=engine_seed)
     batch = max(1, round(sample_rate * len(data)))
     m, opt, loader = engine.make_private(module=model, optimizer=opt, data_loader=DataLoader(data, batch_size=batch),
                                          noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
@@ -281,16 +280,21 @@ def run_audit(args) -> int:
     if args.canaries < 100:
         print("dpfast audit: error: --canaries must be >= 100 (the bound needs many guesses)", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else None
-    if out is not None and out.exists() and not out.is_dir():
-        print(f"dpfast audit: error: --out {out} is not a directory", file=sys.stderr)
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        print("dpfast audit: error: --seed must be in [0, 2**63)", file=sys.stderr)
         return 2
-    report = audit_engine(steps=args.steps, noise_multiplier=args.noise_multiplier, target_epsilon=args.epsilon,
-                          canaries=args.canaries, sample_rate=args.sample_rate, delta=args.delta, beta=args.beta,
-                          seed=args.seed, progress=True)
+    out = Path(args.out) if args.out else None
+    try:
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)  # before the audit: a bad --out fails at once
+        report = audit_engine(steps=args.steps, noise_multiplier=args.noise_multiplier, target_epsilon=args.epsilon,
+                              canaries=args.canaries, sample_rate=args.sample_rate, delta=args.delta,
+                              beta=args.beta, seed=args.seed, progress=True)
+    except (ValueError, OSError, RuntimeError) as e:  # rc 1 means a violation: a failure is 2
+        print(f"dpfast audit: error: {e}", file=sys.stderr)
+        return 2
     print(report.summary())
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
         d = dataclasses.asdict(report)
         d.pop("scores_in"), d.pop("scores_out")
         d["violated"] = report.violated

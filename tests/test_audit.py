@@ -34,6 +34,33 @@ def test_the_bound_at_pure_dp_is_the_binomial_tail():
         epsilon_lower_bound(1000, 900, beta=BETA, delta=1e-5, m=1000)
     with pytest.raises(ValueError):
         epsilon_lower_bound(10, 11)
+    with pytest.raises(ValueError, match="pass m"):
+        epsilon_lower_bound(1000, 900, beta=BETA, delta=1e-5)
+
+
+def test_the_bound_matches_an_independent_implementation_of_the_p_value():
+    """Steinke et al.'s Appendix D p-value written again with scipy's binomial; the bound is the eps
+    where it crosses beta."""
+    stats = pytest.importorskip("scipy.stats")
+    from dpfast.audit import _tail_bound
+
+    def p_value(m, r, v, eps, delta):
+        q = 1 / (1 + math.exp(-eps))
+        tail, alpha, acc = stats.binom.sf(v - 1, r, q), 0.0, 0.0
+        for i in range(1, v + 1):
+            acc += stats.binom.pmf(v - i, r, q)
+            alpha = max(alpha, acc / i)
+        return min(1.0, tail + 2 * m * delta * alpha)
+
+    g = torch.Generator().manual_seed(3)
+    for _ in range(60):
+        r = int(torch.randint(1, 400, (1,), generator=g))
+        v = int(torch.randint(0, r + 1, (1,), generator=g))
+        m = r + int(torch.randint(0, 2000, (1,), generator=g))
+        eps, delta = float(torch.rand(1, generator=g)) * 5, [0.0, 1e-6, 1e-4][int(torch.randint(0, 3, (1,), generator=g))]
+        assert _tail_bound(r, v, eps, delta, m) == pytest.approx(p_value(m, r, v, eps, delta), rel=1e-8, abs=1e-300)
+    lb = epsilon_lower_bound(300, 250, beta=BETA, delta=1e-5, m=5000)
+    assert p_value(5000, 300, 250, lb, 1e-5) < BETA <= p_value(5000, 300, 250, lb + 1e-3, 1e-5)
 
 
 def test_the_bound_holds_its_confidence_for_randomized_response():
@@ -80,6 +107,20 @@ def clipping_skipped(monkeypatch):
     monkeypatch.setattr(DPOptimizer, "_accumulate_chunk", unclipped)
 
 
+def test_a_sampler_that_ignores_its_rate_is_flagged(monkeypatch):
+    """Every record in every batch while the accountant charges q = 0.1 (no amplification happened)."""
+    import dpfast.data
+
+    monkeypatch.setattr(dpfast.data, "poisson_mask", lambda n, q, seed, step: torch.ones(n, dtype=torch.bool))
+    rep = audit_engine(target_epsilon=1.0, steps=100, sample_rate=0.1, seed=0, **AUDIT)
+    assert rep.violated, rep.summary()
+
+
+def test_the_engine_passes_with_many_small_steps():
+    rep = audit_engine(target_epsilon=1.0, steps=100, sample_rate=0.1, seed=0, **AUDIT)
+    assert not rep.violated, rep.summary()
+
+
 @pytest.mark.parametrize("broken", ["noise_divided_by_4", "clipping_skipped"])
 def test_a_broken_mechanism_is_flagged(broken, request):
     request.getfixturevalue(broken)
@@ -96,3 +137,5 @@ def test_cli_writes_report_and_plot(tmp_path):
     assert report["violated"] is False and report["epsilon_lower"] <= report["epsilon_claimed"]
     assert (tmp_path / "audit_scores.png").stat().st_size > 1000
     assert main(["audit", "--epsilon", "2", "--sample-rate", "2"]) == 2
+    assert main(["audit", "--epsilon", "1e-9", "--canaries", "200"]) == 2     # calibration refuses: rc 2, not 1
+    assert main(["audit", "--epsilon", "2", "--seed", str(2**70)]) == 2
