@@ -213,6 +213,8 @@ class Tape:
 
         forced = plan.forced_strategy(self.norm_method, site.name)
         n = self.rows // self.multiplicity
+        if forced in ("ghost", "direct"):  # nothing to weigh against the memory budget
+            return self._run_strategy(site, forced, n, 0, 0, None)
         psg_bytes, freed = self._materialize_bytes(site, n)
         fits = self.can_materialize and not self.two_pass and \
             self._extra_bytes + psg_bytes - freed <= self.max_extra_bytes
@@ -233,10 +235,7 @@ class Tape:
         return self._run_strategy(site, strategy, n, psg_bytes, freed, entry)
 
     def _run_strategy(self, site, strategy, n, psg_bytes, freed, entry, sq=None, psg=None):
-        from .rules.conv import ConvRule
-        from .rules.linear import LinearRule
-
-        if strategy in ("ghost", "auto") and not isinstance(site.rule, (LinearRule, ConvRule)):
+        if strategy in ("ghost", "auto") and not _two_forms(site):
             strategy = "direct"  # the rule has one norm of its own (norm layers, embeddings)
         self._plan_now.append({"layer": site.name, "rule": type(site.rule).__name__, "strategy": strategy,
                                "samples": n, "times": dict(entry["times"]) if entry else None,
@@ -275,11 +274,9 @@ class Tape:
         """Times every strategy on this step's tensors (twice, the faster of the two), records the
         fastest per sample, and goes on with it. Only the machine's speed decides, never the values."""
         from . import plan
-        from .rules.conv import ConvRule
-        from .rules.linear import LinearRule
 
         dev = next(t.device for t in [site.G, *site.saved.values()] if torch.is_tensor(t))
-        two_forms = isinstance(site.rule, (LinearRule, ConvRule)) and site.saved.get("has_w")
+        two_forms = _two_forms(site) and site.saved.get("has_w")
         ones = torch.ones(self.rows, dtype=torch.float32, device=dev)
         times: dict[str, float] = {}
         results: dict[str, torch.Tensor] = {}
@@ -386,6 +383,14 @@ class Tape:
                 for t, g in zip(site.targets, site.rule.clipped_grads(site, self, row_scale)):
                     accumulate(t, g)
                 site.rule.release(site)
+
+
+def _two_forms(site: Site) -> bool:
+    """Whether the site's rule has both a ghost and a direct norm (Linear and conv layers)."""
+    from .rules.conv import ConvRule
+    from .rules.linear import LinearRule
+
+    return isinstance(site.rule, (LinearRule, ConvRule))
 
 
 def _sum_sq(grads: list[torch.Tensor]) -> torch.Tensor:
