@@ -17,7 +17,7 @@ Three strategies, all exact (they differ only in float rounding, in fp32 or fp64
 seen (the rule, its parameters' and saved tensors' shapes but the batch dimension, multiplicity,
 dtype, device, backend, thread count) every candidate is timed on that step's tensors, and the
 fastest is kept in memory and in a JSON cache (``$DPFAST_CACHE_DIR`` or
-``~/.cache/dpfast/plan-v1.json``), keyed by machine as well, so later runs skip the calibration.
+``~/.cache/dpfast/plan-v2.json``), keyed by machine as well, so later runs skip the calibration.
 Timing only chooses among exact computations: the released gradient is the same function of the data
 whatever it picks, up to float rounding (fp32, or fp64 for fp64 layers). The timings are taken on
 the private step's own tensors, so in principle they could depend on values (subnormals on a CPU);
@@ -45,7 +45,7 @@ import torch
 
 STRATEGIES = ("ghost", "direct", "materialize")
 DEFAULT_EXTRA_BYTES = 64 << 20
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: materialize entries name the fastest way to form per-sample gradients
 
 
 def check_norm_method(norm_method) -> None:
@@ -120,9 +120,13 @@ class Planner:
     def lookup(self, key: str) -> dict | None:
         return self.choices.get(key)
 
-    def record(self, key: str, times: dict[str, float]) -> dict:
+    def record(self, key: str, times: dict[str, float], variant: str | None = None) -> dict:
+        """Keeps the fastest of ``times``; ``variant`` is the way the rule formed per-sample gradients
+        fastest (the one materialize's time is for)."""
         best = min(times, key=times.get)
         entry = {"strategy": best, "times": times}
+        if variant is not None:
+            entry["variant"] = variant
         with self._lock:
             self.choices[key] = entry
             self._save()
@@ -168,6 +172,8 @@ def _valid_entries(data, machine: str) -> dict:
         if all(k in STRATEGIES and isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
                for k, v in times.items()):
             out[key] = {"strategy": entry["strategy"], "times": {k: float(v) for k, v in times.items()}}
+            if isinstance(entry.get("variant"), str):  # checked against the rule's variants where used
+                out[key]["variant"] = entry["variant"]
     return out
 
 

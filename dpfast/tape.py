@@ -58,6 +58,7 @@ class Site:
     # dpfast.plan: "ghost" / "direct" / "auto" for the rule's norm; per-sample gradients when materialized
     method: str = "auto"
     materialized: list | None = None
+    variant: str | None = None     # how the rule forms per-sample gradients (its psg_variants)
 
 
 class Tape:
@@ -223,6 +224,8 @@ class Tape:
             strategy = forced
             if strategy == "materialize" and not fits:  # forced or not, the budget holds
                 strategy = "direct"
+            if strategy == "materialize":  # the measured way to form them, where there is one
+                entry = plan.planner().lookup(plan.shape_key(site, self.multiplicity, self.backend))
         else:
             key = plan.shape_key(site, self.multiplicity, self.backend)
             entry = plan.planner().lookup(key)
@@ -239,13 +242,17 @@ class Tape:
             strategy = "direct"  # the rule has one norm of its own (norm layers, embeddings)
         self._plan_now.append({"layer": site.name, "rule": type(site.rule).__name__, "strategy": strategy,
                                "samples": n, "times": dict(entry["times"]) if entry else None,
-                               "materialized_bytes": psg_bytes if strategy == "materialize" else 0})
+                               "materialized_bytes": psg_bytes if strategy == "materialize" else 0,
+                               "variant": None})
         if strategy == "materialize":
             if psg is None:
+                variants = _variants(site, self)
+                site.variant = entry.get("variant") if entry and entry.get("variant") in variants else variants[0]
                 psg = site.rule.per_sample_grads(site, self, slice(0, n))
             if sq is None:
                 sq = _sum_sq(psg)
             site.materialized = psg
+            self._plan_now[-1]["variant"] = site.variant
             site.rule.release(site)  # its input and output gradient are no longer needed
             self._extra_bytes += psg_bytes - freed
             return sq
@@ -271,8 +278,11 @@ class Tape:
         return psg, freed
 
     def _calibrate(self, site: Site, key: str, n: int, fits: bool) -> torch.Tensor:
-        """Times every strategy on this step's tensors (twice, the faster of the two), records the
-        fastest per sample, and goes on with it. Only the machine's speed decides, never the values."""
+        """Times every strategy on this step's tensors (twice, the faster of the two), and for
+        materialize every way the rule has of forming per-sample gradients; records the fastest per
+        sample, and goes on with it. Only the machine's speed decides, never the values. Each
+        candidate's per-sample gradients are dropped as soon as they are timed (one layer's at a
+        time, as in a step), and formed again if materialize wins."""
         from . import plan
 
         dev = next(t.device for t in [site.G, *site.saved.values()] if torch.is_tensor(t))
@@ -280,7 +290,8 @@ class Tape:
         ones = torch.ones(self.rows, dtype=torch.float32, device=dev)
         times: dict[str, float] = {}
         results: dict[str, torch.Tensor] = {}
-        psg = None
+        variants = _variants(site, self)
+        by_variant: dict[str, float] = {}
         for _ in range(2):
             for m in (("ghost", "direct") if two_forms else ("direct",)):
                 site.method = m if two_forms else "auto"
@@ -288,19 +299,21 @@ class Tape:
                 times[m] = min(times.get(m, float("inf")), t)
             _, t_sum = plan.timed(lambda: site.rule.clipped_grads(site, self, ones), dev)
             times["sum"] = min(times.get("sum", float("inf")), t_sum)
-            if fits:
-                psg = None  # the first repetition's gradients are dropped before the second forms its own
-                (psg, sq), t = plan.timed(lambda: _psg_and_sq(site, self, n), dev)
+            for v in variants if fits else ():
+                site.variant = v
+                (psg, _), t = plan.timed(lambda: _psg_and_sq(site, self, n), dev)
                 _, t_mv = plan.timed(lambda: _materialized_sums(psg, ones[:n]), dev)
-                times["materialize"] = min(times.get("materialize", float("inf")), t + t_mv)
-                results["materialize"] = sq
+                psg = None  # dropped before the next candidate forms its own
+                by_variant[v] = min(by_variant.get(v, float("inf")), t + t_mv)
+        variant = min(by_variant, key=by_variant.get) if by_variant else None
+        if variant is not None:
+            times["materialize"] = by_variant[variant]
         t_sum = times.pop("sum")
         per_sample = {m: (t + (0.0 if m == "materialize" else t_sum)) / max(1, n) for m, t in times.items()}
-        entry = plan.planner().record(key, per_sample)
+        entry = plan.planner().record(key, per_sample, variant=variant)
         strategy = entry["strategy"]
         psg_bytes, freed = self._materialize_bytes(site, n)
-        return self._run_strategy(site, strategy, n, psg_bytes, freed, entry, sq=results[strategy],
-                                  psg=psg if strategy == "materialize" else None)
+        return self._run_strategy(site, strategy, n, psg_bytes, freed, entry, sq=results.get(strategy))
 
     def _shared_norm_sq(self, members: list[Site]) -> torch.Tensor:
         """Norm of each sample's gradient of every parameter the members touch, chunk by chunk.
@@ -391,6 +404,12 @@ def _two_forms(site: Site) -> bool:
     from .rules.linear import LinearRule
 
     return isinstance(site.rule, (LinearRule, ConvRule))
+
+
+def _variants(site: Site, tape: Tape) -> tuple:
+    """The rule's ways of forming per-sample gradients (the first is its default)."""
+    fn = getattr(site.rule, "psg_variants", None)
+    return fn(site, tape) if fn is not None else ("default",)
 
 
 def _sum_sq(grads: list[torch.Tensor]) -> torch.Tensor:

@@ -578,13 +578,13 @@ def test_a_nonfinite_sample_is_dropped_from_materialized_layers(norm_method):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("content", ["[]", "null", '{"version": 1, "machines": []}', "{not json",
-                                     '{"version": 1, "machines": {"M": {"k": 3, "j": {"strategy": "ghost"},'
+@pytest.mark.parametrize("content", ["[]", "null", '{"version": 2, "machines": []}', "{not json",
+                                     '{"version": 2, "machines": {"M": {"k": 3, "j": {"strategy": "ghost"},'
                                      ' "i": {"strategy": "ghost", "times": {"ghost": "fast"}}}}}'])
 def test_a_damaged_plan_cache_costs_only_a_new_measurement(tmp_path, content):
     from dpfast import plan
 
-    path = tmp_path / "plan-v1.json"
+    path = tmp_path / "plan-v2.json"
     path.write_text(content.replace('"M"', json.dumps(plan._machine())))
     planner = plan.Planner(path)
     assert planner.choices == {}

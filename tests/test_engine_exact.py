@@ -179,6 +179,31 @@ def test_every_strategy_releases_the_clipped_sum(norm_method):
         assert set(taken.values()) <= {"ghost", "direct", "materialize"} and len(taken) == 13  # the single-site layers
 
 
+@pytest.mark.parametrize("variant", ["rows", "samples"])
+@pytest.mark.parametrize("K", [1, 3])
+def test_each_way_of_forming_conv_per_sample_grads_releases_the_clipped_sum(variant, K, monkeypatch):
+    """Materialized convolutions (plain, strided, dilated, grouped, transposed) with each variant of
+    ConvRule.psg_variants as the only one, K = 1 and 3, against the fp64 oracle."""
+    from dpfast.rules.conv import ConvRule
+
+    orig = ConvRule.psg_variants
+    monkeypatch.setattr(ConvRule, "psg_variants", lambda self, site, tape: tuple(
+        v for v in orig(self, site, tape) if v == variant) or orig(self, site, tape))
+    torch.manual_seed(6)
+    model = Blocks()
+    inputs = _data(3, seed=7)
+    rows_fn = rows_fn_for(K)
+    _, norms = clipped_sum_oracle(model, rows_fn, inputs, K, C=1e9)
+    C = norms.median().item()
+    want, _ = clipped_sum_oracle(model, rows_fn, inputs, K, C)
+    got, got_norms = released_grads(model, rows_fn, inputs, K=K, C=C, reduction="sum", norm_method="materialize")
+    torch.testing.assert_close(got_norms, norms, rtol=1e-10, atol=0)
+    _assert_close(got, want)
+    convs = {d["layer"]: d["variant"] for d in LAST_PLAN if d["rule"] == "ConvRule"}
+    assert convs and all(v in (variant, "rows") for v in convs.values()), convs
+    assert (variant in convs.values()) == (K > 1 or variant == "rows"), convs  # K = 1 has one way
+
+
 @pytest.mark.parametrize("method", ["direct", "ghost", "materialize"])
 def test_norm_methods_agree(method, monkeypatch):
     torch.manual_seed(2)

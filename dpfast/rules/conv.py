@@ -157,40 +157,67 @@ class ConvRule(Rule):
             out += _norms.per_sample_sum_sq(_norms.to_acc(G).flatten(2).sum(dim=2), K)
         return out
 
-    def _per_sample_weight_grads(self, site, tape, samples: slice | None = None):
-        """Yield (sample slice, (b, *weight.shape) per-sample weight gradients) chunk by chunk.
+    def psg_variants(self, site, tape) -> tuple:
+        """The ways :meth:`per_sample_grads` can form a sample's weight gradient; :mod:`dpfast.plan`
+        times each and keeps the fastest (``site.variant``). Both are the batch-as-groups trick:
 
-        The "batch as groups" trick: one grouped weight-gradient call over a chunk of rows, with each
-        row its own group, is each row's weight gradient; a sample's K rows are then summed. It runs
-        in the convolution library (no unfold), at about the cost of the layer's weight gradient."""
+        * ``rows``: every row is a group (a ``(1, rows x C, H, W)`` view, no copy), giving each
+          row's gradient; a sample's K rows are then summed. Best at high resolution.
+        * ``samples``: every sample is a group and its K rows are the convolution's batch, which the
+          library sums over: the K-row sum comes out of the call. It copies the layer's input and
+          output gradient to ``(K, samples x C, H, W)`` but forms K times less output: up to 4x
+          faster at low resolution or large K. With K = 1 the two are the same call."""
+        if tape.multiplicity == 1 or self._pointwise(site):
+            return ("rows",)
+        return ("rows", "samples")
+
+    @staticmethod
+    def _pointwise(site) -> bool:
+        stride, padding, dilation, transposed, output_padding, groups = site.saved["cfg"]
+        return (not transposed and groups == 1 and all(k == 1 for k in site.saved["kernel_size"])
+                and all(v == 1 for v in stride) and all(v == 0 for v in padding))
+
+    def _per_sample_weight_grads(self, site, tape, samples: slice | None = None):
+        """Yield (sample slice, (b, *weight.shape) per-sample weight gradients) chunk by chunk, in the
+        way ``site.variant`` names (:meth:`psg_variants`; ``rows`` when unset). It runs in the
+        convolution library (no unfold), at about the cost of the layer's weight gradient."""
         x, G, weight = site.saved["x"], site.G, site.saved["weight"]
         stride, padding, dilation, transposed, output_padding, groups = site.saved["cfg"]
         K = tape.multiplicity
         B = G.shape[0] // K
         samples = samples or slice(0, B)
-        per_sample = K * weight.numel()
+        by_sample = K > 1 and site.variant == "samples" and not self._pointwise(site)
+        # what one sample holds at once: K row gradients, or its copied rows and one gradient
+        per_sample = weight.numel() + K * (x[0].numel() + G[0].numel()) if by_sample else K * weight.numel()
         step = max(1, _norms.get_memory_budget() // max(1, per_sample))
         acc = torch.float64 if G.dtype == torch.float64 else torch.float32
-        pointwise = (not transposed and groups == 1 and all(k == 1 for k in site.saved["kernel_size"])
-                     and all(v == 1 for v in stride) and all(v == 0 for v in padding))
+        pointwise = self._pointwise(site)
         for start in range(samples.start, samples.stop, step):
             stop = min(samples.stop, start + step)
-            r = (stop - start) * K
+            b, r = stop - start, (stop - start) * K
             # in fp32: per-sample gradients rounded to bf16 would give norms (and clip factors) off by 2^-9
             xs, Gs = x[start * K:stop * K].to(acc), G[start * K:stop * K].to(acc)
+            out = slice(start - samples.start, stop - samples.start)
             if pointwise:  # a 1x1 conv is a linear map per position: one batched matmul over positions
-                b = stop - start
                 gw = torch.bmm(Gs.reshape(b, K, Gs.shape[1], -1).transpose(1, 2).reshape(b, Gs.shape[1], -1),
                                xs.reshape(b, K, xs.shape[1], -1).transpose(1, 2).reshape(b, xs.shape[1], -1)
                                .transpose(1, 2))
-                yield slice(start - samples.start, stop - samples.start), gw.view(b, *weight.shape)
+                yield out, gw.view(b, *weight.shape)
                 continue
-            shape = (r * weight.shape[0], *weight.shape[1:])
-            gw = _conv_bwd(Gs.reshape(1, -1, *Gs.shape[2:]), xs.reshape(1, -1, *xs.shape[2:]),
-                           xs.new_empty(1).expand(shape), None, stride, padding, dilation, transposed,
-                           output_padding, r * groups, [False, True, False])[1]
-            gw = gw.to(acc).reshape(stop - start, K, *weight.shape).sum(dim=1)
-            yield slice(start - samples.start, stop - samples.start), gw
+            if by_sample:  # (K, b x C, H, W): group i is sample i, the batch dim its K rows
+                Gs = Gs.reshape(b, K, *Gs.shape[1:]).transpose(0, 1).reshape(K, -1, *Gs.shape[2:])
+                xs = xs.reshape(b, K, *xs.shape[1:]).transpose(0, 1).reshape(K, -1, *xs.shape[2:])
+                n_groups = b * groups
+            else:
+                Gs, xs = Gs.reshape(1, -1, *Gs.shape[2:]), xs.reshape(1, -1, *xs.shape[2:])
+                n_groups = r * groups
+            shape = (n_groups // groups * weight.shape[0], *weight.shape[1:])
+            gw = _conv_bwd(Gs, xs, xs.new_empty(1).expand(shape), None, stride, padding, dilation, transposed,
+                           output_padding, n_groups, [False, True, False])[1].to(acc)
+            if by_sample or K == 1:  # (a sum over one row would be a slow copy)
+                yield out, gw.view(b, *weight.shape)
+            else:
+                yield out, gw.reshape(b, K, *weight.shape).sum(dim=1)
 
     def per_sample_grads(self, site, tape, sl):
         K = tape.multiplicity
