@@ -544,6 +544,27 @@ def test_profile_lists_each_layers_strategy_and_share():
     assert measured and all(0 < d["share"] < 1 for d in measured)
 
 
+def test_calibration_skips_only_a_norm_form_its_flop_model_rules_out(monkeypatch):
+    """A 3x3 conv at 32x32 (ghost models T (d + p) / (d p) = 1024 x 40 / 288 = 142x the direct
+    norm's FLOPs) is not timed in ghost form; a 4x4 one (T = 16: 2.2x) times both; a Linear with one
+    position (ghost 2 (d + p) against 2 d p) is not timed in direct form. Materialize is always timed."""
+    from dpfast import plan
+
+    monkeypatch.setenv("DPFAST_PLAN_CACHE", "0")
+    monkeypatch.setattr(plan, "_PLANNER", None)
+    times = {}
+    for name, model, x in [("big", nn.Conv2d(32, 8, 3, padding=1), torch.randn(4, 32, 32, 32)),
+                           ("small", nn.Conv2d(32, 8, 3, padding=1), torch.randn(4, 32, 4, 4)),
+                           ("lin", nn.Linear(64, 64), torch.randn(4, 64))]:
+        engine, m, o, _ = private(model, B=4, C=1.0)
+        o.zero_grad()
+        m(x).square().mean().backward()
+        o.step()
+        times[name] = set(engine.profile["layers"][0]["times"])
+    assert times == {"big": {"direct", "materialize"}, "small": {"ghost", "direct", "materialize"},
+                     "lin": {"ghost", "materialize"}}, times
+
+
 @pytest.mark.parametrize("norm_method", ["materialize", "ghost"])
 def test_a_nonfinite_sample_is_dropped_from_materialized_layers(norm_method):
     """A NaN sample's per-sample gradients are zeroed before the clipped sum (0 * NaN would be NaN):

@@ -127,6 +127,12 @@ class ConvRule(Rule):
             stop = min(B, start + step)
             yield slice(start, stop), slice(start * K, stop * K)
 
+    def norm_shape(self, site, tape) -> tuple[int, int, int]:
+        """(T, d, p) of one group's weight-gradient norm per sample: K x output positions, patch
+        length, output channels per group."""
+        _, other, _, d_g, p_g, _ = self._layout(site)
+        return tape.multiplicity * other[0, 0].numel(), d_g, p_g
+
     def norm_sq(self, site, tape):
         K = tape.multiplicity
         G = site.G

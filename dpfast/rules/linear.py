@@ -62,6 +62,11 @@ class LinearRule(Rule):
         A3, G3 = A.reshape(R, -1, d), G.reshape(R, -1, p)
         return A3, G3
 
+    def norm_shape(self, site, tape) -> tuple[int, int, int]:
+        """(T, d, p) of the weight gradient's norm per sample: positions x K, inputs, outputs."""
+        A3, G3 = self._grouped(site, tape)
+        return tape.multiplicity * A3.shape[1], A3.shape[2], G3.shape[2]
+
     def norm_sq(self, site, tape):
         A3, G3 = self._grouped(site, tape)
         K = tape.multiplicity
