@@ -16,6 +16,7 @@ Built-in names:
             (the DDIM CelebA-64 configuration).
   dpdm28    DPDM DDPM++ U-Net from dpfast.diffusion.unet, 1x28x28 (MNIST / Fashion-MNIST), 1.75M.
   dpdm32    the same architecture at 3x32x32 (CIFAR-10 / CelebA-32), 1.75M.
+  demo14    the U-Net of the README's demo (``dpfast train --preset demo``), 1x14x14, nf=16.
   pkg.mod:factory   a user model: ``factory()`` returns an ``nn.Module`` (with an ``input_shape``
             attribute), a ``(module, (C, H, W))`` pair, or a diffusers ``UNet2DModel``.
 """
@@ -198,6 +199,17 @@ def _dpdm(resolution: int, in_channels: int):
     return build
 
 
+def _demo14():
+    # the U-Net of `dpfast train --preset demo` (dpfast/diffusion/presets.py, _DEMO): 1x14x14, nf=16,
+    # ch_mult (1, 2), one res block per level, no attention
+    try:
+        from dpfast.diffusion.unet import DDPMpp
+    except ImportError as e:
+        raise ModelUnavailable(f"dpfast.diffusion.unet is not available ({e})") from e
+    return DPDMEps(DDPMpp(image_size=14, in_channels=1, nf=16, ch_mult=(1, 2), num_res_blocks=1,
+                          attn_resolutions=()))
+
+
 MODELS = {
     "tiny": ModelSpec("tiny", TinyUNet.input_shape, TinyUNet, "pure-torch CI U-Net, 4k params"),
     "small": ModelSpec("small", (1, 32, 32), _small, "diffusers UNet2DModel 32/64/64, 1.6M"),
@@ -205,6 +217,7 @@ MODELS = {
     "celeba64": ModelSpec("celeba64", (3, 64, 64), _celeba64, "diffusers UNet2DModel, DDIM CelebA-64, 78.7M"),
     "dpdm28": ModelSpec("dpdm28", (1, 28, 28), _dpdm(28, 1), "DPDM DDPM++ U-Net (dpfast), 1.75M"),
     "dpdm32": ModelSpec("dpdm32", (3, 32, 32), _dpdm(32, 3), "DPDM DDPM++ U-Net (dpfast), 1.75M"),
+    "demo14": ModelSpec("demo14", (1, 14, 14), _demo14, "the README demo's DDPM++ U-Net (dpfast), 1x14x14"),
 }
 
 
