@@ -118,10 +118,6 @@ class DPDataLoader:
     def __len__(self) -> int:
         return self.steps_per_epoch
 
-    @property
-    def expected_batch_size(self) -> float:
-        return self.sample_rate * len(self.dataset)
-
     def batch_indices(self, step: int) -> torch.Tensor:
         """This rank's members of the logical batch of ``step`` (sorted dataset indices)."""
         n = len(self.dataset)

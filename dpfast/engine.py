@@ -88,6 +88,8 @@ class PrivacyEngine:
                                  secure_mode=secure_mode)
         _check_number("noise_multiplier", noise_multiplier, lo=0.0, lo_open=False)
         _check_number("max_grad_norm", max_grad_norm, lo=0.0, lo_open=True)
+        if expected_batch_size is not None:
+            _check_number("expected_batch_size", expected_batch_size, lo=0.0, lo_open=True)
         if not isinstance(multiplicity, int) or multiplicity < 1:
             raise ValueError(f"multiplicity must be an int >= 1, got {multiplicity!r}")
         if loss_reduction not in ("mean", "sum"):
@@ -164,8 +166,22 @@ class PrivacyEngine:
             if self.distributed is not None:
                 # the loader's batch_size is per rank, as for non-private DDP training
                 batch_size *= world
+            if sample_rate and expected_batch_size is None and not 0.5 <= batch_size / (sample_rate * n) <= 2:
+                warnings.warn(f"sample_rate={sample_rate} draws about {sample_rate * n:.4g} samples per step, but "
+                              f"the noisy sum is divided by the loader's batch size {batch_size}: pass "
+                              "expected_batch_size (a constant fixed in advance) to divide by another",
+                              stacklevel=2)
             sample_rate = sample_rate or min(1.0, batch_size / n)
-            expected_batch_size = sample_rate * n
+            # The noisy sum is divided by a constant the user chose: the loader's batch size, or
+            # expected_batch_size when given; never by q x len(dataset) (Opacus' expected batch size).
+            # Under add/remove adjacency, which the accountant assumes, len(dataset) differs between
+            # neighbouring data sets, and a divisor computed from it is released without noise: the
+            # scale of the noise in the update reads it off (tests/test_privacy_hardening.py audits a
+            # loader at q = 0.5 and one other record: lower bound 4.0 against a claimed 1.0). The
+            # rate q = batch_size / len(dataset) still depends on the size when sample_rate is not
+            # given; the README says so, and passing sample_rate makes it public too.
+            if expected_batch_size is None:
+                expected_batch_size = float(batch_size)
             steps_per_epoch = max(1, round(1 / sample_rate))
             if not poisson_sampling:
                 warnings.warn("poisson_sampling=False: batches are still drawn by dpfast's Poisson sampler, "

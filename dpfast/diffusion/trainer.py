@@ -457,7 +457,9 @@ class Trainer:
             module=self.denoiser, optimizer=base_opt, data_loader=loader, noise_multiplier=sigma,
             max_grad_norm=cfg.max_grad_norm, multiplicity=cfg.multiplicity, poisson_sampling=True,
             max_physical_batch_size=cfg.max_physical_batch_size, loss_reduction="mean",
-            mode=cfg.mode, backend=cfg.backend, sample_rate=self.q)
+            mode=cfg.mode, backend=cfg.backend, sample_rate=self.q,
+            # the loader above holds the global batch, on one process or many: its size is the divisor
+            expected_batch_size=float(cfg.batch_size))
         self._phase_data, self._phase_q = self.dataset, self.q
 
     def _load(self, state: dict) -> None:
@@ -591,7 +593,8 @@ class Trainer:
                     "complete": self.step >= self.total_steps, "phases": self._phase_report()}
         common = {"steps": private_steps if self.private_phase is not None else self.step,
                   "planned_steps": (self.private_phase or self.phases[-1]).steps, "sample_rate": self.q,
-                  "expected_batch_size": self.q * len(self.dataset), "dataset_size": len(self.dataset),
+                  "expected_batch_size": getattr(getattr(self, "optimizer", None), "expected_batch_size", None)
+                  or float(cfg.batch_size), "dataset_size": len(self.dataset),
                   "epochs": private_steps * self.q, "multiplicity": cfg.multiplicity,
                   "complete": self.step >= self.total_steps, "total_steps": self.step,
                   "phases": self._phase_report(), "init": self.init_source,

@@ -214,6 +214,7 @@ def test_train_under_torchrun_two_processes(data_dir, tmp_path):
     assert proc.stdout.count("finished.") == 1  # rank 0 alone reports
     report = json.loads((out / "privacy_report.json").read_text())
     assert report["steps"] == 3 and report["sample_rate"] == pytest.approx(12 / 48)
+    assert report["expected_batch_size"] == 12  # the divisor: the global batch, not world x it
     state = final_state(out)
     assert isinstance(state["loss_rng"], list) and len(state["loss_rng"]) == 2
 
