@@ -22,14 +22,10 @@ Why the bound is honest (what the one-run theorem needs, and how it is met here)
 - every canary has the same class label, :data:`CANARY_LABEL` (0), fixed in advance, so a label says
   nothing about which canaries are in (an unconditional model ignores it); label dropout treats the
   canaries like any other record;
-- the claimed epsilon is the accountant's epsilon of the run as trained: on the private set *with* the
-  canaries that are in (N + sum(S) records, q = batch_size / (N + sum(S)), sigma calibrated for that q).
-  As in every dpfast run (and Opacus), the data-set size that sets q is treated as public; here it
-  reveals sum(S), the number of canaries in, which is the same for every set of canaries of that size
-  and so says nothing about *which* are in; the guesses use the released model only. Strictly, the
-  theorem wants one mechanism that is DP in each coin, and here q and sigma move with sum(S) by a
-  relative m / (2 N) or so: outside it, as the data-set size is for every dpfast run. It is absent at
-  q = 1 (the tests), and about 1e-3 on the demo (99 canaries beside 60,000 images);
+- the claimed epsilon is the accountant's epsilon of the run as trained, on the private set *with* the
+  canaries that are in (N + sum(S) records), at q = batch_size / (N + m), sigma and steps fixed from
+  N + m before the coins are drawn: one mechanism, the same whatever the coins, DP in each of them.
+  The guesses use the released model only;
 Canaries are appended after the config's subset and resolution are applied (--subset N keeps N real
 images), at the run's image shape. Recipes whose private data set is the base trainer's own
 (dpdm, dp-diffusion, dp-lora) are supported; the others (a latent space, a teacher trained on its own
@@ -44,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from .audit import GUESS_FRACTIONS, AuditReport, best_bound
+from .audit import GUESS_FRACTIONS, AuditReport, best_bound, epsilon_lower_bound
 
 __all__ = ["audit_training", "make_canaries", "canary_losses", "CANARY_LABEL", "AUDITABLE_RECIPES"]
 
@@ -145,6 +141,10 @@ def check_auditable(cfg) -> None:
                           f"set is the trainer's own); this config's recipe is {cfg.recipe}")
     if not cfg.private:
         raise ConfigError("the config trains without DP (private false): there is no claim to audit")
+    if getattr(cfg, "max_steps", None) is not None or getattr(cfg, "time_budget", None):
+        raise ConfigError("the audit needs the whole run: drop max_steps / time_budget (set steps instead)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("the input-canary audit runs in one process: every rank would draw its own coins")
 
 
 def audit_training(config, *, canaries: int | None = None, beta: float = 0.05, seed: int | None = None,
@@ -181,7 +181,8 @@ def audit_training(config, *, canaries: int | None = None, beta: float = 0.05, s
         raise ValueError(f"seed must be in [0, 2**62), got {seed}")
     # The coins: their own generator, from the audit seed or the OS, never from the engine's seed.
     coin_seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-    coins = torch.Generator().manual_seed(coin_seed)
+    # mixed with a constant, so a pinned seed never gives the coins the stream of cfg.seed (model init)
+    coins = torch.Generator().manual_seed((coin_seed * 0x9E3779B97F4A7C15 + 0xC0175) % 2**63)
     if seed is not None:  # pinned for a test: another number than the coins' seed, like audit_engine
         cfg = cfg.replace(noise_seed=2 * seed + 1)
     tmp = None
@@ -197,7 +198,12 @@ def audit_training(config, *, canaries: int | None = None, beta: float = 0.05, s
     made = {}  # the canaries and coins, once the data's image shape is known
 
     class CanaryTrainer(base_cls):
-        """The recipe's trainer, with the canaries that are in appended to its private data set."""
+        """The recipe's trainer, with the canaries that are in appended to its private data set. Its
+        rate q and step count come from N + m (real images plus every canary), fixed before the coins
+        are drawn: each coin is then a plain add/remove under one Poisson rate, sigma and step count."""
+
+        def _public_size(self, dataset):
+            return made["public_size"]
 
         def _prepare_data(self, data):
             from .diffusion.data import ImageDataset
@@ -206,7 +212,7 @@ def audit_training(config, *, canaries: int | None = None, beta: float = 0.05, s
             m = len(canary_frequencies(real.image_shape)) if canaries is None else canaries
             pats = make_canaries(m, real.image_shape)  # raises (before training) if m is too many
             included = torch.rand(m, generator=coins) < 0.5
-            made.update(canaries=pats, included=included)
+            made.update(canaries=pats, included=included, public_size=len(real) + m)
             keep = pats[included]
             return ImageDataset(torch.cat([real.images, keep]),
                                 torch.cat([real.labels, torch.full((len(keep),), CANARY_LABEL, dtype=torch.long)]),
@@ -234,6 +240,11 @@ def audit_training(config, *, canaries: int | None = None, beta: float = 0.05, s
     note = (f"black-box input canaries: {canaries} gratings (class {CANARY_LABEL}), "
             f"{int(included.sum())} in, beside {n_real} real images; score = -(denoising loss of the "
             f"released EMA model over {score_draws} fixed (sigma, noise) draws); recipe {cfg.recipe}")
+    # every guess right: the most this many canaries can certify; a claim above it cannot be refuted
+    cap = max(epsilon_lower_bound(2 * max(1, int(f * canaries)), 2 * max(1, int(f * canaries)),
+                                  beta=beta / len(fractions), delta=cfg.delta, m=canaries) for f in fractions)
+    note += (f"; the most {canaries} canaries can certify is eps >= {cap:.2f}"
+             + (": below the claim, so this audit cannot refute it" if cap <= float(report["epsilon"]) else ""))
     return AuditReport(epsilon_lower=lower, epsilon_claimed=float(report["epsilon"]), delta=cfg.delta, beta=beta,
                        canaries=canaries, guesses=r, correct=v, steps=int(report["steps"]),
                        noise_multiplier=float(report["noise_multiplier"]), sample_rate=float(report["sample_rate"]),

@@ -295,8 +295,9 @@ class Trainer:
             self.dataset = dataset = self._prepare_data(dataset)
             self.image_shape = dataset.image_shape
             self.num_classes = dataset.num_classes if cfg.class_conditional else 0
-            self.q = sample_rate_of(cfg, len(dataset))
-            self.phases = plan_phases(cfg, total_steps_of(cfg, len(dataset)))
+            size = self._public_size(dataset)
+            self.q = sample_rate_of(cfg, size)
+            self.phases = plan_phases(cfg, total_steps_of(cfg, size))
         self.private_phase = next((p for p in self.phases if p.private), None)
         self.total_steps = sum(p.steps for p in self.phases)
 
@@ -325,6 +326,12 @@ class Trainer:
             self._load(self.resume_state)
 
     # -- setup (recipes override the three data hooks: dpfast.recipes.dp_ldm trains in a latent space)
+    def _public_size(self, dataset) -> int:
+        """The data set size q = batch_size / size and an epochs budget's steps are computed from: the
+        size is treated as public (the README's "The data set's size"). The black-box audit
+        (dpfast.audit_input) fixes it before its canary coins are drawn."""
+        return len(dataset)
+
     def _prepare_data(self, dataset):
         """The private training set as the model sees it."""
         return prepare_dataset(self.cfg, dataset)
