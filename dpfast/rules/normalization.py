@@ -2,9 +2,20 @@
 
 The per-row gradients of the affine parameters are small (rows x C), so backward keeps them instead of
 ``x_hat`` and ``G``: ``grad_w[r] = sum(x_hat * G)`` and ``grad_b[r] = sum(G)`` over the non-parameter
-dims. The normalisation itself runs through autograd as usual.
+dims.
+
+GroupNorm runs as one fused op with its affine part, as in non-private training (``native_group_norm``
+and its backward for the input gradient), and keeps the input with each group's mean and 1/std. Its
+per-row gradients come from two per-channel reductions of the output gradient ``G``: with
+``s = sum(G * x)`` and ``g_b = sum(G)`` over a row's positions, ``x_hat = (x - mean) * rstd`` gives
+``g_w = (s - g_b * mean) * rstd``, the same per-sample quantity (PyTorch's own GroupNorm weight
+gradient is this formula summed over the batch). It saves writing ``x_hat``, the affine output and
+the product ``x_hat * G``: about a third of the time of a private GroupNorm on CPU. LayerNorm
+normalises first and applies the affine part as its own op.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -68,15 +79,64 @@ class _AffineRule(Rule):
         return [(g * s.to(g.dtype).view(-1, *([1] * (g.dim() - 1)))).sum(dim=0) for g in self._per_row(site)]
 
 
+class _GroupNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, tape, site, groups, eps):
+        N, C = x.shape[:2]
+        y, mean, rstd = torch.ops.aten.native_group_norm(x, weight, bias, N, C, math.prod(x.shape[2:]), groups, eps)
+        ctx.tape, ctx.site, ctx.groups = tape, site, groups
+        ctx.save_for_backward(x, mean, rstd, weight)
+        site.saved.update(x=x.detach(), mean=mean, rstd=rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, G):
+        x, mean, rstd, weight = ctx.saved_tensors
+        G = G.contiguous()
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            N, C = x.shape[:2]
+            grad_x = torch.ops.aten.native_group_norm_backward(
+                G, x, mean, rstd, weight, N, C, math.prod(x.shape[2:]), ctx.groups, [True, False, False])[0]
+        ctx.tape.record_grad(ctx.site, G)
+        return grad_x, None, None, None, None, None, None
+
+
 class GroupNormRule(_AffineRule):
     types = (nn.GroupNorm,)
 
     def forward(self, tape, module, name, orig, x):
         if not (trainable(module.weight) or trainable(module.bias)):
             return orig(x)
-        xh = F.group_norm(x, module.num_groups, None, None, module.eps)
-        view = (1, -1) + (1,) * (x.dim() - 2)
-        return self._affine(tape, name, module, xh, view, tuple(range(2, x.dim())))
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.float()  # autocast runs group_norm in fp32
+        params = [p for p in (module.weight, module.bias) if p is not None]
+        if x.dim() < 2 or not x.numel() or any(p.dtype != x.dtype for p in params):  # empty, mixed dtypes:
+            # normalise, then the affine op
+            xh = F.group_norm(x, module.num_groups, None, None, module.eps)
+            view = (1, -1) + (1,) * (x.dim() - 2)
+            return self._affine(tape, name, module, xh, view, tuple(range(2, x.dim())))
+        w = Target(module.weight) if trainable(module.weight) else None
+        b = Target(module.bias) if trainable(module.bias) else None
+        site = tape.new_site(self, name, [t for t in (w, b) if t is not None], rows=x.shape[0],
+                             has_w=w is not None, has_b=b is not None, groups=module.num_groups)
+        return _GroupNormFn.apply(x.contiguous(), module.weight, module.bias, tape, site, module.num_groups,
+                                  module.eps)
+
+    def absorb(self, site, G):
+        if "mean" not in site.saved:  # the normalise-then-affine path
+            return super().absorb(site, G)
+        x, mean, rstd = (site.saved.pop(k) for k in ("x", "mean", "rstd"))
+        N, C = x.shape[:2]
+        G = _norms.to_acc(G).reshape(N, C, -1)
+        gb = G.sum(dim=2)
+        if site.saved["has_w"]:
+            per_group = C // site.saved["groups"]
+            s = torch.linalg.vecdot(G, _norms.to_acc(x).reshape(N, C, -1))
+            m, r = (_norms.to_acc(t).repeat_interleave(per_group, dim=1) for t in (mean, rstd))
+            site.saved["gw"] = (s - gb * m) * r
+        if site.saved["has_b"]:
+            site.saved["gb"] = gb
 
 
 class LayerNormRule(_AffineRule):
