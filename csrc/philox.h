@@ -9,7 +9,8 @@
 //
 //   key     = (seed & 0xffffffff, seed >> 32)                    seed: uint64
 //   counter = (b & 0xffffffff, b >> 32, step, stream)           b: uint64 block, step: uint32
-//   streams : STREAM_NOISE = 0, STREAM_POISSON = 1, STREAM_AUX = 2 (reserved)
+//   streams : STREAM_NOISE = 0, STREAM_POISSON = 1, STREAM_AUX = 2 (per-record training randomness,
+//             dpfast/random.py record_generators; not generated here)
 //
 // Gaussian noise for global element e: block b = e / 2, lane e % 2. The block's words form two
 // 64-bit words w0 = x0 | x1 << 32, w1 = x2 | x3 << 32; in double (round to nearest)
@@ -41,7 +42,7 @@ namespace dpfast {
 
 constexpr uint32_t kStreamNoise = 0;
 constexpr uint32_t kStreamPoisson = 1;
-constexpr uint32_t kStreamAux = 2;  // reserved for future per-step randomness
+constexpr uint32_t kStreamAux = 2;  // per-record training randomness (Python side only)
 
 constexpr uint32_t kPhiloxM0 = 0xD2511F53u;
 constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;

@@ -114,6 +114,8 @@ class DPDataLoader:
         self._drawn = 0  # high-water mark: logical steps below it were drawn and may not be drawn again
         self.step = 0  # the next logical step to draw (global, across epochs)
         self._generation = 0  # bumped by each new iterator: only the newest one may yield
+        self.chunk_step: int | None = None  # the logical step of the chunk yielded last
+        self.chunk_indices: list[int] = []  # its samples' indices in the data set (this rank's)
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -156,6 +158,8 @@ class DPDataLoader:
             if self.optimizer is not None:
                 self.optimizer._announce_chunk(len(idx), is_last, step, is_first, batch, source=token)
             self._drawn = max(self._drawn, step + 1)  # after a refusal above, this step was never drawn
+            # what the loop may key each record's training randomness on (dpfast.random.record_generators)
+            self.chunk_step, self.chunk_indices = step, list(idx)
             if is_last:
                 # advanced before the yield: a loop that stops (checkpoint, time budget) right after the
                 # optimizer.step() of this chunk must resume at the next logical step

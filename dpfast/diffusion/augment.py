@@ -36,17 +36,22 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None
 
 
 def make_augment(kind: str, crop_padding: int = 2, generator: torch.Generator | None = None):
-    """Returns a function (N, C, H, W) -> (N, C, H, W), or None for kind 'none'."""
+    """Returns a function (N, C, H, W) -> (N, C, H, W), or None for kind 'none'. It draws from
+    ``generator``, or from the one it is called with (``augment(x, generator=g)``)."""
     if kind not in AUGMENT_CHOICES:
         raise ValueError(f"augment must be one of {AUGMENT_CHOICES}, not {kind!r}")
     if kind == "none":
         return None
 
-    def augment(x: torch.Tensor) -> torch.Tensor:
+    bound = generator
+
+    def augment(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        g = bound if generator is None else generator  # per-sample generators: see edm.edm_draws
         if "flip" in kind:
-            x = random_flip(x, generator)
+            x = random_flip(x, g)
         if "crop" in kind:
-            x = random_crop(x, crop_padding, generator)
+            x = random_crop(x, crop_padding, g)
         return x
 
+    augment.takes_generator = True
     return augment

@@ -97,29 +97,40 @@ def drop_labels(labels: torch.Tensor, p: float, null_label: int,
     return torch.where(drop, torch.full_like(labels, null_label), labels)
 
 
-def edm_loss_rows(denoiser: EDMPrecond, images: torch.Tensor, labels: torch.Tensor | None,
-                  multiplicity: int = 1, p_mean: float = -1.2, p_std: float = 1.2,
-                  label_dropout: float = 0.1,
-                  augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                  generator: torch.Generator | None = None, num_classes: int | None = None,
-                  sigma_data: float | None = None, sigma_range: tuple[float, float] | None = None,
-                  sigma_bias: tuple[float, float, float] | None = None) -> torch.Tensor:
-    """Per-row EDM loss with noise multiplicity K: returns (B*K,), the mean over pixels of each row.
+def edm_draws(images: torch.Tensor, labels: torch.Tensor | None, multiplicity: int = 1, *,
+              p_mean: float = -1.2, p_std: float = 1.2, label_dropout: float = 0.1,
+              augment: Callable[..., torch.Tensor] | None = None, generator: torch.Generator | None = None,
+              generators: list[torch.Generator] | None = None, num_classes: int = 0,
+              sigma_range: tuple[float, float] | None = None,
+              sigma_bias: tuple[float, float, float] | None = None, coins: int = 0) -> tuple:
+    """The random inputs of a batch's EDM rows: (x, y, sigma, noise, u). x: (B*K, C, H, W), the
+    images repeated sample-major and augmented per row; y: (B*K,) labels after per-sample dropout
+    (None when unconditional); sigma: (B*K,); noise: like x; u: (B*K, coins) uniforms for the
+    caller (None when coins = 0).
 
-    images: (B, C, H, W) in [-1, 1]; labels: (B,) long or None (unconditional).
-    Labels are dropped per *sample* (all K rows of an image share the decision, as in DPDM), then
-    repeated. `augment`, if given, is applied per row (augmentation multiplicity): each of the K rows
-    gets its own augmentation and its own noise level. All randomness comes from `generator`, so a
-    run restored with the generator's state draws the same noise. `num_classes` and `sigma_data`
-    default to the denoiser's (pass them when the denoiser is wrapped, e.g. by DDP). Labels < 0
-    (public images without one) are the null label. sigma_range / sigma_bias: see sample_sigmas.
-    """
-    num_classes = denoiser.num_classes if num_classes is None else num_classes
-    sigma_data = denoiser.sigma_data if sigma_data is None else sigma_data
+    ``generator``: one stream for the whole batch, drawn in batch order (public or non-private
+    phases). ``generators``: one per sample (:func:`dpfast.random.record_generators`): sample i's
+    draws all come from ``generators[i]``, in the same order as a one-sample batch would take them
+    from ``generator``, so they do not depend on the rest of the batch. DP-SGD needs that: see
+    record_generators. ``augment`` is then called with ``generator=`` (make_augment's functions take
+    it); one that cannot take it is refused rather than drawing from a stream of its own."""
+    if generators is not None:
+        if len(generators) != len(images):
+            raise ValueError(f"{len(generators)} generators for {len(images)} samples: pass one per sample")
+        if augment is not None and not getattr(augment, "takes_generator", False):
+            raise ValueError("per-sample generators need an augment that takes generator= "
+                             "(dpfast.diffusion.augment.make_augment); this one would draw from its own stream")
+        if len(images):
+            parts = [edm_draws(images[i:i + 1], None if labels is None else labels[i:i + 1], multiplicity,
+                               p_mean=p_mean, p_std=p_std, label_dropout=label_dropout, augment=augment,
+                               generator=g, num_classes=num_classes, sigma_range=sigma_range,
+                               sigma_bias=sigma_bias, coins=coins) for i, g in enumerate(generators)]
+            return tuple(None if parts[0][j] is None else torch.cat([p[j] for p in parts])
+                         for j in range(len(parts[0])))
     k = multiplicity
     x = images.repeat_interleave(k, dim=0)                      # sample-major (B*K, C, H, W)
     if augment is not None:
-        x = augment(x)
+        x = augment(x, generator=generator) if getattr(augment, "takes_generator", False) else augment(x)
     y = None
     if labels is not None and num_classes > 0:
         labels = torch.where(labels < 0, torch.full_like(labels, num_classes), labels)
@@ -127,6 +138,36 @@ def edm_loss_rows(denoiser: EDMPrecond, images: torch.Tensor, labels: torch.Tens
         y = y.repeat_interleave(k, dim=0)
     sigma = sample_sigmas(x.shape[0], p_mean, p_std, generator, x.device, sigma_range, sigma_bias).to(x.dtype)
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    u = torch.rand(x.shape[0], coins, generator=generator, device=x.device) if coins else None
+    return x, y, sigma, noise, u
+
+
+def edm_loss_rows(denoiser: EDMPrecond, images: torch.Tensor, labels: torch.Tensor | None,
+                  multiplicity: int = 1, p_mean: float = -1.2, p_std: float = 1.2,
+                  label_dropout: float = 0.1,
+                  augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  generator: torch.Generator | None = None, num_classes: int | None = None,
+                  sigma_data: float | None = None, sigma_range: tuple[float, float] | None = None,
+                  sigma_bias: tuple[float, float, float] | None = None,
+                  generators: list[torch.Generator] | None = None) -> torch.Tensor:
+    """Per-row EDM loss with noise multiplicity K: returns (B*K,), the mean over pixels of each row.
+
+    images: (B, C, H, W) in [-1, 1]; labels: (B,) long or None (unconditional).
+    Labels are dropped per *sample* (all K rows of an image share the decision, as in DPDM), then
+    repeated. `augment`, if given, is applied per row (augmentation multiplicity): each of the K rows
+    gets its own augmentation and its own noise level. All randomness comes from `generator`, or
+    for private training from `generators`, one per sample (see :func:`edm_draws`: with one stream
+    in batch order, a record's presence would change every other record's draws). `num_classes`
+    and `sigma_data` default to the denoiser's (pass them when the denoiser is wrapped, e.g. by
+    DDP). Labels < 0 (public images without one) are the null label. sigma_range / sigma_bias: see
+    sample_sigmas.
+    """
+    num_classes = denoiser.num_classes if num_classes is None else num_classes
+    sigma_data = denoiser.sigma_data if sigma_data is None else sigma_data
+    x, y, sigma, noise, _ = edm_draws(images, labels, multiplicity, p_mean=p_mean, p_std=p_std,
+                                      label_dropout=label_dropout, augment=augment, generator=generator,
+                                      generators=generators, num_classes=num_classes,
+                                      sigma_range=sigma_range, sigma_bias=sigma_bias)
     sig = sigma.reshape(-1, 1, 1, 1)
     denoised = denoiser(x + sig * noise, sigma, y)
     weight = edm_loss_weight(sig, sigma_data)

@@ -300,6 +300,12 @@ class Trainer:
             self.phases = plan_phases(cfg, total_steps_of(cfg, size))
         self.private_phase = next((p for p in self.phases if p.private), None)
         self.total_steps = sum(p.steps for p in self.phases)
+        if self.private_phase is not None and cfg.dropout > 0:
+            # nn.Dropout draws its masks for the whole batch from the global RNG in batch order, so one
+            # record's presence would move every later record's mask (see dpfast.random.record_generators)
+            raise ConfigError(f"--dropout {cfg.dropout} with DP training: dropout masks are drawn in batch order "
+                              "from one stream, so a record's presence changes the other records' gradients "
+                              "and the clipped sum's sensitivity bound fails; use --dropout 0")
 
         torch.manual_seed(cfg.seed)
         self.denoiser = build_denoiser(cfg, self.image_shape, self.num_classes).to(self.device)
@@ -534,7 +540,10 @@ class Trainer:
 
     def save_model(self) -> Path:
         path = self.out / "model.pt"
-        atomic_torch_save({"config": self.cfg.to_dict(), "step": self.step,
+        # model.pt is released: a pinned noise seed (--noise-seed) would let anyone regenerate and
+        # subtract the DP noise and the Poisson batches, so it is withheld (sampling never needs it)
+        config = {**self.cfg.to_dict(), "noise_seed": None}
+        atomic_torch_save({"config": config, "step": self.step,
                            "image_shape": list(self.image_shape), "num_classes": self.num_classes,
                            "ema": self.ema_model().state_dict(), **self._provenance(), **self._model_extra()}, path)
         return path
@@ -607,7 +616,9 @@ class Trainer:
                   "phases": self._phase_report(), "init": self.init_source,
                   "public_data": self._describe_public() if any(p.public for p in self.phases)
                   else (self.init_source or {}).get("public_data"), "trainable": cfg.trainable,
-                  "trainable_parameters": self._count_selected(cfg.trainable)}
+                  "trainable_parameters": self._count_selected(cfg.trainable),
+                  # a pinned seed keys the noise and the batches: the epsilon holds only while it stays secret
+                  "noise_seed_pinned": cfg.noise_seed is not None}
         if self.private_phase is None:
             return {"private": False, "epsilon": None, "note": "trained without differential privacy",
                     **common}
@@ -637,8 +648,19 @@ class Trainer:
         return report
 
     # -- training
-    def _chunk_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Forward/backward of one physical chunk; returns (sum of row losses, rows)."""
+    def _record_generators(self, idx):
+        """One generator per sample of a private chunk, keyed by (the engine's seed, the loader's
+        logical step, the sample's index in the private data): see dpfast.random.record_generators.
+        None outside private steps (public and non-private phases draw from ``self.gen``)."""
+        if idx is None or not self.phase.private:
+            return None
+        from dpfast.random import record_generators
+
+        return record_generators(idx, seed=self.engine.seed, step=self.loader.chunk_step, device=self.device)
+
+    def _chunk_loss(self, x: torch.Tensor, y: torch.Tensor, idx=None) -> tuple[torch.Tensor, int]:
+        """Forward/backward of one physical chunk; returns (sum of row losses, rows). ``idx``: the
+        chunk's indices in the private data (private steps)."""
         cfg = self.cfg
         if len(x) == 0:  # an empty Poisson batch: nothing to compute; optimizer.step() still runs
             return torch.zeros((), device=self.device), 0
@@ -650,7 +672,7 @@ class Trainer:
                              p_std=cfg.p_std, label_dropout=cfg.label_dropout, augment=self.augment,
                              generator=self.gen, num_classes=self.num_classes,
                              sigma_data=cfg.sigma_data, sigma_range=self.phase.sigma_range,
-                             sigma_bias=self.phase.sigma_bias)
+                             sigma_bias=self.phase.sigma_bias, generators=self._record_generators(idx))
         if private:
             rows.mean().backward()  # the engine undoes the mean to get per-sample gradients
         else:  # the same estimator as DP-SGD without clipping and noise: sum / (K * B_expected)
@@ -663,7 +685,7 @@ class Trainer:
             loss, rows = 0.0, 0
             for x, y in self.loader:
                 self.optimizer.zero_grad()
-                l, r = self._chunk_loss(x, y)
+                l, r = self._chunk_loss(x, y, self.loader.chunk_indices)
                 loss, rows = loss + l, rows + r
                 if self.optimizer.step():
                     yield loss, rows
@@ -778,15 +800,18 @@ class Trainer:
                 self.elapsed += step_time
                 train_seconds += step_time
                 step_started = now
-                if rows:  # for the operator's eyes only: this loss is not privatised, so it is
-                    value = float(loss) / rows  # shown in the progress bar and never written out
+                # The training loss is shown for public and non-private phases only. A private batch's
+                # loss is a function of the data without noise, and a progress bar on stderr ends up in
+                # logs (nohup, SLURM, CI): printing it would release it outside the guarantee.
+                if rows and not self.phase.private:
+                    value = float(loss) / rows
                     smooth = value if smooth is None else 0.9 * smooth + 0.1 * value
                 if self.engine is not None and now - last_eps_time >= cfg.epsilon_every_seconds:
                     eps, last_eps_time = self.engine.get_epsilon(cfg.delta), now
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{smooth:.4f}" if smooth is not None else "-",
-                                    eps=f"{eps:.3g}", refresh=False)
+                    shown = "private" if self.phase.private else (f"{smooth:.4f}" if smooth is not None else "-")
+                    bar.set_postfix(loss=shown, eps=f"{eps:.3g}", refresh=False)
                 if cfg.grid_every and self.step % cfg.grid_every == 0 and self.step < stop_at and self.is_main:
                     self.save_grid(f"samples/step_{self.step:07d}.png")
                 if (self.step % cfg.checkpoint_every == 0 or now - last_ckpt >= cfg.checkpoint_seconds):

@@ -51,7 +51,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dpfast.diffusion.edm import drop_labels, edm_loss_weight, sample_sigmas
+from dpfast.diffusion.edm import edm_draws, edm_loss_weight
 from dpfast.diffusion.presets import RUN_CONTROL_FIELDS, ConfigError, TrainConfig
 from dpfast.diffusion.trainer import Trainer, prepare_dataset, sample_rate_of, total_steps_of
 
@@ -119,25 +119,19 @@ class StudentPair(nn.Module):
 
 def sad_loss_rows(pair: StudentPair, teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor | None,
                   multiplicity: int, p_mean: float, p_std: float, label_dropout: float, generator,
-                  num_classes: int, sigma_data: float, augment=None) -> torch.Tensor:
+                  num_classes: int, sigma_data: float, augment=None, generators=None) -> torch.Tensor:
     """(B*K,) per-row losses of one step: the EDM-weighted distillation loss at one random noise level
     per row (teacher and student see the same noisy input and labels) plus disc_weight x the
-    discriminator's loss. Rows are sample-major, as the engine's multiplicity expects."""
-    k = multiplicity
-    x = images.repeat_interleave(k, dim=0)
-    if augment is not None:
-        x = augment(x)
-    y = None
-    if labels is not None and num_classes > 0:
-        labels = torch.where(labels < 0, torch.full_like(labels, num_classes), labels)
-        y = drop_labels(labels, label_dropout, num_classes, generator).repeat_interleave(k, dim=0)
-    sigma = sample_sigmas(x.shape[0], p_mean, p_std, generator, x.device).to(x.dtype)
-    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    discriminator's loss. Rows are sample-major, as the engine's multiplicity expects. Randomness:
+    ``generator`` in batch order, or ``generators``, one per sample, for private steps (edm_draws)."""
+    x, y, sigma, noise, u = edm_draws(images, labels, multiplicity, p_mean=p_mean, p_std=p_std,
+                                      label_dropout=label_dropout, augment=augment, generator=generator,
+                                      generators=generators, num_classes=num_classes, coins=1)
     sig = sigma.reshape(-1, 1, 1, 1)
     x_noisy = x + sig * noise
     with torch.no_grad():
         target = teacher(x_noisy, sigma, y)
-    teacher_first = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
+    teacher_first = u[:, 0] < 0.5
     out, disc_loss = pair(x_noisy, sigma, y, target, teacher_first)
     rows = (edm_loss_weight(sig, sigma_data) * (out - target) ** 2).flatten(1).mean(dim=1)
     if disc_loss is not None:
@@ -328,7 +322,7 @@ class SADTrainer(Trainer):
             # before the first release: from here on the engine's epsilon is teacher + student
             self.engine.compose_after(self.teacher_engine_state)
 
-    def _chunk_loss(self, x, y):
+    def _chunk_loss(self, x, y, idx=None):
         cfg = self.cfg
         if len(x) == 0:
             return torch.zeros((), device=self.device), 0
@@ -337,7 +331,7 @@ class SADTrainer(Trainer):
         private = self.phase.private
         rows = sad_loss_rows(self.model if private else self.pair, self.teacher, x, y, cfg.multiplicity,
                              cfg.p_mean, cfg.p_std, cfg.label_dropout, self.gen, self.num_classes,
-                             cfg.sigma_data, self.augment)
+                             cfg.sigma_data, self.augment, generators=self._record_generators(idx))
         if private:
             rows.mean().backward()
         else:
