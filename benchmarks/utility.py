@@ -260,6 +260,12 @@ def train_dp_classifier(train: ImageDataset, noise_multiplier: float, steps: int
     torch.manual_seed(seed)
     c, h, _ = train.image_shape
     model = ev.CNN(c, h, max(1, train.num_classes)).to(device)
+    for m in model.modules():
+        # Dropout draws its masks for the whole batch in batch order from the global RNG, seeded above
+        # by a public seed: one record's presence would move every later record's mask, and with it the
+        # clipped sum by more than C. Off for DP training (the classifiers trained on synthetic data keep it).
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     engine = PrivacyEngine(accountant="prv")
     q = min(1.0, batch_size / len(train))
