@@ -298,7 +298,15 @@ class PrivacyEngine:
 
     def _account(self, sigma: float) -> None:
         if self.sample_rate is None:
-            return  # get_epsilon and state_dict refuse from now on
+            # No data_loader and no sample_rate: this release cannot be charged (the accountant needs q).
+            # engine.get_epsilon and state_dict refuse from now on; the accountant itself is marked lost,
+            # so that its Opacus-style get_epsilon / get_privacy_spent / report, which know nothing of the
+            # engine, report infinity rather than the epsilon of a history that misses this release (0.0
+            # for one that misses every release). Setting sample_rate later cannot undo it: this release
+            # stays uncharged. A run without a loader that passes sample_rate (the audits do) is charged.
+            self.accountant.lost = ("a step was released with an unknown sampling rate (no data_loader and no "
+                                    "sample_rate given to make_private), so it was never charged")
+            return
         if sigma == 0:
             self._lose_privacy("a step was released without noise (noise_multiplier=0)")
             return
@@ -314,12 +322,15 @@ class PrivacyEngine:
                 self.ledger.append_event("guarantee_lost", why=why, run=run_id(self.seed))
         self._no_privacy = True
 
-    def _refused(self, exc: BaseException) -> None:
+    def _refused(self, exc: BaseException, why: str | None = None) -> None:
+        """The optimizer refused a drawn logical batch (or the loop abandoned one): the guarantee is
+        lost. ``why``: a specific one-line reason, warned and kept in ``why_no_privacy``."""
         first = not self._no_privacy
-        self._lose_privacy(f"a logical batch was refused ({type(exc).__name__}): whether the parameters moved "
-                           "depends on the data without noise")
+        self._lose_privacy(why or f"a logical batch was refused ({type(exc).__name__}): whether the parameters "
+                                  "moved depends on the data without noise")
         if first:
-            warnings.warn(f"a sampled logical batch was refused ({type(exc).__name__}); nothing was released, but "
+            warnings.warn(f"{why}: get_epsilon() now reports infinity" if why else
+                          f"a sampled logical batch was refused ({type(exc).__name__}); nothing was released, but "
                           "the refusal itself depends on the data without noise, so get_epsilon() now reports "
                           "infinity. Fix the cause and start a new run", stacklevel=3)
 
@@ -503,11 +514,27 @@ class PrivacyEngine:
             "sample_rate": self.sample_rate,
             "steps": self.steps,
             "accountant": self.accountant.state_dict(),
-            "sampler": self.loader.state_dict() if self.loader is not None else None,
+            "sampler": self._sampler_state(),
             "no_privacy": self._no_privacy,
             "why_no_privacy": self.why_no_privacy,
             "prior": [dict(p) for p in self._prior],
         }
+
+    def _sampler_state(self) -> dict | None:
+        """The loader's position, at the step of a logical batch that was drawn and not yet released if
+        there is one. The loader advances its step as it yields a batch's last chunk, so a loop that left
+        that chunk before optimizer.step() (``break`` on a check of the batch) would checkpoint the step
+        after it, and a resume would skip a drawn batch without a release: the gap the optimizer refuses in
+        one process (``DPOptimizer._announce_chunk``). Saved at the open step, a resume draws that batch
+        again and releases it once (it was never released, so its noise key and batch are fresh). This
+        process, if it goes on, still moves past it and loses the guarantee there."""
+        if self.loader is None:
+            return None
+        sd = self.loader.state_dict()
+        open_step = self.optimizer._open_step if self.optimizer is not None else None
+        if open_step is not None and open_step < int(sd["step"]):
+            sd = dict(sd, step=open_step)
+        return sd
 
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("version") != 1:

@@ -11,7 +11,10 @@ batch). The optimizer owns the one thing that keys the noise: ``steps``, the cou
 which only ever grows (a release whose key is not above the last one is refused). Every release is
 charged to the accountant (and written to the engine's ledger, if any) *before* the noisy gradient
 reaches a parameter. A refused logical batch releases nothing, but whether parameters moved then
-depends on the data without noise: the engine reports an infinite epsilon from then on.
+depends on the data without noise: the engine reports an infinite epsilon from then on. So does a
+drawn logical batch that the loop leaves unreleased while the loader moves on (``_announce_chunk``);
+one left part-way is drawn again by the next iterator. ``max_grad_norm`` is fixed for a logical batch
+by its first chunk.
 """
 from __future__ import annotations
 
@@ -38,6 +41,9 @@ class DPOptimizer(torch.optim.Optimizer):
         self.original_optimizer = optimizer
         self.private_module = private_module
         self._noise_multiplier = _checked_sigma(noise_multiplier)
+        # the clipping norm of the logical batch in progress: fixed by its first chunk's step(), used for
+        # every later chunk's clipping and for the noise (sigma * C), None between logical batches
+        self._clip_in_force: float | None = None
         self.max_grad_norm = max_grad_norm
         self.expected_batch_size = expected_batch_size
         self.loss_reduction = loss_reduction
@@ -71,6 +77,9 @@ class DPOptimizer(torch.optim.Optimizer):
         self._last_key = -1            # noise key of the last release: keys strictly increase
         self._last_sampler_step = -1   # the loader's step of the last release: batches are never reused
         self.sampler_step: int | None = None    # the loader's logical step of the current batch
+        # the loader's step of a logical batch that was drawn (a chunk of it announced) and is neither
+        # released nor refused yet; moving on to another step while it is set loses the guarantee
+        self._open_step: int | None = None
         self.data_loader_attached = False       # set by make_private when it returns a DPDataLoader
         self._refused: BaseException | None = None  # an earlier chunk of this logical batch failed
         self.last_norms: torch.Tensor | None = None
@@ -102,6 +111,16 @@ class DPOptimizer(torch.optim.Optimizer):
 
     @property
     def max_grad_norm(self) -> float:
+        """The clipping norm C. A clip schedule sets it between logical steps (after a ``step()`` that
+        returned True), and each release is noised with the C it was clipped at.
+
+        C is fixed for a whole logical batch by the ``step()`` of its first physical chunk: every chunk
+        of that batch is clipped at it and the noise is ``sigma * C``. A value set while a logical batch
+        is part-way (after the ``step()`` of a chunk that did not end it) makes the next ``step()`` raise
+        DPError before that chunk is clipped and before anything is released; nothing changes then, and
+        setting the batch's value back lets the same chunk be stepped again. Otherwise earlier chunks
+        would be clipped at one C and the noise drawn for another: with a smaller C at the release, a
+        record clipped at the larger one would be covered by too little noise."""
         return self._max_grad_norm
 
     @max_grad_norm.setter
@@ -155,6 +174,9 @@ class DPOptimizer(torch.optim.Optimizer):
             # several loader batches, or one that fetches ahead. Dropping the earlier batch would lose its
             # samples silently, and summing two Poisson batches into one release is not the mechanism the
             # accountant charges (a record drawn in both would count twice).
+            # The batch stays open (_open_step): nothing was drawn past it yet (this chunk is not yielded),
+            # so a run that stops here skipped nothing; a loop that catches this and goes on to another
+            # step loses the guarantee at that step's first chunk (below).
             self._discard_unreleased()
             raise DPError(
                 "the private data loader was asked for its next batch before optimizer.step() was called for the "
@@ -165,12 +187,37 @@ class DPOptimizer(torch.optim.Optimizer):
                 "batch itself, and optimizer.step() returns True when a logical step was taken. A wrapper that "
                 "fetches ahead (a prefetcher, accelerate's or Lightning's loader wrappers), a body that skips "
                 "step() (continue), or next() on the same iterator trigger this too")
+        abandoned = step is not None and self._open_step is not None and int(step) != self._open_step
         if is_first and (self._acc or self._refused is not None or self._chunk_pending):
             # a new logical batch starts (or the loop broke off and the loader re-drew the same one):
             # what was accumulated of an unfinished batch must not count again
-            warnings.warn("discarding an unfinished logical batch (the loop left the data loader before "
-                          "its last chunk); nothing of it was released", stacklevel=3)
+            if not abandoned:  # the same batch drawn again (an abandoned one is reported below)
+                warnings.warn("discarding an unfinished logical batch (the loop left the data loader before "
+                              "its last chunk); nothing of it was released, and the loader draws it again",
+                              stacklevel=3)
             self._discard_unreleased()
+        if abandoned:
+            # A drawn logical batch that was neither released nor refused, and the loader has moved on to
+            # another step: the loop left it before optimizer.step() (`break`, or `continue` and the
+            # DPError above caught, or any exception caught around the loop), and the loader advances its
+            # step when it yields a batch's last chunk, so the batch will never be drawn again. Whether
+            # that happened can depend on the data without noise (`if not isfinite(loss): continue`, a
+            # check on the batch itself), and the gap it leaves is visible (in the released trajectory,
+            # in the ledger's sampler steps): with the canary in the batch the step is skipped, without it
+            # the step is released, a difference no noise covers (a delta of q, the chance it is drawn).
+            # Charging the batch as a release would not cover it either: the accountant's Gaussian
+            # mechanism bounds what the noisy sum reveals, not whether a release happened. So it is a
+            # refusal, as a NaN batch refused by step() is: epsilon is infinite from now on.
+            # What does not come here: a batch left part-way and drawn again (the loader did not advance,
+            # so the next iterator re-yields the same step from its first chunk: step == _open_step), and
+            # a loop that ends (nothing more is drawn; engine.state_dict() saves the sampler at the open
+            # step, so a resume draws that batch again rather than skip it).
+            lost, self._open_step = self._open_step, None
+            self._refuse(DPError(f"the logical batch of loader step {lost} was drawn but never released"),
+                         why=f"the logical batch of loader step {lost} was drawn but never released: the loop left "
+                             f"it before optimizer.step() (break, continue, a caught exception) and the loader moved "
+                             f"on to step {int(step)}, a skip that can depend on the data without noise (call step() "
+                             "for every batch the loader yields; leave a loop only after a step() that returned True)")
         if self._chunk_pending:
             raise DPError("the data loader produced a new batch but optimizer.step() was not called for the "
                           "previous one: call optimizer.step() once for every batch the private loader yields")
@@ -181,6 +228,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self.private_module.snapshot_state(force=True)
         if step is not None:
             self.sampler_step = int(step)
+            self._open_step = int(step)  # drawn: released or refused at the step() of its last chunk
 
     def _discard_unreleased(self) -> None:
         """Drops what was computed of a batch that will never be released. Its forward may have written
@@ -193,6 +241,7 @@ class DPOptimizer(torch.optim.Optimizer):
                 "its forward/backward: that state is released with the model without noise"))
         self._acc.clear()
         self._refused = None
+        self._clip_in_force = None
         self._chunk_pending = False
         self._chunk_source = None
         self.private_module.expect_chunk(None, None)
@@ -257,9 +306,31 @@ class DPOptimizer(torch.optim.Optimizer):
             # a second step() on the same batch would reuse the key, and the noise would cancel
             raise DPError("optimizer.step() was called without a new batch from the private data loader: "
                           "call it exactly once per batch the loader yields")
+        if self._clip_in_force is not None and self.max_grad_norm != self._clip_in_force:
+            # C is fixed for the logical batch in progress by its first chunk (see max_grad_norm): its earlier
+            # chunks were clipped at it, and the noise must be sigma times the C every chunk was clipped at.
+            # Refused here, before this chunk is clipped and before anything is released, with the chunk
+            # still pending: nothing changed, and setting C back lets this step() run again.
+            raise DPError(f"max_grad_norm was changed from {self._clip_in_force} to {self.max_grad_norm} in the "
+                          "middle of a logical batch (its earlier physical chunks were clipped at "
+                          f"{self._clip_in_force}, and the noise must match the clipping of every chunk): set it "
+                          "between logical steps, after a step() that returned True, or set it back to "
+                          f"{self._clip_in_force} and call step() again")
         samples, is_last = self._chunk if self._chunk_pending else (None, True)
         self._chunk_pending = False
         self.private_module.expect_chunk(None, None)
+        if self._clip_in_force is None:
+            self._clip_in_force = self.max_grad_norm  # the first chunk of a logical batch fixes its C
+        try:
+            return self._step_chunk(samples, is_last)
+        finally:
+            if is_last:
+                # the logical batch ends with this chunk: released, or refused (a refusal is charged by
+                # _refuse; a RankStateMismatchError drops it whatever the data)
+                self._clip_in_force = None
+                self._open_step = None
+
+    def _step_chunk(self, samples: int | None, is_last: bool) -> bool:
         try:
             if self._refused is not None:
                 # an earlier chunk of this logical batch was refused: the whole batch is refused, the
@@ -318,11 +389,15 @@ class DPOptimizer(torch.optim.Optimizer):
         """The noise key of the next release: the count of releases so far (never reused)."""
         return self.steps
 
-    def _refuse(self, exc: BaseException) -> None:
-        """A logical batch was drawn and refused: nothing was released, but whether the parameters
-        moved is now a noise-free function of the data (a NaN record sampled or not)."""
+    def _refuse(self, exc: BaseException, why: str | None = None) -> None:
+        """A logical batch was drawn and refused (or abandoned before its release): nothing was
+        released, but whether the parameters moved is now a noise-free function of the data (a NaN
+        record sampled or not). ``why``: the engine's one-line reason, if not the generic one."""
         if self._on_refusal is not None:
-            self._on_refusal(exc)
+            if why is None:
+                self._on_refusal(exc)
+            else:
+                self._on_refusal(exc, why=why)
 
     def _name(self, p) -> str:
         return self._names.get(id(p), f"parameter of shape {tuple(p.shape)}")
@@ -470,12 +545,14 @@ class DPOptimizer(torch.optim.Optimizer):
             raise DPError("secure_mode releases fp32 gradients only, but some parameters are float64 now "
                           "(model.double() after make_private?); the step is refused")
         sigma = self.noise_multiplier
+        # the C every chunk of this batch was clipped at (step() refuses a chunk after C was changed)
+        clip = self._clip_in_force if self._clip_in_force is not None else self.max_grad_norm
         if self._on_release is not None:
             self._on_release(key, sigma)   # charged (and logged) before anything is released
         self._last_key = key
         if self.data_loader_attached and self.sampler_step is not None:
             self._last_sampler_step = self.sampler_step
-        std = sigma * self.max_grad_norm
+        std = sigma * clip
         f32 = [i for i, a in enumerate(accs) if a.dtype == torch.float32]
         if f32:
             noise = dict(generator="chacha20", key=self._secure_key) if self._secure_key is not None else {}

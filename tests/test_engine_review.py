@@ -235,3 +235,44 @@ def test_empty_batch_with_captions_has_no_rows():
     batch = torch.utils.data.default_collate([(torch.zeros(3), "a caption", 1)])
     empty = _empty_rows(batch)
     assert empty[0].shape == (0, 3) and list(empty[1]) == [] and empty[2].shape == (0,)
+
+
+@pytest.mark.parametrize("kind", ["prv", "rdp"])
+def test_releases_with_an_unknown_sampling_rate_are_never_reported_as_spent(kind):
+    # the reviewer's no_rate.py: without a data_loader and sample_rate no release is charged; the engine
+    # refused get_epsilon, but its accountant (Opacus' engine.accountant.get_epsilon) said 0.0
+    import math
+
+    engine = PrivacyEngine(accountant=kind, seed=1)
+    model = nn.Linear(4, 1)
+    m, o, _ = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                  data_loader=None, noise_multiplier=0.5, max_grad_norm=1.0, expected_batch_size=8.0)
+    assert engine.accountant.get_epsilon(1e-5) == 0.0  # nothing released yet
+    for _ in range(3):
+        o.zero_grad()
+        m(torch.randn(8, 4)).sum().backward()
+        assert o.step()
+    assert engine.accountant.get_epsilon(1e-5) == math.inf
+    assert engine.accountant.get_privacy_spent(delta=1e-5)[0] == math.inf
+    assert engine.accountant.report(1e-5).epsilon == math.inf and "unknown sampling rate" in engine.accountant.lost
+    with pytest.raises(DPError, match="sampling rate"):
+        engine.get_epsilon(1e-5)
+    with pytest.raises(DPError, match="sampling rate"):
+        engine.state_dict()
+    engine.sample_rate = 0.1  # known only now: the three releases before stay uncharged
+    assert engine.get_epsilon(1e-5) == math.inf
+
+
+def test_a_run_without_a_loader_that_passes_sample_rate_is_charged():
+    import math
+
+    engine = PrivacyEngine(accountant="rdp", seed=1)
+    model = nn.Linear(4, 1)
+    m, o, _ = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                  noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=8.0, sample_rate=0.1)
+    for _ in range(3):
+        o.zero_grad()
+        m(torch.randn(8, 4)).sum().backward()
+        o.step()
+    eps = engine.get_epsilon(1e-5)
+    assert 0 < eps < math.inf and engine.accountant.get_epsilon(1e-5) == eps and engine.accountant.lost is None

@@ -781,3 +781,165 @@ def test_expected_batch_size_is_checked():
         private(nn.Linear(2, 1), expected_batch_size=0)
     with pytest.raises(ValueError, match="expected_batch_size"):
         private(nn.Linear(2, 1), expected_batch_size=float("nan"))
+
+
+# ------------------------------------------------------------------ 12. a drawn batch the loop leaves unreleased
+def _canary_run(tmp_path=None, **kw):
+    """Ten records, record 9 the canary (drawn at loader steps 3 and 6 with seed 7), q = 0.3."""
+    torch.manual_seed(0)
+    data = TensorDataset(torch.cat([torch.randn(9, 2), torch.full((1, 2), 99.0)]))
+    model = nn.Linear(2, 1)
+    engine = PrivacyEngine(accountant="rdp", seed=7,
+                           ledger=None if tmp_path is None else tmp_path / "privacy_ledger.jsonl")
+    m, o, dl = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                   data_loader=DataLoader(data, batch_size=3), noise_multiplier=1.0,
+                                   max_grad_norm=1.0, **kw)
+    assert [s for s in range(9) if 9 in dl.batch_indices(s).tolist()] == [3, 6]
+    return engine, m, o, dl
+
+
+def _chunk(m, o, x) -> bool:
+    o.zero_grad()
+    m(x).sum().backward()
+    return o.step()
+
+
+def test_a_batch_left_before_its_step_on_a_data_dependent_check_loses_the_guarantee(tmp_path):
+    # the reviewer's break_batch.py: `break` before step() when the batch holds the canary; the loader had
+    # moved past that batch, so it was never released and never charged while epsilon stayed finite
+    engine, m, o, dl = _canary_run(tmp_path)
+    released = 0
+    with pytest.warns(UserWarning, match="loader step 3 was drawn but never released"):
+        while released < 6:
+            for (x,) in dl:
+                if (x.abs() > 50).any():   # data-dependent: leave the loop, skipping this batch
+                    break
+                released += _chunk(m, o, x)
+    assert [e["sampler_step"] for e in dpfast.ledger.releases(tmp_path / "privacy_ledger.jsonl")] == [0, 1, 2, 4, 5, 7, 8]
+    assert engine.get_epsilon(1e-5) == math.inf and "drawn but never released" in engine.why_no_privacy
+    assert engine.accountant.get_epsilon(1e-5) == math.inf and engine.state_dict()["no_privacy"]
+    lost = [e for e in dpfast.ledger.Ledger(tmp_path / "privacy_ledger.jsonl").entries()
+            if e.get("event") == "guarantee_lost"]
+    assert len(lost) == 1 and "loader step 3" in lost[0]["why"]   # a rollback cannot forget it
+
+
+def test_a_batch_skipped_with_continue_and_the_error_caught_loses_the_guarantee():
+    # the reviewer's skip_batch.py: `continue` before step(), the DPError of the next batch caught
+    engine, m, o, dl = _canary_run()
+    released, errors = 0, 0
+    with pytest.warns(UserWarning, match="drawn but never released"):
+        while released < 6:
+            try:
+                for (x,) in dl:
+                    if (x.abs() > 50).any():
+                        continue
+                    released += _chunk(m, o, x)
+            except DPError:
+                errors += 1
+    assert errors == 2 and engine.get_epsilon(1e-5) == math.inf
+
+
+@pytest.mark.parametrize("how", ["epochs", "chunks", "memory_manager", "left_part_way"])
+def test_loops_that_step_every_batch_keep_the_guarantee(how, recwarn):
+    """The normal paths: whole epochs, a loop that leaves right after its n-th release, physical chunks
+    (max_physical_batch_size or BatchMemoryManager), a loop left between the chunks of a batch (the
+    loader draws that batch again). None is a skipped batch."""
+    from dpfast.utils.batch_memory_manager import BatchMemoryManager
+
+    engine, m, o, dl = _canary_run(max_physical_batch_size=1 if how in ("chunks", "left_part_way") else None)
+    if how == "left_part_way":
+        for (x,) in dl:  # step 0 holds one record (one chunk), step 1 three: left after its first chunk
+            if not _chunk(m, o, x):
+                break
+        assert o.steps == 1 and o._acc and dl.step == 1
+    released = 0
+    for _ in range(4):  # four epochs of three steps, or until the n-th release
+        if how == "memory_manager":
+            with BatchMemoryManager(data_loader=dl, max_physical_batch_size=1, optimizer=o) as chunks:
+                for (x,) in chunks:
+                    released += _chunk(m, o, x)
+        else:
+            for (x,) in dl:
+                released += _chunk(m, o, x)
+                if released == 10 and o.took_step:
+                    break
+    assert o.steps == {"memory_manager": 12, "left_part_way": 11}.get(how, 10)
+    assert o._last_sampler_step == o.steps - 1  # every loader step released, none skipped
+    assert math.isfinite(engine.get_epsilon(1e-5)) and engine.why_no_privacy is None
+    assert not [w for w in recwarn if "never released" in str(w.message)]
+
+
+def test_a_loop_that_ends_with_a_drawn_batch_checkpoints_it_to_be_drawn_again(tmp_path):
+    # `for i, batch in enumerate(loader): if i == n: break` leaves the batch of step n drawn and
+    # unreleased, and the loader already at n + 1. Ending there is fine (epsilon stays finite), and the
+    # checkpoint's sampler is at n, so the resumed run releases that batch instead of skipping it.
+    engine, m, o, dl = _canary_run(tmp_path)
+    for i, (x,) in enumerate(dl):
+        if i == 2:
+            break
+        assert _chunk(m, o, x)
+    assert math.isfinite(engine.get_epsilon(1e-5)) and dl.step == 3
+    sd = engine.state_dict()
+    assert sd["sampler"]["step"] == 2 and sd["steps"] == 2
+    fresh = PrivacyEngine(accountant="rdp", ledger=tmp_path / "privacy_ledger.jsonl")
+    fresh.load_state_dict(sd)
+    model = nn.Linear(2, 1)
+    _, o2, dl2 = fresh.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                    data_loader=DataLoader(dl.dataset, batch_size=3), noise_multiplier=1.0,
+                                    max_grad_norm=1.0)
+    released = 0
+    while released < 2:  # step 2 ends the loader's first epoch
+        for (x,) in dl2:
+            released += _chunk(model, o2, x)
+            if released == 2:
+                break
+    assert [e["sampler_step"] for e in dpfast.ledger.releases(tmp_path / "privacy_ledger.jsonl")] == [0, 1, 2, 3]
+    assert math.isfinite(fresh.get_epsilon(1e-5))
+
+
+# ------------------------------------------------------------------ 13. max_grad_norm within one logical batch
+def _two_chunk_batch(seed=5):
+    """One record with a huge gradient, one with none; q = 1 and one sample per physical chunk."""
+    w = nn.Linear(1, 1, bias=False)
+    nn.init.zeros_(w.weight)
+    engine = PrivacyEngine(accountant="rdp", seed=seed)
+    m, o, dl = engine.make_private(module=w, optimizer=torch.optim.SGD(w.parameters(), lr=1.0),
+                                   data_loader=DataLoader(TensorDataset(torch.tensor([[1000.0], [0.0]])), batch_size=2),
+                                   noise_multiplier=1.0, max_grad_norm=1.0, max_physical_batch_size=1)
+    assert dl.batch_indices(0).tolist() == [0, 1] and len(dl) == 1
+    return engine, m, o, dl
+
+
+def test_max_grad_norm_changed_between_the_chunks_of_a_logical_batch_is_refused():
+    # the reviewer's clip_midbatch.py: record 0 clipped at C = 100 in the first chunk, the noise drawn for
+    # the C = 1 set before the last chunk: sigma * 1 covering a contribution of 100
+    engine, m, o, dl = _two_chunk_batch()
+    chunks = iter(dl)
+    (x,) = next(chunks)
+    o.max_grad_norm = 100.0           # before the batch's first chunk is stepped: this batch's C
+    assert _chunk(m, o, x) is False
+    (x,) = next(chunks)
+    o.max_grad_norm = 1.0             # part-way through the batch
+    o.zero_grad()
+    m(x).sum().backward()
+    with pytest.raises(DPError, match="max_grad_norm was changed from 100.0 to 1.0 in the middle of a logical batch"):
+        o.step()
+    # refused before anything was released or charged, and not a refusal of the batch
+    assert o.steps == 0 and engine.accountant.steps == 0 and m.weight.item() == 0.0
+    assert engine.get_epsilon(1e-5) == 0.0 and engine.why_no_privacy is None
+    o.max_grad_norm = 100.0           # set back: the same chunk goes on
+    assert o.step() is True
+    # the same release as a run that never changed C: both chunks clipped at 100, noise 1.0 * 100
+    _, ref_m, ref_o, ref_dl = _two_chunk_batch()
+    ref_o.max_grad_norm = 100.0
+    for (x,) in ref_dl:
+        _chunk(ref_m, ref_o, x)
+    assert m.weight.item() == ref_m.weight.item() != 0.0
+    # between logical steps a clip schedule may change it: the next batch is clipped and noised at 1.0
+    o.max_grad_norm = 1.0
+    chunks = iter(dl)  # q = 1: one logical step per epoch
+    (x,) = next(chunks)
+    assert _chunk(m, o, x) is False and o._clip_in_force == 1.0
+    (x,) = next(chunks)
+    assert _chunk(m, o, x) is True and o._clip_in_force is None
+    assert o.steps == 2 and math.isfinite(engine.get_epsilon(1e-5))
