@@ -127,6 +127,14 @@ class PrivacyEngine:
         from .distributed import DistributedContext, unwrap_ddp
 
         module, ddp = unwrap_ddp(module)
+        if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in module.modules()):
+            # the masks are drawn for the whole batch in batch order from the global RNG: with a known
+            # seed, one record's presence moves every later record's mask, and the clipped sum by more
+            # than C (dpfast.random.record_generators explains the argument)
+            warnings.warn("the module has dropout: its masks are drawn in batch order from torch's global "
+                          "RNG, so the guarantee holds only if that RNG's state is secret (a seed known to "
+                          "anyone, e.g. torch.manual_seed(0), lets one record move every later record's mask); "
+                          "set p=0 for private training, or seed the RNG from the OS", stacklevel=2)
         self.distributed = DistributedContext.detect(ddp)
         names = {id(p): n for n, p in module.named_parameters()}
         for group in optimizer.param_groups:
@@ -426,6 +434,21 @@ class PrivacyEngine:
     @property
     def steps(self) -> int:
         return self.optimizer.steps if self.optimizer is not None else 0
+
+    def record_generators(self, device=None) -> list[torch.Generator]:
+        """One ``torch.Generator`` per sample of the chunk the private loader yielded last, for the
+        randomness of its rows in the loss (diffusion noise, timesteps, augmentations): sample ``i``'s
+        is keyed by (this engine's seed, the logical step, its index in the data set) alone
+        (:func:`dpfast.random.record_generators`), so a record's presence cannot change another's draws.
+        Draw each sample's K rows from its own generator, in the chunk's order, e.g.
+        ``torch.cat([torch.randn(K, *x.shape[1:], generator=g) for g in engine.record_generators()])``."""
+        from .random import record_generators
+
+        if self.loader is None or self.loader.chunk_step is None:
+            raise DPError("record_generators() needs a chunk from the private data loader that make_private "
+                          "returned: call it inside the loop, after the loader yielded the batch")
+        return record_generators(self.loader.chunk_indices, seed=self.seed, step=self.loader.chunk_step,
+                                 device=device)
 
     def get_epsilon(self, delta: float) -> float:
         """Upper bound on epsilon spent so far (add/remove-one adjacency)."""

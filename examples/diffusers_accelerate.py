@@ -105,17 +105,10 @@ def main(argv=None) -> dict:
     if resume is not None:
         accelerator.load_state(str(resume))
         global_step = json.loads((resume / "step.json").read_text())["global_step"]
-    g = torch.Generator()  # the diffusion noise and timesteps (public randomness), saved with each checkpoint
-    if resume is not None:
-        g.set_state(torch.load(resume / "noise_rng.pt"))
-    else:
-        g.manual_seed(args.seed + 1)
-
     def save(step):
         d = out / f"checkpoint-{step}"
         accelerator.save_state(str(d))
         engine.save_checkpoint(path=d / "privacy_engine.pt", module=None)  # mode 0600: it holds the noise seed
-        torch.save(g.get_state(), d / "noise_rng.pt")
         (d / "step.json").write_text(json.dumps({"global_step": step}))
 
     stop = min(args.max_train_steps, args.stop_at_step or args.max_train_steps)
@@ -125,8 +118,13 @@ def main(argv=None) -> dict:
             optimizer.zero_grad()
             if len(x):   # an empty Poisson batch: no forward, and step() still releases its noise
                 rows = dpfast.expand_rows(x, K)                      # (len(x) * K, C, H, W), sample-major
-                noise = torch.randn(rows.shape, generator=g)
-                t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(rows),), generator=g)
+                # each sample's K rows of noise and timesteps from its own generator, keyed by the engine's
+                # seed, the step and the record's index: one stream in batch order would let a record's
+                # presence change every other record's draws (README, "Randomness in the loss")
+                gens = engine.record_generators()
+                T = noise_scheduler.config.num_train_timesteps
+                noise = torch.cat([torch.randn(K, *x.shape[1:], generator=g) for g in gens])
+                t = torch.cat([torch.randint(0, T, (K,), generator=g) for g in gens])
                 pred = model(noise_scheduler.add_noise(rows, noise, t), t).sample
                 loss = ((pred - noise) ** 2).flatten(1).mean(1).mean()   # per-row losses, then their mean
                 accelerator.backward(loss)

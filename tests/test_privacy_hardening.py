@@ -943,3 +943,42 @@ def test_max_grad_norm_changed_between_the_chunks_of_a_logical_batch_is_refused(
     (x,) = next(chunks)
     assert _chunk(m, o, x) is True and o._clip_in_force is None
     assert o.steps == 2 and math.isfinite(engine.get_epsilon(1e-5))
+
+
+def test_record_generators_key_each_sample_by_its_index_alone():
+    """engine.record_generators(): a record's draws are the same whatever else is in the data set (one
+    record appended), and come from its own generator; dropout warns (its masks are drawn in batch order)."""
+    import warnings
+
+    def draws(n):
+        model = nn.Sequential(nn.Linear(3, 2))
+        engine = PrivacyEngine(accountant="rdp", seed=11)
+        data = TensorDataset(torch.arange(n, dtype=torch.float32)[:, None].repeat(1, 3))
+        model, opt, loader = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                                 data_loader=DataLoader(data, batch_size=4), noise_multiplier=1.0,
+                                                 max_grad_norm=1.0, sample_rate=0.5)
+        out = {}
+        for (x,) in loader:
+            gens = engine.record_generators()
+            assert len(gens) == len(x)
+            for row, g in zip(x, gens):
+                out[(loader.chunk_step, int(row[0]))] = torch.randn(3, generator=g)
+            opt.zero_grad()
+            model(x).sum().backward()
+            opt.step()
+        return out, engine
+
+    small, engine = draws(8)
+    large, _ = draws(9)
+    shared = set(small) & set(large)
+    assert len(shared) == len(small) > 0 and all(torch.equal(small[k], large[k]) for k in shared)
+    assert len({tuple(v.tolist()) for v in small.values()}) == len(small)  # each record its own draws
+    with pytest.raises(DPError, match="record_generators"):
+        PrivacyEngine().record_generators()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.1), nn.Linear(3, 1))
+        PrivacyEngine(accountant="rdp").make_private(module=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1),
+                                                     noise_multiplier=1.0, max_grad_norm=1.0,
+                                                     expected_batch_size=4, sample_rate=0.1)
+    assert any("dropout" in str(w.message) for w in caught)
