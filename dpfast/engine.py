@@ -38,11 +38,14 @@ class PrivacyEngine:
 
     def __init__(self, accountant: str = "prv", seed: int | None = None, ledger=None, secure_mode: bool = False):
         from .accounting import Accountant
-        from .ledger import Ledger
+        from .ledger import Ledger, new_run_id
 
         self.accountant = Accountant.create(accountant)
         self.accountant_kind = accountant
         self.seed = int.from_bytes(os.urandom(8), "little") if seed is None else int(seed) % (1 << 64)
+        # the run's public name (ledger lines, optimizer stamps): random, never a function of the seed, which a
+        # hash of its 64 bits gives away to 2^64 guesses (dpfast.ledger); kept in state_dict, adopted on load
+        self.run_id = new_run_id()
         self._seed_given = seed is not None  # distributed: an OS-drawn seed is replaced by rank 0's
         self.optimizer: DPOptimizer | None = None
         self.loader: DPDataLoader | None = None
@@ -155,6 +158,8 @@ class PrivacyEngine:
             # Distributed: membership and noise are keyed on the seed, and every rank applies the same
             # update, so all ranks need rank 0's seed and parameters (DDP already broadcast the latter).
             self.seed = self.distributed.agree_seed(self.seed, given=self._seed_given)
+            # and name the run as rank 0 does (a 64-bit id travels as a seed does; given=False: rank 0's)
+            self.run_id = f"{self.distributed.agree_seed(int(self.run_id, 16), given=False):016x}"
             if ddp is None:
                 self.distributed.broadcast_module_(module)
 
@@ -217,7 +222,8 @@ class PrivacyEngine:
         dp_opt = DPOptimizer(optimizer, pm, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                              expected_batch_size=expected_batch_size, loss_reduction=loss_reduction,
                              seed=self.seed, on_release=self._charge, on_refusal=self._refused, nonfinite=nonfinite,
-                             distributed=self.distributed, param_names=names, secure_key=self._secure_key)
+                             distributed=self.distributed, param_names=names, secure_key=self._secure_key,
+                             run_id=self.run_id)
         dp_opt._before_step = self._before_step
         if loader is not None:
             loader.optimizer = dp_opt
@@ -298,10 +304,8 @@ class PrivacyEngine:
             sigma = secure_noise_multiplier(sigma, dim=max(1, self.optimizer.num_elements),
                                             max_grad_norm=self.optimizer.max_grad_norm)
         if self.ledger is not None and (self.distributed is None or self.distributed.rank == 0):
-            from .ledger import run_id
-
             self.ledger.append(key=key, sampler_step=self.optimizer.sampler_step, sigma=sigma,
-                               q=self.sample_rate, run=run_id(self.seed))
+                               q=self.sample_rate, run=self.run_id)
         self._account(sigma)
 
     def _account(self, sigma: float) -> None:
@@ -325,9 +329,7 @@ class PrivacyEngine:
         if not self._no_privacy:
             self.why_no_privacy = why
             if self.ledger is not None and (self.distributed is None or self.distributed.rank == 0):
-                from .ledger import run_id
-
-                self.ledger.append_event("guarantee_lost", why=why, run=run_id(self.seed))
+                self.ledger.append_event("guarantee_lost", why=why, run=self.run_id)
         self._no_privacy = True
 
     def _refused(self, exc: BaseException, why: str | None = None) -> None:
@@ -348,12 +350,10 @@ class PrivacyEngine:
             self._refuse_used_ledger()
 
     def _refuse_used_ledger(self) -> None:
-        from .ledger import run_id
-
         entries = self.ledger.entries()
         if not entries:
             return
-        mine = [e for e in entries if e.get("run") == run_id(self.seed)]
+        mine = [e for e in entries if e.get("run") == self.run_id]
         raise DPError(
             f"privacy ledger {self.ledger.path} already records {len(entries)} releases "
             + ("of this run: load its checkpoint (engine.load_state_dict) before the first step() to resume"
@@ -373,7 +373,7 @@ class PrivacyEngine:
         their noise keys (seed, step) and batches would repeat, and the difference of two releases would
         cancel the noise. That is refused, as is an earlier engine that already lost its guarantee (this
         one loses it too) and a call after this engine released anything."""
-        from .ledger import run_id
+        from .ledger import legacy_run_id, run_id_of
 
         if isinstance(earlier, PrivacyEngine):
             earlier = earlier.state_dict()
@@ -382,11 +382,18 @@ class PrivacyEngine:
         if self.accountant.steps or self.steps:
             raise DPError("compose_after must come before this engine's first release (its history would be "
                           "composed in the wrong order)")
+        # each earlier engine: its run id (public) and its seed (secret: kept only in this engine's state_dict,
+        # a checkpoint as secret as the seed it already holds), to refuse a shared seed below. An entry from a
+        # checkpoint written before run ids were random has no seed; its run id is then the seed's old hash.
         runs = [dict(p) for p in earlier.get("prior", [])] + [
-            {"run": run_id(earlier["seed"]), "steps": sum(int(n) for *_, n in earlier["accountant"]["history"])
-             - sum(int(p["steps"]) for p in earlier.get("prior", [])), "secure_mode": bool(earlier.get("secure_mode"))}]
-        mine = run_id(self.seed)
-        if not self.secure_mode and any(r["run"] == mine and not r.get("secure_mode") for r in runs):
+            {"run": run_id_of(earlier), "steps": sum(int(n) for *_, n in earlier["accountant"]["history"])
+             - sum(int(p["steps"]) for p in earlier.get("prior", [])), "secure_mode": bool(earlier.get("secure_mode")),
+             "seed": int(earlier["seed"])}]
+
+        def same_seed(r):
+            return int(r["seed"]) == self.seed if "seed" in r else r["run"] == legacy_run_id(self.seed)
+
+        if not self.secure_mode and any(same_seed(r) and not r.get("secure_mode") for r in runs):
             raise DPError("this engine has the same seed as an earlier engine it composes after: their noise keys "
                           "and Poisson batches would repeat, and subtracting two releases would cancel the noise. "
                           "Give each engine its own seed (the default draws one from the OS)")
@@ -406,8 +413,9 @@ class PrivacyEngine:
 
     @property
     def prior_runs(self) -> list[dict]:
-        """The earlier engines composed into this one: [{"run": public id, "steps": releases}]."""
-        return [dict(p) for p in self._prior]
+        """The earlier engines composed into this one: [{"run": public id, "steps": releases}] (their seeds,
+        which state_dict keeps, left out)."""
+        return [{k: v for k, v in p.items() if k != "seed"} for p in self._prior]
 
     @property
     def profile(self) -> dict:
@@ -532,6 +540,7 @@ class PrivacyEngine:
         return {
             "version": 1,
             "seed": self.seed,
+            "run_id": self.run_id,            # random (dpfast.ledger.new_run_id): names the run in its ledger
             "secure_mode": self.secure_mode,  # the secure key is never saved: a resume draws a new one
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": self.sample_rate,
@@ -569,11 +578,13 @@ class PrivacyEngine:
         # every check before anything changes: a refused checkpoint (caught by a script that then starts
         # afresh) must not leave its seed behind, or the next releases would repeat its noise and batches
         from .accounting import Accountant
-        from .ledger import run_id
+        from .ledger import run_id_of
 
         if not isinstance(sd.get("seed"), int) or not 0 <= sd["seed"] < (1 << 64):
             raise ValueError(f"checkpoint seed must be an int in [0, 2**64), got {sd.get('seed')!r}")
-        run_id(sd["seed"])
+        # the run id the checkpoint stores, compared with the ledger's lines; never recomputed from the seed,
+        # except for a checkpoint written before run ids were random (no run_id): its ledger holds the seed's hash
+        rid = run_id_of(sd)
         adopt = self.optimizer is not None and sd["seed"] != self.seed
         if adopt:
             self._refuse_unless_adoptable(sd)
@@ -590,10 +601,16 @@ class PrivacyEngine:
             self.loader.check_state(sd["sampler"], seed=sd["seed"])
         later, lost_events = self._ledger_after(sd)  # read before anything changes (I/O can fail)
         self.seed = sd["seed"]
+        self.run_id = rid
         self._seed_given = True
         self._ledger_check_due = False
+        if sd.get("run_id") is None:
+            warnings.warn("this checkpoint predates random run ids: its ledger names the run by a hash of the noise "
+                          "seed, from which the seed can be brute-forced (2^64 hashes); keep that ledger as secret as "
+                          "the checkpoint, or start a new run", stacklevel=2)
         if adopt:  # the loader and the optimizer were built with the seed this engine drew and never used
             self.optimizer.seed = self.seed
+            self.optimizer.run_id = self.run_id
             if self.loader is not None:
                 self.loader.seed = self.seed
         self.accountant.load_state_dict(sd["accountant"])
@@ -633,9 +650,7 @@ class PrivacyEngine:
                 (self.loader is not None and self.loader._drawn):
             why = "this engine's loader already drew a batch with its own seed"
         elif self.ledger is not None:
-            from .ledger import run_id
-
-            if any(e.get("run") == run_id(self.seed) for e in self.ledger.entries()):
+            if any(e.get("run") == self.run_id for e in self.ledger.entries()):
                 why = "the ledger records releases of this engine's own seed"
         if why is not None:
             raise ValueError(f"checkpoint was made with another seed and {why}: build the engine with "
@@ -666,9 +681,9 @@ class PrivacyEngine:
         its run; read only."""
         if self.ledger is None:
             return [], []
-        from .ledger import run_id
+        from .ledger import run_id_of
 
-        mine = [e for e in self.ledger.entries() if e.get("run") == run_id(sd["seed"])]
+        mine = [e for e in self.ledger.entries() if e.get("run") == run_id_of(sd)]
         lost = [e for e in mine if e.get("event") == "guarantee_lost"]
         later = [e for e in mine if "key" in e and int(e["key"]) >= int(sd["steps"])]
         for e in later:
@@ -721,6 +736,7 @@ class PrivacyEngine:
         self.optimizer.steps = int(sd["steps"])
         self.optimizer._last_key = max(self.optimizer._last_key, int(sd["steps"]) - 1)
         self.optimizer.seed = self.seed
+        self.optimizer.run_id = self.run_id
         if self.loader is not None and sd["sampler"] is not None:
             self.loader.load_state_dict(sd["sampler"])
             # the checkpointed run released every batch before the sampler's position

@@ -13,8 +13,15 @@ One line of JSON per release::
 
     {"key": 7, "sampler_step": 7, "sigma": 1.1, "q": 0.01, "run": "3f0c...", "time": 1764672000.0}
 
-``run`` is a hash of the engine's seed (the seed itself stays secret), so entries of another run are
-recognised. Events that end the guarantee (a refused batch, a release without noise) are lines too,
+``run`` is the engine's run id, 64 random bits from the OS drawn when the run starts
+(:func:`new_run_id`), kept in its checkpoints (the engine's state_dict ``run_id``) and in its
+optimizer's state stamp, so that entries of another run are recognised. It is never computed from the
+seed: the seed has 64 bits, and any public function of it (this file used to write the first 64 bits
+of SHA-256 of the seed) gives the seed away to 2^64 hashes, and with it every Philox noise draw of the
+run, which can then be subtracted from the released model. Ledgers written before carry that hash
+(:func:`legacy_run_id`); a checkpoint without ``run_id`` is one of those runs, and its ledger entries
+are still matched to it. The file is created readable by its owner only (0600), like the
+checkpoints. Events that end the guarantee (a refused batch, a release without noise) are lines too,
 ``{"event": "guarantee_lost", "why": "...", "run": ...}``: a rollback past them cannot forget them.
 """
 from __future__ import annotations
@@ -22,13 +29,51 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import secrets
 import time
 from pathlib import Path
 
+_RUN_ID = re.compile(r"[0-9a-f]{16}")
+
+
+def new_run_id() -> str:
+    """A fresh public name for a run: 64 random bits from the OS (16 hex digits).
+
+    Privacy: it is independent of the noise seed (``secrets`` draws it from the OS, not from the seed or
+    from any generator keyed by it), so publishing it (in the ledger, in an optimizer's state) says
+    nothing about the seed; resuming compares the id a checkpoint stores, never one recomputed from the
+    seed."""
+    return secrets.token_hex(8)
+
+
+def legacy_run_id(seed: int) -> str:
+    """The run id that ledgers and checkpoints written before :func:`new_run_id` existed carry: the
+    first 16 hex digits of SHA-256 of the seed. Brute-forcing its 2^64 seeds recovers the seed, so it is
+    only ever computed to recognise the records of those old runs, never written for a new one."""
+    return hashlib.sha256(b"dpfast-ledger:" + int(seed).to_bytes(8, "little")).hexdigest()[:16]
+
 
 def run_id(seed: int) -> str:
-    """A public name for a run keyed on ``seed`` (the first 16 hex digits of its SHA-256)."""
-    return hashlib.sha256(b"dpfast-ledger:" + int(seed).to_bytes(8, "little")).hexdigest()[:16]
+    """Deprecated: :func:`legacy_run_id`. A run's id is :func:`new_run_id`, stored with the run
+    (:func:`run_id_of`), not a function of its seed."""
+    return legacy_run_id(seed)
+
+
+def check_run_id(value) -> str:
+    """``value`` if it is a run id (16 lowercase hex digits); a one-line ValueError otherwise."""
+    if not isinstance(value, str) or not _RUN_ID.fullmatch(value):
+        raise ValueError(f"a run id is 16 lowercase hex digits, got {value!r}")
+    return value
+
+
+def run_id_of(state: dict) -> str:
+    """The run id of an engine ``state_dict()``: its ``run_id``, or for a checkpoint written before run ids
+    were drawn at random (no ``run_id``), the seed's :func:`legacy_run_id`, which is what that run wrote
+    to its ledger and optimizer stamps."""
+    if state.get("run_id") is not None:
+        return check_run_id(state["run_id"])
+    return legacy_run_id(state["seed"])
 
 
 def releases(path) -> list[dict]:
@@ -80,7 +125,16 @@ class Ledger:
             with open(self.path, "rb") as f:
                 f.seek(-1, os.SEEK_END)
                 torn = f.read(1) != b"\n"
-        with open(self.path, "a") as f:
+        # owner-only (0600), like the checkpoints: created so, and a file created before with wider
+        # permissions is narrowed before the entry is written
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_mode & 0o077:
+                os.fchmod(fd, 0o600)
+        except BaseException:
+            os.close(fd)
+            raise
+        with os.fdopen(fd, "a") as f:
             f.write(("\n" if torn else "") + json.dumps(entry) + "\n")
             f.flush()
             os.fsync(f.fileno())

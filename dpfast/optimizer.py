@@ -37,7 +37,9 @@ class DPOptimizer(torch.optim.Optimizer):
     def __init__(self, optimizer: torch.optim.Optimizer, private_module, *, noise_multiplier: float,
                  max_grad_norm: float, expected_batch_size: float | None, loss_reduction: str, seed: int,
                  on_release=None, on_refusal=None, nonfinite: str = "zero", distributed=None, param_names=None,
-                 secure_key: bytes | None = None):
+                 secure_key: bytes | None = None, run_id: str | None = None):
+        from .ledger import new_run_id
+
         self.original_optimizer = optimizer
         self.private_module = private_module
         self._noise_multiplier = _checked_sigma(noise_multiplier)
@@ -48,6 +50,8 @@ class DPOptimizer(torch.optim.Optimizer):
         self.expected_batch_size = expected_batch_size
         self.loss_reduction = loss_reduction
         self.seed = int(seed)
+        # the run's public name in state_dict's stamp: the engine's (random, dpfast.ledger), never the seed's hash
+        self.run_id = run_id if run_id is not None else new_run_id()
         self.nonfinite = nonfinite
         self.distributed = distributed
         self._secure_key = secure_key    # secure mode: ChaCha20 + exact discrete Gaussian noise
@@ -142,9 +146,7 @@ class DPOptimizer(torch.optim.Optimizer):
     def state_dict(self):
         # stamped with the releases behind it: loaded into an engine that released fewer, it is refused at
         # the next step (the engine's state was not restored with it)
-        from .ledger import run_id
-
-        return {**self.original_optimizer.state_dict(), "dpfast": {"steps": self.steps, "run": run_id(self.seed)}}
+        return {**self.original_optimizer.state_dict(), "dpfast": {"steps": self.steps, "run": self.run_id}}
 
     def load_state_dict(self, state_dict):
         # the optimizer of a run that released steps: the engine's state must be restored too (in either
@@ -276,15 +278,13 @@ class DPOptimizer(torch.optim.Optimizer):
                 raise
         stamp = getattr(self, "_loaded_stamp", None)
         if stamp and int(stamp.get("steps", 0)) > 0:
-            from .ledger import run_id
-
-            if int(stamp["steps"]) > self.steps or stamp.get("run") != run_id(self.seed):
+            if int(stamp["steps"]) > self.steps or stamp.get("run") != self.run_id:
                 # an optimizer state of a run that released more than this engine knows of: the engine's state
                 # (accountant, sampler position, noise key) was not restored, and epsilon would restart below
                 # what the model carries (accelerate's load_state without the engine)
                 self.took_step = False
                 raise DPError(f"optimizer state from a run that released {stamp['steps']} steps was loaded, but this "
-                              f"engine {'is another run' if stamp.get('run') != run_id(self.seed) else f'has released {self.steps}'}: "
+                              f"engine {'is another run' if stamp.get('run') != self.run_id else f'has released {self.steps}'}: "
                               "restore the engine's state too (engine.load_state_dict or engine.load_checkpoint; with "
                               "accelerate, before make_private), so the privacy already spent is charged")
             self._loaded_stamp = None

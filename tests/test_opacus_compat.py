@@ -277,16 +277,16 @@ def test_an_optimizer_state_without_its_engine_is_refused_whatever_the_optimizer
     state) and an engine state older than the optimizer's are caught; a state round-tripped at step 0
     (accelerate's prepare) is not."""
     engine, model, (m, opt, loader) = setup()               # SGD, no momentum: its torch state is empty
-    steps(m, opt, loader, 3)
-    saved, old_engine = opt.state_dict(), None
+    steps(m, opt, loader, 1)
+    old_engine = engine.state_dict()
+    steps(m, opt, loader, 2)
+    saved = opt.state_dict()
     _, _, (m2, opt2, loader2) = setup(PrivacyEngine(accountant="rdp"))
     opt2.load_state_dict(saved)
     with pytest.raises(DPError, match="released 3 steps"):
         steps(m2, opt2, loader2, 1)
-    # an engine state from step 1 beside the optimizer of step 3
-    engine3, _, (m3, o3, l3) = setup(PrivacyEngine(accountant="rdp", seed=11))
-    steps(m3, o3, l3, 1)
-    old_engine = engine3.state_dict()
+    # the same run's engine state from step 1 beside its optimizer of step 3 (the stamp names the run by its
+    # stored run id: another engine with the same seed is another run)
     later = PrivacyEngine(accountant="rdp")
     with pytest.warns(UserWarning, match="without a privacy ledger"):
         later.load_state_dict(old_engine)

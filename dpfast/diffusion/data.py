@@ -3,7 +3,9 @@
 Fashion-MNIST is read from Debian's `dataset-fashion-mnist` package by default
 (/usr/share/datasets/fashion-mnist); `--data-dir` points at any directory of MNIST-format IDX files
 (`train-images-idx3-ubyte[.gz]`, `train-labels-idx1-ubyte[.gz]`, `t10k-...` for the test split) or at
-an image folder (one sub-folder per class, or a flat folder for unlabelled data).
+an image folder (one sub-folder per class, or a flat folder for unlabelled data). An image folder
+loads as RGB, or as grey when the caller asks for 1 channel: its channel count is never read off the
+images (it is part of the released model's shape).
 
 Images are kept as uint8 (N, C, H, W) and scaled to [-1, 1] per item, as DPDM does.
 """
@@ -134,10 +136,61 @@ def _missing(data_dir: Path | None, split: str) -> DatasetNotFoundError:
         f"sudo apt-get install dataset-fashion-mnist, then leave out --data-dir.")
 
 
-def load_image_folder(folder: Path, channels: int | None = None) -> ImageDataset:
-    """Sub-folders are classes (sorted names -> 0..C-1); a flat folder is unlabelled data."""
+# The channel count of an image folder when the caller names none: RGB, torchvision's ImageFolder
+# convention. A constant, never read off the images (see load_image_folder).
+IMAGE_FOLDER_CHANNELS = 3
+# PIL modes whose values do not fit 8 bits (16/32-bit integers, floats): PIL's conversion to "L" or
+# "RGB" clips them (a 16-bit 1000 becomes 255), so such a folder is refused rather than silently ruined
+_WIDE_MODES = ("I", "F")
+
+
+def _target_mode(channels) -> str:
+    if isinstance(channels, bool) or channels not in (1, 3):
+        raise ValueError(f"an image folder loads as 1 (grey) or 3 (RGB) channels, not {channels!r}")
+    return "L" if channels == 1 else "RGB"
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
+def _read_image(path: Path, mode: str) -> np.ndarray:
+    """One image file as uint8 (C, H, W) in ``mode``; a one-line ValueError naming the file otherwise."""
     from PIL import Image
 
+    try:
+        img = Image.open(path)
+    except OSError as e:  # PIL's UnidentifiedImageError is an OSError
+        raise ValueError(f"{path}: not a readable image ({_first_line(e)})") from None
+    with img:
+        if img.mode.split(";")[0] in _WIDE_MODES:
+            raise ValueError(f"{path}: {img.mode} images (more than 8 bits per channel) cannot be converted to "
+                             f"8-bit {mode} without clipping; convert the folder to 8-bit images first")
+        try:
+            a = np.asarray(img.convert(mode), dtype=np.uint8)
+        except (OSError, ValueError) as e:  # a truncated file, a mode PIL cannot convert
+            raise ValueError(f"{path}: cannot read its {img.mode} image as {mode} ({_first_line(e)})") from None
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
+def load_image_folder(folder: Path, channels: int | None = None) -> ImageDataset:
+    """Sub-folders are classes (sorted names -> 0..C-1); a flat folder is unlabelled data.
+
+    ``channels`` (1: grey, 3: RGB) is the caller's, public choice; None means
+    :data:`IMAGE_FOLDER_CHANNELS` (3, RGB). Every image is converted to it by PIL's fixed rule (grey ->
+    repeated, colour -> ITU-R 601 luma, alpha and palettes dropped); a file that cannot be read or
+    converted without clipping (16-bit, 32-bit, float) is refused with a one-line ValueError."""
+    folder = Path(folder)
+    # Privacy: the channel count is part of the released model (model.pt's image_shape, the U-Net's
+    # first and last convolutions), so it must not be a function of any record. It used to be read off
+    # the first file's PIL mode, with every other image converted to it: under add/remove adjacency,
+    # one grey record sorting first turned an RGB folder's model into a 1-channel one, a release of
+    # that record without noise. Now it is the caller's argument or a constant; the conversion applied
+    # to each image depends on that image alone, so the shape (C, H, W) is the same on every pair of
+    # neighbouring folders that load (H, W: every image must share one size, refused otherwise, so two
+    # neighbouring folders that both load agree on it). A refusal happens before anything is released
+    # (curator-side input validation, like the label range check of the trainer).
+    mode = _target_mode(IMAGE_FOLDER_CHANNELS if channels is None else channels)
     subdirs = sorted(p for p in folder.iterdir() if p.is_dir())
     if subdirs:
         classes = [(i, d) for i, d in enumerate(subdirs)]
@@ -151,24 +204,28 @@ def load_image_folder(folder: Path, channels: int | None = None) -> ImageDataset
                 labels.append(label)
     if not files:
         raise DatasetNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
-    first = Image.open(files[0])
-    if channels is None:
-        channels = 1 if first.mode in ("L", "1", "I;16", "I") else 3
-    mode = "L" if channels == 1 else "RGB"
     arrays = []
     for p in files:
-        img = Image.open(p).convert(mode)
-        if img.size != first.size:
-            raise ValueError(f"{p} is {img.size}, {files[0]} is {first.size}: images must share a size")
-        a = np.asarray(img, dtype=np.uint8)
-        arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+        a = _read_image(p, mode)
+        if arrays and a.shape != arrays[0].shape:
+            raise ValueError(f"{p} is {a.shape[2]}x{a.shape[1]}, {files[0]} is {arrays[0].shape[2]}x"
+                             f"{arrays[0].shape[1]}: images must share a size")
+        arrays.append(a)
     return ImageDataset(np.stack(arrays), labels, len(subdirs), name=str(folder))
 
 
-def load_dataset(data_dir: str | os.PathLike | None = None, split: str = "train") -> ImageDataset:
-    """Loads a split ('train' or 'test'). data_dir None means Fashion-MNIST from Debian's package."""
+def load_dataset(data_dir: str | os.PathLike | None = None, split: str = "train",
+                 channels: int | None = None) -> ImageDataset:
+    """Loads a split ('train' or 'test'). data_dir None means Fashion-MNIST from Debian's package.
+
+    ``channels``: an image folder's channel count (1 or 3), a public choice of the caller; None is
+    :data:`IMAGE_FOLDER_CHANNELS` (RGB), never the images' own modes (see :func:`load_image_folder`).
+    IDX files carry theirs in the header (the same for every record): a ``channels`` that differs
+    from it is refused."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    if channels is not None:
+        _target_mode(channels)
     root = Path(data_dir) if data_dir is not None else Path(FASHION_MNIST_DIR)
     if not root.is_dir():
         raise _missing(None if data_dir is None else root, split)
@@ -179,14 +236,18 @@ def load_dataset(data_dir: str | os.PathLike | None = None, split: str = "train"
             images = images.transpose(0, 3, 1, 2)
         if len(images) != len(labels):
             raise ValueError(f"{pair[0]} has {len(images)} images but {pair[1]} has {len(labels)} labels")
+        held = images.shape[1] if images.ndim == 4 else 1
+        if channels is not None and channels != held:
+            raise ValueError(f"{pair[0]} holds {held}-channel images (its header), not {channels}: IDX files are "
+                             "loaded as they are; leave the channel count out or convert the files")
         if data_dir is None or root.resolve() == Path(FASHION_MNIST_DIR).resolve():
             # Fashion-MNIST: 10 classes, whatever the labels say
             return ImageDataset(images, labels, 10, name=str(root))
         num_classes = int(labels.max()) + 1 if len(labels) else 0
         return ImageDataset(images, labels, num_classes, name=str(root), classes_declared=False)
     if (root / split).is_dir():
-        return load_image_folder(root / split)
+        return load_image_folder(root / split, channels)
     has_images = any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.rglob("*"))
     if split == "train" and has_images:
-        return load_image_folder(root)
+        return load_image_folder(root, channels)
     raise _missing(None if data_dir is None else root, split)

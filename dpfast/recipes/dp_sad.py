@@ -261,10 +261,10 @@ class SADTrainer(Trainer):
                               "was retrained, resumed or replaced, or its ledger records releases since): use another "
                               "--out")
         if self.engine is not None and self.teacher_engine_state is not None:
-            from dpfast.ledger import run_id
+            from dpfast.ledger import run_id_of
 
             if [(p["run"], p["steps"]) for p in self.engine.prior_runs] != [
-                    (run_id(self.teacher_engine_state["seed"]), self._teacher_releases())]:
+                    (run_id_of(self.teacher_engine_state), self._teacher_releases())]:
                 raise ConfigError(f"the teacher in {self.teacher_dir} is not the one this student's epsilon was "
                                   "composed with (it was retrained, resumed or replaced): use another --out")
 

@@ -82,7 +82,9 @@ def test_image_folder(tmp_path):
     flat = tmp_path / "flat"
     flat.mkdir()
     Image.fromarray(rng.integers(0, 256, (6, 6), dtype=np.uint8)).save(flat / "a.png")
-    ds = load_dataset(flat)
+    ds = load_dataset(flat)  # RGB unless the caller asks for grey: never the images' own mode
+    assert ds.image_shape == (3, 6, 6) and ds.num_classes == 0
+    ds = load_dataset(flat, channels=1)
     assert ds.image_shape == (1, 6, 6) and ds.num_classes == 0
 
 

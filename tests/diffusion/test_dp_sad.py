@@ -198,7 +198,10 @@ def test_a_student_refuses_a_teacher_it_was_not_composed_with(data_dir, tmp_path
     with pytest.raises(ConfigError, match="other settings"):
         run(cfg.replace(sad_teacher_nf=16), out)
     state = final_state(out / "teacher")
-    state["engine"]["seed"] += 1  # another teacher run in its place
+    from dpfast.ledger import new_run_id
+
+    state["engine"]["seed"] += 1  # another teacher run in its place: its own seed and its own (random) run id
+    state["engine"]["run_id"] = new_run_id()
     atomic_torch_save(state, out / "teacher" / "checkpoint.pt")
     with pytest.raises(ConfigError, match="not the one this student's epsilon was composed with"):
         run(cfg, out)
