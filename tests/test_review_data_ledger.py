@@ -244,3 +244,14 @@ def test_compose_after_still_refuses_a_shared_seed():
     d.compose_after(b.state_dict())
     assert [p["run"] for p in d.prior_runs] == [run_id_of(a.state_dict()), run_id_of(b.state_dict())]
     assert all("seed" not in p for p in d.prior_runs)
+
+
+def test_dpfast_train_takes_an_image_folders_channels_from_folder_channels(tmp_path):
+    from dpfast.diffusion.presets import ConfigError, TrainConfig
+    from dpfast.diffusion.trainer import prepare_dataset
+
+    grey = _folder(tmp_path / "grey", base_mode="L")
+    assert prepare_dataset(TrainConfig(data_dir=str(grey))).image_shape == (3, 8, 8)
+    assert prepare_dataset(TrainConfig(data_dir=str(grey), folder_channels=1)).image_shape == (1, 8, 8)
+    with pytest.raises(ConfigError, match="folder-channels"):
+        TrainConfig(data_dir=str(grey), folder_channels=2).validate()

@@ -330,9 +330,11 @@ def load_samples(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | 
     return images, labels
 
 
-def real_splits(data_dir, resolution: int | None, log=None) -> tuple[ImageDataset, ImageDataset]:
-    """The real training and test sets, average-pooled to `resolution` when it is given."""
-    train, test = load_dataset(data_dir, "train"), load_dataset(data_dir, "test")
+def real_splits(data_dir, resolution: int | None, log=None, channels: int | None = None
+                ) -> tuple[ImageDataset, ImageDataset]:
+    """The real training and test sets, average-pooled to `resolution` when it is given; image
+    folders converted to `channels` (see load_dataset)."""
+    train, test = load_dataset(data_dir, "train", channels), load_dataset(data_dir, "test", channels)
     if resolution is not None and resolution < test.images.shape[-1]:
         if log:
             log(f"{resolution}x{resolution} images: the real images are average-pooled to that size")
@@ -349,7 +351,7 @@ def evaluate(samples: str | os.PathLike, data_dir=None, sizes=SIZES, epochs: int
     if accuracy_metric and labels is None:
         raise ValueError(f"{samples} has no labels: downstream accuracy needs labelled samples "
                          "(or pass --no-accuracy)")
-    train, test = real_splits(data_dir, images.shape[-1], log)
+    train, test = real_splits(data_dir, images.shape[-1], log, channels=images.shape[1])
     if images.shape[1:] != test.images.shape[1:]:
         raise ValueError(f"samples are {tuple(images.shape[1:])} but the test images are "
                          f"{tuple(test.images.shape[1:])}")

@@ -99,6 +99,8 @@ class TrainConfig:
     sigma_bias: str | None = None          # "LO,HI,W": draw sigma from [LO, HI] with probability W
                                            # (DP-Diffusion's biased noise-level sampling), else as usual
     channels: int = 1                      # image channels of a pretrain run (other runs: the data's)
+    folder_channels: int | None = None     # an image folder's images are converted to this many channels
+                                           # (1 or 3; none: 3, RGB); never read off the images
     ldm_latent_channels: int = 3           # dp-ldm: latent channels (the autoencoder halves each side)
     ldm_autoencoder_steps: int = 1500      # dp-ldm: autoencoder training steps on the public data
     # DP-SynGen (dpfast.diffusion.syngen; recipe dp-syngen): the public phase is pretrain_steps on
@@ -163,6 +165,7 @@ class TrainConfig:
         check(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1); got {self.ema_decay!r}")
         check(0 <= self.label_dropout < 1, f"--label-dropout must be in [0, 1); got {self.label_dropout!r}")
         check(0 <= self.dropout < 1, f"--dropout must be in [0, 1); got {self.dropout!r}")
+        check(self.folder_channels in (None, 1, 3), f"--folder-channels must be 1, 3 or none; got {self.folder_channels!r}")
         check(finite(self.p_mean), f"--p-mean must be finite; got {self.p_mean!r}")
         check(finite(self.p_std) and self.p_std > 0, f"--p-std must be > 0; got {self.p_std!r}")
         check(finite(self.guidance) and self.guidance >= 0, f"--guidance must be >= 0; got {self.guidance!r}")

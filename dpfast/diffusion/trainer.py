@@ -147,7 +147,7 @@ def build_denoiser(cfg: TrainConfig, image_shape, num_classes: int) -> EDMPrecon
 def prepare_dataset(cfg: TrainConfig, dataset: ImageDataset | None = None) -> ImageDataset:
     """The run's private training set: cfg.data_dir (or `dataset`), its subset and resolution."""
     if dataset is None:
-        dataset = load_dataset(cfg.data_dir, "train")
+        dataset = load_dataset(cfg.data_dir, "train", channels=cfg.folder_channels)
     if cfg.subset is not None:
         dataset = dataset.subset(cfg.subset)
     if cfg.resolution is not None:
