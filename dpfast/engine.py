@@ -247,7 +247,9 @@ class PrivacyEngine:
         above the target, within about 1% below it. The history of engines composed before this one
         (``compose_after``) counts against the target; this run's own earlier releases (a checkpoint
         loaded before make_private) do not, so a resumed run gets the uninterrupted run's sigma, and
-        ``steps`` / ``epochs`` are the whole run's."""
+        ``steps`` / ``epochs`` are the whole run's. ``sample_rate``: a public rate q fixed in advance;
+        by default q = batch_size / len(dataset), which makes the data set's size public (README, "The
+        data set's size"): with it, sigma and the steps of an ``epochs`` budget depend on q alone."""
         if epsilon_tolerance is not None:
             _check_number("epsilon_tolerance", epsilon_tolerance, lo=0.0, lo_open=True)
         from .accounting import calibrate_noise_multiplier
@@ -257,10 +259,15 @@ class PrivacyEngine:
             raise TypeError("make_private_with_epsilon chooses noise_multiplier itself; do not pass it")
         if (epochs is None) == (steps is None):
             raise ValueError("pass exactly one of epochs or steps")
-        n = len(data_loader.dataset)
-        batch_size = data_loader.batch_size
-        # distributed: the loader's batch_size is per rank (as in make_private); q is the global rate
-        q = min(1.0, batch_size * world_size_of(module) / n)
+        q = kwargs.pop("sample_rate", None)
+        if q is not None:
+            _check_number("sample_rate", q, lo=0.0, lo_open=True)
+            if q > 1:
+                raise ValueError(f"sample_rate must be <= 1, got {q}")
+            q = float(q)
+        else:
+            # distributed: the loader's batch_size is per rank (as in make_private); q is the global rate
+            q = min(1.0, data_loader.batch_size * world_size_of(module) / len(data_loader.dataset))
         if steps is None:
             steps = int(math.ceil(epochs * max(1, round(1 / q))))
         # the history of the engines composed before this one (compose_after), not this run's own releases:

@@ -389,6 +389,26 @@ def test_make_private_with_epsilon_meets_the_target_after_the_planned_epochs(acc
     assert 0.9 * 3.0 < eps <= 3.0
 
 
+def test_make_private_with_epsilon_takes_a_public_sample_rate():
+    """With sample_rate the calibrated sigma and the epochs budget depend on q alone, not on the data
+    set's size, which add/remove adjacency treats as private."""
+    sigmas = []
+    for n in (100, 101, 140):
+        engine = PrivacyEngine(accountant="rdp", seed=1)
+        model = nn.Linear(3, 1)
+        ds = TensorDataset(torch.randn(n, 3), torch.randn(n, 1))
+        engine.make_private_with_epsilon(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                         data_loader=DataLoader(ds, batch_size=10), target_epsilon=3.0,
+                                         target_delta=1e-5, epochs=2, max_grad_norm=1.0, sample_rate=0.1)
+        assert engine.sample_rate == 0.1
+        sigmas.append(engine.noise_multiplier)
+    assert sigmas[0] == sigmas[1] == sigmas[2]
+    with pytest.raises(ValueError, match="sample_rate"):
+        PrivacyEngine().make_private_with_epsilon(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                                  data_loader=DataLoader(ds, batch_size=10), target_epsilon=3.0,
+                                                  target_delta=1e-5, epochs=2, max_grad_norm=1.0, sample_rate=1.5)
+
+
 def test_gradient_accumulation_over_loader_batches_is_refused_not_silently_dropped():
     """Issue 17: backward on several loader batches, then one step(), used to drop every batch but the
     last with one warning (149 samples in, 44 released). Now the loader refuses at the second batch,
