@@ -450,11 +450,22 @@ class PrivacyEngine:
     def steps(self) -> int:
         return self.optimizer.steps if self.optimizer is not None else 0
 
+    @property
+    def record_seed(self) -> int:
+        """The key of the per-record training randomness (:meth:`record_generators`): the noise seed,
+        or in secure mode 64 bits derived from the secure key, which no checkpoint holds (a seed the
+        user pinned or a checkpoint gave away must not be what keeps these draws secret)."""
+        if self._secure_key is None:
+            return self.seed
+        import hashlib
+
+        return int.from_bytes(hashlib.sha256(b"dpfast-record-randomness:" + self._secure_key).digest()[:8], "little")
+
     def record_generators(self, device=None) -> list[torch.Generator]:
         """One ``torch.Generator`` per sample of the chunk the private loader yielded last, for the
         randomness of its rows in the loss (diffusion noise, timesteps, augmentations): sample ``i``'s
-        is keyed by (this engine's seed, the logical step, its index in the data set) alone
-        (:func:`dpfast.random.record_generators`), so a record's presence cannot change another's draws.
+        is keyed by (:attr:`record_seed`, the logical step, its index in the data set) alone
+        (:func:`dpfast.random.record_generators`, which gives the argument and why the key stays secret).
         Draw each sample's K rows from its own generator, in the chunk's order, e.g.
         ``torch.cat([torch.randn(K, *x.shape[1:], generator=g) for g in engine.record_generators()])``."""
         from .random import record_generators
@@ -462,7 +473,7 @@ class PrivacyEngine:
         if self.loader is None or self.loader.chunk_step is None:
             raise DPError("record_generators() needs a chunk from the private data loader that make_private "
                           "returned: call it inside the loop, after the loader yielded the batch")
-        return record_generators(self.loader.chunk_indices, seed=self.seed, step=self.loader.chunk_step,
+        return record_generators(self.loader.chunk_indices, seed=self.record_seed, step=self.loader.chunk_step,
                                  device=device)
 
     def get_epsilon(self, delta: float) -> float:
@@ -472,7 +483,19 @@ class PrivacyEngine:
                           "make_private), so the privacy spent cannot be accounted")
         if self._no_privacy:
             return math.inf   # why: self.why_no_privacy
+        self._warn_if_a_drawn_batch_is_open()
         return self.accountant.get_epsilon(delta)
+
+    def _warn_if_a_drawn_batch_is_open(self) -> None:
+        """A logical batch drawn to its last chunk and never released: the loop left it (``break``).
+        If that decision read the batch, the number of releases depends on the data without noise;
+        dpfast cannot tell it from a stop at a step count, so it says so rather than report infinity
+        (a loop that goes on past the batch loses the guarantee: DPOptimizer._announce_chunk)."""
+        open_step = self.optimizer._open_step if self.optimizer is not None else None
+        if open_step is not None and self.loader is not None and self.loader.step > open_step:
+            warnings.warn(f"the logical batch of loader step {open_step} was drawn and never released: if the "
+                          "loop left it on a check of the data, this epsilon does not cover that decision (leave "
+                          "a loop only right after a step() that returned True)", stacklevel=3)
 
     # ------------------------------------------------------------------ Opacus' module checks and checkpoints
     @staticmethod

@@ -87,7 +87,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self.data_loader_attached = False       # set by make_private when it returns a DPDataLoader
         self._refused: BaseException | None = None  # an earlier chunk of this logical batch failed
         self.last_norms: torch.Tensor | None = None
-        self.stats = {"samples": 0, "clipped": 0, "chunks": 0}
+        self.stats = {"samples": 0, "clipped": 0, "chunks": 0, "nonfinite": 0}
         # did the last step() take a logical step? The same as its return value, for loops whose
         # wrapper loses it (accelerate's AcceleratedOptimizer.step returns None): advance LR
         # schedulers, EMA and global_step only when it is True
@@ -473,7 +473,10 @@ class DPOptimizer(torch.optim.Optimizer):
                     f"samples {idx[:10]} have non-finite gradient norms; mode='two-pass' replays the forward "
                     "pass and cannot drop them: the step was refused, so epsilon is now infinite (use "
                     "mode='bk', which drops them and still releases the noisy step)")
-            warnings.warn(f"dropping samples {idx[:10]} with non-finite gradient norms", stacklevel=3)
+            # Dropped without a word: a warning naming them (or only saying that some were dropped) on
+            # stderr would release, without noise, whether and where a bad record was in the batch every
+            # step it is drawn. The count is kept for the operator (stats["nonfinite"]), outside the guarantee.
+            self.stats["nonfinite"] = self.stats.get("nonfinite", 0) + len(idx)
             tape.drop_rows(bad.repeat_interleave(K))
         clip = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         clip = torch.where(bad, torch.zeros_like(clip), clip)

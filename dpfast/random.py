@@ -278,9 +278,15 @@ def record_generators(indices, *, seed: int, step: int, device=None) -> list[tor
     order is not: adding a record shifts the stream under every record after it, in this step and,
     through the amount consumed, in every later one (an outside review measured the sum move by
     4.6-15.9 C / B at q = 1 with the trainer's old single stream). Keyed by (seed, step, index), a
-    record's draws depend on nothing but itself, whatever else is in the batch, its position, the
-    physical chunking or the rank, so the argument holds even for an adversary who knows the key.
-    Indices are the private data set's, as for Poisson membership, which keys on them the same way.
+    record's draws depend on nothing but its key, whatever else is in the batch, its position, the
+    physical chunking or the rank. Indices are the private data set's, as for Poisson membership,
+    which keys on them the same way. For a neighbour that adds or removes the last record, every
+    other record keeps its draws, even for an adversary who knows the key. Removing a record from
+    the middle shifts the later indices, and with them their draws (as it shifts their Poisson
+    coins): then the argument needs the key to be secret, since the later records' draws are a
+    permutation of i.i.d. draws, which leaves the distribution of the release unchanged. So the key
+    is the engine's secret seed (``PrivacyEngine.record_seed``; in secure mode, derived from the
+    secure key, which is never written to a checkpoint).
     A CPU generator keeps 32 bits of its seed; two records may then share draws, which costs nothing
     in privacy (each record's draws are still a function of its own key only)."""
     seed, step = check_seed_step(seed, step)

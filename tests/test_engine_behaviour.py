@@ -265,8 +265,7 @@ def test_nonfinite_loss_is_refused_and_nothing_changes():
     # the default nonfinite="zero" drops the sample instead
     _, m, o, _ = private(nn.Linear(3, 1), B=2)
     m(x).sum().backward()
-    with pytest.warns(UserWarning, match="non-finite"):
-        assert o.step()
+    assert o.step() and o.stats["nonfinite"] == 1  # silently: a warning would name the bad record
     assert all(torch.isfinite(p).all() for p in m.parameters())
 
 

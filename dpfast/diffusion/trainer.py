@@ -73,6 +73,13 @@ def atomic_torch_save(obj, path: Path, secret: bool = False) -> None:
     atomic_write_bytes(path, lambda f: torch.save(obj, f), secret)
 
 
+def public_config(cfg: TrainConfig) -> dict:
+    """The config as written next to the released model (config.json, model.pt): a pinned noise seed
+    (--noise-seed) is withheld, since anyone holding it can regenerate the DP noise and the Poisson
+    batches. The checkpoint (owner-only) keeps it for resuming."""
+    return {**cfg.to_dict(), "noise_seed": None}
+
+
 def atomic_write_json(obj, path: Path) -> None:
     atomic_write_bytes(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
@@ -476,6 +483,13 @@ class Trainer:
         self._phase_data, self._phase_q = self.dataset, self.q
 
     def _load(self, state: dict) -> None:
+        if self.engine is not None and self.engine.accountant.steps > self.engine.prior_steps \
+                and not state.get("record_randomness"):
+            # releases made before 2026-12-03 drew the loss's randomness for the whole batch in batch
+            # order, so one record moved the clipped sum by more than C: their epsilon does not hold
+            self.engine._lose_privacy("this run's earlier releases were made by a dpfast train that drew the "
+                                      "loss's randomness in batch order (before per-record keys), so one record "
+                                      "could move the clipped sum by more than max_grad_norm; start a new run")
         self.denoiser.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -519,7 +533,9 @@ class Trainer:
                  "torch_rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
                  "engine": self.engine.state_dict() if self.engine is not None else None,
-                 "noise_multiplier": self.noise_multiplier, **self._checkpoint_extra()}
+                 "noise_multiplier": self.noise_multiplier,
+                 "record_randomness": 1,  # private steps draw each record's randomness from its own key
+                 **self._checkpoint_extra()}
         atomic_torch_save(state, self.ckpt_path, secret=True)  # holds the engine's noise seed
         self._barrier()
 
@@ -540,10 +556,7 @@ class Trainer:
 
     def save_model(self) -> Path:
         path = self.out / "model.pt"
-        # model.pt is released: a pinned noise seed (--noise-seed) would let anyone regenerate and
-        # subtract the DP noise and the Poisson batches, so it is withheld (sampling never needs it)
-        config = {**self.cfg.to_dict(), "noise_seed": None}
-        atomic_torch_save({"config": config, "step": self.step,
+        atomic_torch_save({"config": public_config(self.cfg), "step": self.step,
                            "image_shape": list(self.image_shape), "num_classes": self.num_classes,
                            "ema": self.ema_model().state_dict(), **self._provenance(), **self._model_extra()}, path)
         return path
@@ -649,14 +662,14 @@ class Trainer:
 
     # -- training
     def _record_generators(self, idx):
-        """One generator per sample of a private chunk, keyed by (the engine's seed, the loader's
-        logical step, the sample's index in the private data): see dpfast.random.record_generators.
+        """One generator per sample of a private chunk, keyed by (the engine's secret record seed, the
+        loader's logical step, the sample's index in the private data): see dpfast.random.record_generators.
         None outside private steps (public and non-private phases draw from ``self.gen``)."""
         if idx is None or not self.phase.private:
             return None
         from dpfast.random import record_generators
 
-        return record_generators(idx, seed=self.engine.seed, step=self.loader.chunk_step, device=self.device)
+        return record_generators(idx, seed=self.engine.record_seed, step=self.loader.chunk_step, device=self.device)
 
     def _chunk_loss(self, x: torch.Tensor, y: torch.Tensor, idx=None) -> tuple[torch.Tensor, int]:
         """Forward/backward of one physical chunk; returns (sum of row losses, rows). ``idx``: the
@@ -752,7 +765,7 @@ class Trainer:
         self.log(self.describe())
         if self.resume_state is not None:
             self.log(f"resuming from step {self.step} of {self.total_steps} ({self.ckpt_path})")
-        atomic_write_json(cfg.to_dict(), self.out / "config.json")
+        atomic_write_json(public_config(cfg), self.out / "config.json")
         if self.engine is not None and self.resume_state is None:
             # before the first release: a run killed before its first periodic checkpoint then
             # resumes from step 0 (the ledger charges what it released) instead of refusing to start

@@ -526,10 +526,10 @@ class MEPFTrainer:
     def _train(self) -> dict:
         from dpfast.diffusion.ema import EMA
         from dpfast.diffusion.trainer import (_StopOnSignal, atomic_torch_save, atomic_write_json, grid_labels,
-                                              grid_row_labels, save_grid)
+                                              grid_row_labels, public_config, save_grid)
 
         cfg = self.cfg
-        atomic_write_json(cfg.to_dict(), self.out / "config.json")
+        atomic_write_json(public_config(cfg), self.out / "config.json")
         setup = time.perf_counter()
         fmap = self._feature_map()
         release = self._release(fmap)

@@ -111,8 +111,10 @@ class GroupNormRule(_AffineRule):
         if torch.is_autocast_enabled(x.device.type):
             x = x.float()  # autocast runs group_norm in fp32
         params = [p for p in (module.weight, module.bias) if p is not None]
-        if x.dim() < 2 or not x.numel() or any(p.dtype != x.dtype for p in params):  # empty, mixed dtypes:
-            # normalise, then the affine op
+        if x.dim() < 2 or not x.numel() or x.dtype not in (torch.float32, torch.float64) or \
+                any(p.dtype != x.dtype for p in params):
+            # empty, half precision (mean and rstd would be rounded to it before the subtraction in
+            # absorb: 10x the error of normalising first), mixed dtypes: normalise, then the affine op
             xh = F.group_norm(x, module.num_groups, None, None, module.eps)
             view = (1, -1) + (1,) * (x.dim() - 2)
             return self._affine(tape, name, module, xh, view, tuple(range(2, x.dim())))

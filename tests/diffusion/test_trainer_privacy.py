@@ -116,7 +116,7 @@ def test_the_progress_bar_does_not_show_a_private_loss(capsys):
     assert "loss=private" in err and not re.search(r"loss=[-\d]", err), err[-500:]
 
 
-def test_model_pt_withholds_a_pinned_noise_seed_and_the_report_says_it_was_pinned():
+def test_model_pt_and_config_json_withhold_a_pinned_noise_seed_and_the_report_says_it_was_pinned():
     rng = np.random.default_rng(3)
     images = rng.integers(0, 256, (12, 1, 8, 8), dtype=np.uint8)
     cfg = _cfg(1, False)
@@ -127,5 +127,23 @@ def test_model_pt_withholds_a_pinned_noise_seed_and_the_report_says_it_was_pinne
                 progress=False, log=lambda *a, **k: None).train()
         model = torch.load(f"{out}/model.pt", map_location="cpu", weights_only=False)
         report = json.loads(open(f"{out}/privacy_report.json").read())
-    assert cfg.noise_seed == 1234 and model["config"]["noise_seed"] is None
+        config = json.loads(open(f"{out}/config.json").read())
+    assert cfg.noise_seed == 1234 and model["config"]["noise_seed"] is None and config["noise_seed"] is None
     assert report["noise_seed_pinned"] is True
+
+
+def test_resuming_a_checkpoint_from_before_per_record_randomness_loses_the_guarantee():
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, (12, 1, 8, 8), dtype=np.uint8)
+    cfg = _cfg(1, False)
+    cfg.steps, cfg.batch_size, cfg.checkpoint_every = 4, 6, 1
+    data = ImageDataset(images, np.zeros(12, dtype=np.int64), 0, "private")
+    with tempfile.TemporaryDirectory() as out, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        Trainer(cfg.replace(max_steps=2), out, dataset=data, progress=False, log=lambda *a, **k: None).train()
+        state = torch.load(f"{out}/checkpoint.pt", map_location="cpu", weights_only=False)
+        assert state.pop("record_randomness") == 1
+        torch.save(state, f"{out}/checkpoint.pt")  # as an older dpfast train wrote it
+        Trainer(cfg, out, dataset=data, progress=False, log=lambda *a, **k: None).train()
+        report = json.loads(open(f"{out}/privacy_report.json").read())
+    assert report["epsilon"] == float("inf") and "batch order" in report["guarantee_lost"]
