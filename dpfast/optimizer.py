@@ -476,7 +476,7 @@ class DPOptimizer(torch.optim.Optimizer):
             # Dropped without a word: a warning naming them (or only saying that some were dropped) on
             # stderr would release, without noise, whether and where a bad record was in the batch every
             # step it is drawn. The count is kept for the operator (stats["nonfinite"]), outside the guarantee.
-            self.stats["nonfinite"] = self.stats.get("nonfinite", 0) + len(idx)
+            self.stats["nonfinite"] += len(idx)
             tape.drop_rows(bad.repeat_interleave(K))
         clip = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         clip = torch.where(bad, torch.zeros_like(clip), clip)

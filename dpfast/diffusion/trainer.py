@@ -665,8 +665,13 @@ class Trainer:
         """One generator per sample of a private chunk, keyed by (the engine's secret record seed, the
         loader's logical step, the sample's index in the private data): see dpfast.random.record_generators.
         None outside private steps (public and non-private phases draw from ``self.gen``)."""
-        if idx is None or not self.phase.private:
+        if not self.phase.private:
             return None
+        if idx is None:  # a private chunk without its indices would fall back to one stream in batch order
+            from dpfast.errors import DPError
+
+            raise DPError("internal: a private chunk's loss was computed without its samples' indices, so its "
+                          "randomness cannot be keyed per record; the step is refused")
         from dpfast.random import record_generators
 
         return record_generators(idx, seed=self.engine.record_seed, step=self.loader.chunk_step, device=self.device)
