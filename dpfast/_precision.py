@@ -21,11 +21,21 @@ __all__ = ["exact_fp32"]
 _NEW_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")
 
 
+_BACKENDS = None
+
+
 def _fp32_backends():
-    b = torch.backends
-    objs = [b.cuda.matmul, getattr(b.cudnn, "conv", None), getattr(b.mkldnn, "matmul", None),
-            getattr(b.mkldnn, "conv", None)]
-    return [o for o in objs if o is not None and hasattr(o, "fp32_precision")]
+    """The backends whose fp32 precision can be relaxed: oneDNN's, and CUDA's where CUDA exists (on a
+    machine without it nothing runs there, and each setting costs microseconds to read and write,
+    per layer per step)."""
+    global _BACKENDS
+    if _BACKENDS is None:
+        b = torch.backends
+        objs = [getattr(b.mkldnn, "matmul", None), getattr(b.mkldnn, "conv", None)]
+        if torch.cuda.is_available():
+            objs += [b.cuda.matmul, getattr(b.cudnn, "conv", None)]
+        _BACKENDS = tuple(o for o in objs if o is not None and hasattr(o, "fp32_precision"))
+    return _BACKENDS
 
 
 @contextlib.contextmanager

@@ -200,9 +200,34 @@ def forced_strategy(norm_method, name: str) -> str:
     return "auto"
 
 
+_KEYS: dict = {}  # signature -> shape_key string: the string is built once per layer shape, not per step
+
+
 def shape_key(site, multiplicity: int, backend: str = "torch") -> str:
     """What the choice depends on: the rule, its parameters' and saved tensors' shapes (without the
     batch dimension), K, dtype, device, backend and threads (never values)."""
+    rows = site.rows
+    saved = tuple((k, (v.shape[1:] if v.dim() > 0 and v.shape[0] == rows else v.shape, v.dim() > 0 and
+                       v.shape[0] == rows, v.dtype, v.device.type) if torch.is_tensor(v) else v)
+                  for k, v in sorted(site.saved.items()) if torch.is_tensor(v) or isinstance(v, _SCALARS))
+    G = (site.G.shape[1:], site.G.dtype) if site.G is not None else None
+    sig = (type(site.rule), multiplicity, torch.get_num_threads(), backend,
+           tuple(t.shape for t in site.targets), saved, G)
+    try:
+        key = _KEYS.get(sig)
+    except TypeError:  # a saved tuple holding something unhashable
+        return _format_key(site, multiplicity, backend)
+    if key is None:
+        if len(_KEYS) > 100_000:
+            _KEYS.clear()
+        key = _KEYS[sig] = _format_key(site, multiplicity, backend)
+    return key
+
+
+_SCALARS = (bool, int, float, str, tuple)
+
+
+def _format_key(site, multiplicity: int, backend: str) -> str:
     parts = [type(site.rule).__name__, f"K{multiplicity}", f"t{torch.get_num_threads()}", backend,
              "P" + ",".join(str(tuple(t.shape)) for t in site.targets)]
     for k in sorted(site.saved):
@@ -211,7 +236,7 @@ def shape_key(site, multiplicity: int, backend: str = "torch") -> str:
             rows_first = v.dim() > 0 and v.shape[0] == site.rows  # per-row tensors: the batch size is not kept
             parts.append(f"{k}:{tuple(v.shape[1:]) if rows_first else tuple(v.shape)}:"
                          f"{str(v.dtype).replace('torch.', '')}:{v.device.type}")
-        elif isinstance(v, (bool, int, float, str, tuple)):
+        elif isinstance(v, _SCALARS):
             parts.append(f"{k}={v}")
     if site.G is not None:
         parts.append(f"G:{tuple(site.G.shape[1:])}:{str(site.G.dtype).replace('torch.', '')}")

@@ -8,7 +8,8 @@ kernel cost of ``dpfast.rules._norms.kernel_cost``.
 
 Every norm launcher returns, per *sample*, the squared Frobenius norm of the weight gradient, fp32,
 (B,). Rows are sample-major with multiplicity K (rows i*K .. i*K+K-1 are sample i, summed).
-The clipped weight-gradient launchers (`clipped_wgrad.py`) return sum_r s[r] * grad_r in fp32.
+The clipped weight-gradient launchers (`clipped_wgrad.py`) return sum_r s[r] * grad_r in fp32, and
+`conv2d_per_sample_grads` each sample's weight gradient (the materialize strategy's tile, written).
 """
 import os
 
@@ -28,7 +29,7 @@ else:
 
 if HAS_TRITON:
     from .conv_norm import (conv2d_direct_norm, conv2d_direct_norm_ref, conv2d_ghost_norm,
-                            conv2d_ghost_norm_ref)
+                            conv2d_ghost_norm_ref, conv2d_per_sample_grads, conv2d_per_sample_grads_ref)
     from .ghost_norm import ghost_norm, ghost_norm_ref
     from .clipped_wgrad import (conv2d_clipped_wgrad, conv2d_clipped_wgrad_ref, linear_clipped_wgrad,
                                 linear_clipped_wgrad_ref)
@@ -38,4 +39,5 @@ if HAS_TRITON:
     __all__ += ["ops", "linear_direct_norm", "linear_direct_norm_ref", "conv2d_direct_norm",
                 "conv2d_direct_norm_ref", "conv2d_ghost_norm", "conv2d_ghost_norm_ref", "ghost_norm",
                 "ghost_norm_ref", "linear_clipped_wgrad", "linear_clipped_wgrad_ref",
-                "conv2d_clipped_wgrad", "conv2d_clipped_wgrad_ref"]
+                "conv2d_clipped_wgrad", "conv2d_clipped_wgrad_ref", "conv2d_per_sample_grads",
+                "conv2d_per_sample_grads_ref"]

@@ -71,6 +71,7 @@ def _cases():
     from .conv_norm import CONV_GHOST_SPACE, CONV_SPACE
     from .conv_norm import _conv2d_direct_norm_kernel as conv_k
     from .conv_norm import _conv2d_ghost_norm_kernel as conv_ghost_k
+    from .conv_norm import _conv2d_per_sample_grads_kernel as conv_psg_k
     from .ghost_norm import GHOST_SPACE
     from .ghost_norm import _ghost_norm_kernel as ghost_k
     from .linear_norm import LINEAR_SPACE
@@ -85,6 +86,7 @@ def _cases():
     linear_wgrad_k = (linear_wgrad_k, LINEAR_WGRAD_SPACE)
     conv_wgrad_k = (conv_wgrad_k, CONV_WGRAD_SPACE)
     conv_k, conv_ghost_k = (conv_k, CONV_SPACE), (conv_ghost_k, CONV_GHOST_SPACE)
+    conv_psg_k = (conv_psg_k, CONV_SPACE)
 
     def tokens(R, T, d, p, K, strided=False):
         def build(dtype):
@@ -128,7 +130,20 @@ def _cases():
             return (x, G, torch.empty(B), part, B, n_red, *rest), geo
         return built
 
+    def psg(build):
+        """The per-sample-gradient kernel takes (x, G, out, n_red, ..., J, strides, out's sample
+        stride) where the direct norm takes (x, G, part, n_red, ..., J, n_slots, strides)."""
+        def built(dtype):
+            args, geo = build(dtype)
+            x, G, K, J = args[0], args[1], args[8], args[12]
+            out = torch.empty(x.shape[0] // K, G.shape[1], J)
+            return (x, G, out, *args[3:13], *args[14:], G.shape[1] * J), geo
+        return built
+
     return [
+        ("conv2d_per_sample_grads", conv_psg_k, "3x3-16x16-c128", psg(conv(64, 128, 16, 16, 128, 3, 1, 1, 1, 1, 1, False))),
+        ("conv2d_per_sample_grads", conv_psg_k, "3x3-8x8-c256-nhwc-K4", psg(conv(64, 256, 8, 8, 256, 3, 1, 1, 1, 1, 4, True))),
+        ("conv2d_per_sample_grads", conv_psg_k, "odd-d2-g2-K3", psg(conv(6, 6, 9, 9, 10, 3, 1, 2, 2, 2, 3, False))),
         ("linear_clipped_wgrad", linear_wgrad_k, "qkv-16x16", wgrad(tokens(64, 256, 256, 256, 1))),
         ("linear_clipped_wgrad", linear_wgrad_k, "odd-strided-K3", wgrad(tokens(12, 49, 33, 35, 3, True))),
         ("conv2d_clipped_wgrad", conv_wgrad_k, "3x3-32x32-c128", wgrad(conv(64, 128, 32, 32, 128, 3, 1, 1, 1, 1, 1, False))),

@@ -1,10 +1,14 @@
-"""Per-sample norms of a Conv2d weight gradient by implicit GEMM: direct and ghost.
+"""Per-sample norms of a Conv2d weight gradient by implicit GEMM: direct and ghost; and the
+per-sample weight gradients themselves, for the engine's materialize strategy.
 
 Per group g the weight gradient of sample i is (Cout/groups, Cin/groups*kh*kw) =
 sum over its K rows and Ho*Wo output positions of g_pos x_patch(pos)^T.  The patch column for
 (c_in, ki, kj) is gathered from x on the fly with stride/padding/dilation (zero outside), so the
 9x-larger unfold(x) of a 3x3 conv is never materialised; the gradient tile lives only in registers.
 The ghost kernel gathers the same patches to form the position Gram matrices tile by tile instead.
+The per-sample-gradient kernel forms the same tiles as the direct norm and writes them out instead
+of squaring and discarding them: one implicit GEMM per (sample, group) instead of a library
+convolution of B x groups groups.
 """
 import torch
 import torch.nn.functional as F
@@ -111,6 +115,38 @@ def _conv2d_direct_norm_kernel(
     sq = tl.sum(tl.sum(acc * acc, axis=1), axis=0)
     n_tiles = tl.num_programs(1) * tl.num_programs(2)
     tl.store(part + i.to(tl.int64) * n_slots + grp * n_tiles + pid_co * tl.num_programs(2) + pid_j, sq)
+
+
+@triton.autotune(
+    configs=CONV_SPACE.configs,
+    key=["n_red", "cout_g", "J", "KH", "KW", "SH", "SW", "CIN_INNER", "PRECISION"],
+    prune_configs_by={"early_config_prune": CONV_SPACE.prune(BLOCK_CO="cout_g", BLOCK_J="J")},
+)
+@triton.jit
+def _conv2d_per_sample_grads_kernel(
+    X, G, OUT, n_red, L, Wo, H, W, K, groups, cin_g, cout_g, J,
+    s_xr, s_xc, s_xh, s_xw, s_gr, s_gc, s_gh, s_gw, s_oi,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, CIN_INNER: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    # The direct norm's program, storing its tile: OUT is (B, Cout, J) contiguous, row c_out of
+    # sample i's weight gradient in the weight's own (Cin/groups, kh, kw) order whatever order the
+    # patch columns were gathered in.
+    i = tl.program_id(0) // groups
+    grp = tl.program_id(0) % groups
+    offs_co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    offs_j = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
+    ci, ki, kj = _patch_columns(offs_j, cin_g, KH, KW, CIN_INNER)
+    c_in = grp * cin_g + ci
+    c_out = grp * cout_g + offs_co
+    in_co, in_j = offs_co < cout_g, offs_j < J
+    acc = _sample_conv_grad(X, G, i, K, n_red, L, Wo, H, W, c_out, in_co, c_in, ki, kj, in_j,
+                            s_xr, s_xc, s_xh, s_xw, s_gr, s_gc, s_gh, s_gw, SH, SW, PH, PW, DH, DW,
+                            PRECISION, BLOCK_N, BLOCK_CO, BLOCK_J)
+    j_out = ci * (KH * KW) + ki * KW + kj
+    tl.store(OUT + i.to(tl.int64) * s_oi + c_out[:, None] * J + j_out[None, :], acc,
+             mask=in_co[:, None] & in_j[None, :])
 
 
 # Two gathered patch tiles per step are register-hungry: only these tiles compile without spills
@@ -236,6 +272,28 @@ def conv2d_direct_norm(x: torch.Tensor, G: torch.Tensor, kernel_size, K: int = 1
     return part[:, :used].sum(1)
 
 
+def conv2d_per_sample_grads(x: torch.Tensor, G: torch.Tensor, kernel_size, K: int = 1, stride=(1, 1),
+                            padding=(0, 0), dilation=(1, 1), groups: int = 1, *,
+                            allow_tf32: bool = False) -> torch.Tensor:
+    """Each sample's Conv2d weight gradient, fp32 (R//K, Cout, Cin/groups, kh, kw): the sum over its
+    K rows and output positions of g_pos x_patch(pos)^T. Same contract as `conv2d_direct_norm`; bf16
+    and fp16 products are exact in the fp32 accumulator."""
+    B, geo, cin_g, cout_g, J, L, Wo = _geometry(x, G, kernel_size, K, stride, padding, dilation,
+                                                groups)
+    Cout = G.shape[1]
+    out = torch.empty((B, Cout, J), device=x.device, dtype=torch.float32)
+    shape = (B, Cout, cin_g, geo["KH"], geo["KW"])
+    if B == 0 or J * cout_g * L == 0:
+        return out.zero_().view(shape)
+    grid = lambda meta: (B * groups, triton.cdiv(cout_g, meta["BLOCK_CO"]), triton.cdiv(J, meta["BLOCK_J"]))  # noqa: E731
+    precision = _dot_precision(x.dtype, allow_tf32)
+    H, W = x.shape[2:]
+    x, G = _interpretable(x, G)
+    _conv2d_per_sample_grads_kernel[grid](x, G, out, K * L, L, Wo, H, W, K, groups, cin_g, cout_g, J,
+                                          *x.stride(), *G.stride(), Cout * J, **geo, PRECISION=precision)
+    return out.view(shape)
+
+
 def conv2d_ghost_norm(x: torch.Tensor, G: torch.Tensor, kernel_size, K: int = 1, stride=(1, 1),
                       padding=(0, 0), dilation=(1, 1), groups: int = 1, *,
                       allow_tf32: bool = False) -> torch.Tensor:
@@ -273,6 +331,20 @@ def conv2d_direct_norm_ref(x: torch.Tensor, G: torch.Tensor, kernel_size, K: int
     cols = cols.reshape(R // K, K, groups, -1, L)  # unfold is channel-major: groups split cleanly
     Gm = G.to(acc).reshape(R // K, K, groups, Cout // groups, L)
     return torch.einsum("bkgjl,bkgcl->bgcj", cols, Gm).square().sum((1, 2, 3))
+
+
+def conv2d_per_sample_grads_ref(x: torch.Tensor, G: torch.Tensor, kernel_size, K: int = 1,
+                                stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                                groups: int = 1) -> torch.Tensor:
+    """The spec of `conv2d_per_sample_grads` through an explicit unfold (fp64 for fp64 inputs)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    R, Cin, Cout = x.shape[0], x.shape[1], G.shape[1]
+    cols = F.unfold(x.to(acc), kernel_size, dilation=dilation, padding=padding, stride=stride)
+    L = cols.shape[-1]
+    cols = cols.reshape(R // K, K, groups, -1, L)
+    Gm = G.to(acc).reshape(R // K, K, groups, Cout // groups, L)
+    grads = torch.einsum("bkgjl,bkgcl->bgcj", cols, Gm)
+    return grads.reshape(R // K, Cout, Cin // groups, *_pair(kernel_size, "kernel_size"))
 
 
 def conv2d_ghost_norm_ref(x: torch.Tensor, G: torch.Tensor, kernel_size, K: int = 1,

@@ -18,13 +18,14 @@ if not HAS_TRITON:
 # the submodule of the same name.
 from .conv_norm import _pair, conv2d_direct_norm as _conv_launcher  # noqa: E402
 from .conv_norm import conv2d_ghost_norm as _conv_ghost_launcher  # noqa: E402
+from .conv_norm import conv2d_per_sample_grads as _conv_psg_launcher  # noqa: E402
 from .clipped_wgrad import conv2d_clipped_wgrad as _conv_wgrad_launcher  # noqa: E402
 from .clipped_wgrad import linear_clipped_wgrad as _linear_wgrad_launcher  # noqa: E402
 from .ghost_norm import ghost_norm as _ghost_launcher  # noqa: E402
 from .linear_norm import linear_direct_norm as _linear_launcher  # noqa: E402
 
 __all__ = ["linear_direct_norm", "ghost_norm", "conv2d_direct_norm", "conv2d_ghost_norm",
-           "linear_clipped_wgrad", "conv2d_clipped_wgrad"]
+           "linear_clipped_wgrad", "conv2d_clipped_wgrad", "conv2d_per_sample_grads"]
 
 
 def _fake_norms(t: torch.Tensor, K: int) -> torch.Tensor:
@@ -132,3 +133,25 @@ def conv2d_clipped_wgrad(x: torch.Tensor, G: torch.Tensor, s: torch.Tensor, kern
     p = lambda v, n: list(_pair(v, n))  # noqa: E731
     return _conv_wgrad_op(x, G, s, p(kernel_size, "kernel_size"), K, p(stride, "stride"),
                           p(padding, "padding"), p(dilation, "dilation"), groups)
+
+
+def _conv2d_per_sample_grads(x: torch.Tensor, G: torch.Tensor, kernel_size: Sequence[int], K: int,
+                             stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                             groups: int, allow_tf32: bool = False) -> torch.Tensor:
+    return _conv_psg_launcher(x, G, tuple(kernel_size), K, tuple(stride), tuple(padding), tuple(dilation),
+                              groups, allow_tf32=allow_tf32)
+
+
+def _fake_conv_psg(x, G, kernel_size, K, stride, padding, dilation, groups, allow_tf32=False):
+    torch._check(K >= 1 and x.shape[0] % K == 0, lambda: f"{x.shape[0]} rows, multiplicity {K}")
+    return x.new_empty((x.shape[0] // K, G.shape[1], x.shape[1] // groups, *kernel_size), dtype=torch.float32)
+
+
+_conv_psg_op = _custom_op("conv2d_per_sample_grads", _conv2d_per_sample_grads, _fake_conv_psg)
+
+
+def conv2d_per_sample_grads(x: torch.Tensor, G: torch.Tensor, kernel_size, K: int = 1, stride=(1, 1),
+                            padding=(0, 0), dilation=(1, 1), groups: int = 1, *,
+                            allow_tf32: bool = False) -> torch.Tensor:
+    """`conv_norm.conv2d_per_sample_grads` through the custom op."""
+    return _conv_call(_conv_psg_op, x, G, kernel_size, K, stride, padding, dilation, groups, allow_tf32)

@@ -66,6 +66,13 @@ def conv2d_weight_norm_sq(x, G, kernel_size, K, stride, padding, dilation, group
     return fn(x, G, tuple(kernel_size), K, tuple(stride), tuple(padding), tuple(dilation), groups)
 
 
+def conv2d_per_sample_grads(x, G, kernel_size, K, stride, padding, dilation, groups):
+    """Each sample's conv2d weight gradient, fp32 (B, *weight.shape), by the Triton implicit-GEMM
+    kernel where `conv2d_kernel_applies`."""
+    return _kernels().ops.conv2d_per_sample_grads(x, G, tuple(kernel_size), K, tuple(stride), tuple(padding),
+                                                  tuple(dilation), groups)
+
+
 _HALF = (torch.bfloat16, torch.float16)
 
 

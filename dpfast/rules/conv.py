@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _norms
-from .backends import conv2d_clipped_wgrad, conv2d_kernel_applies, conv2d_weight_norm_sq
+from .backends import (conv2d_clipped_wgrad, conv2d_kernel_applies, conv2d_per_sample_grads,
+                       conv2d_weight_norm_sq)
 from .base import Rule, Target, autocast_cast, scale_rows, trainable
 
 _conv_bwd = torch.ops.aten.convolution_backward.default
@@ -172,10 +173,16 @@ class ConvRule(Rule):
         * ``samples``: every sample is a group and its K rows are the convolution's batch, which the
           library sums over: the K-row sum comes out of the call. It copies the layer's input and
           output gradient to ``(K, samples x C, H, W)`` but forms K times less output: up to 4x
-          faster at low resolution or large K. With K = 1 the two are the same call."""
-        if tape.multiplicity == 1 or self._pointwise(site):
-            return ("rows",)
-        return ("rows", "samples")
+          faster at low resolution or large K. With K = 1 the two are the same call.
+        * ``triton``: on the triton backend, the direct norm's implicit-GEMM kernel writing each
+          (sample, group) tile instead of squaring and discarding it (kernels/conv_norm.py); no
+          copy, and no convolution of B x groups groups, which GPU libraries run slowly."""
+        kernel = conv2d_kernel_applies(site.saved["x"], site.saved["cfg"][3], site.saved["kernel_size"],
+                                       tape.backend)
+        if self._pointwise(site):
+            return ("rows", "triton") if kernel else ("rows",)
+        base = ("rows",) if tape.multiplicity == 1 else ("rows", "samples")
+        return base + ("triton",) if kernel else base
 
     @staticmethod
     def _pointwise(site) -> bool:
@@ -198,6 +205,12 @@ class ConvRule(Rule):
         step = max(1, _norms.get_memory_budget() // max(1, per_sample))
         acc = torch.float64 if G.dtype == torch.float64 else torch.float32
         pointwise = self._pointwise(site)
+        if site.variant == "triton":  # one launch: its output is the gradients asked for (fp32), no scratch
+            rows = slice(samples.start * K, samples.stop * K)
+            yield (slice(0, samples.stop - samples.start),
+                   conv2d_per_sample_grads(x[rows], G[rows], site.saved["kernel_size"], K, stride, padding,
+                                           dilation, groups))
+            return
         for start in range(samples.start, samples.stop, step):
             stop = min(samples.stop, start + step)
             b, r = stop - start, (stop - start) * K

@@ -54,6 +54,7 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     kernels = {r["kernel"] for r in rows}
     assert kernels == {"linear_direct_norm", "ghost_norm", "conv2d_direct_norm",
-                       "conv2d_ghost_norm", "linear_clipped_wgrad", "conv2d_clipped_wgrad"}
+                       "conv2d_ghost_norm", "linear_clipped_wgrad", "conv2d_clipped_wgrad",
+                       "conv2d_per_sample_grads"}
     for k in kernels:  # Hopper's warpgroup MMA: the 64-row tiles of every kernel use it
         assert any(r["mma"] == "wgmma" for r in rows if r["kernel"] == k and r["precision"] == "bf16"), k

@@ -12,7 +12,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 
 from kernels import ops  # noqa: E402
 from kernels.conv_norm import (conv2d_direct_norm, conv2d_direct_norm_ref,  # noqa: E402
-                               conv2d_ghost_norm, conv2d_ghost_norm_ref)
+                               conv2d_ghost_norm, conv2d_ghost_norm_ref, conv2d_per_sample_grads,
+                               conv2d_per_sample_grads_ref)
 
 LAUNCHERS = {"direct": conv2d_direct_norm, "ghost": conv2d_ghost_norm}
 REFS = {"direct": conv2d_direct_norm_ref, "ghost": conv2d_ghost_norm_ref}
@@ -159,3 +160,54 @@ def test_custom_op_matches_launcher_and_fakes(method, device):
         fake = op(torch.empty(6, 4, 9, 8), torch.empty(6, 6, 5, 4), 3, K=3,
                                       stride=2, padding=1, groups=2)
     assert fake.shape == (2,) and fake.dtype == torch.float32
+
+
+def _psg_oracle(x, G, kernel_size, K, stride, padding, dilation, groups):
+    """Each sample's weight gradient from torch.func (what autograd gives a Conv2d with output G)."""
+    R, Cin = x.shape[:2]
+
+    def loss(W, xi, gi):
+        return (F.conv2d(xi, W, None, stride, padding, dilation, groups) * gi).sum()
+
+    W = torch.zeros(G.shape[1], Cin // groups, *kernel_size, dtype=x.dtype)
+    return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(
+        W, x.reshape(R // K, K, *x.shape[1:]), G.reshape(R // K, K, *G.shape[1:]))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_per_sample_grads_ref_matches_vmap_oracle(case):
+    x, G, kw = make(*case, dtype=torch.float64)
+    torch.testing.assert_close(conv2d_per_sample_grads_ref(x, G, **kw), _psg_oracle(x, G, **kw),
+                               atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_per_sample_grads_kernel_writes_each_samples_gradient(case, device):
+    """The written tiles, in the weight's (Cin/groups, kh, kw) order also for channels_last inputs
+    (whose patch columns are gathered channel-innermost), with partial tiles at every edge."""
+    x, G, kw = make(*case, device=device)
+    out = conv2d_per_sample_grads(x, G, **kw)
+    want = conv2d_per_sample_grads_ref(x.double(), G.double(), **kw)
+    assert out.dtype == torch.float32 and out.shape == want.shape
+    atol, rtol = TOL[torch.float32]
+    torch.testing.assert_close(out.double().cpu(), want.cpu(), atol=atol, rtol=rtol)
+
+
+def test_per_sample_grads_bf16_products_are_exact(device):
+    """bf16 inputs: the products are exact in the fp32 accumulator, so the gradients agree with the
+    fp64 spec on the same rounded inputs to fp32 accumulation error."""
+    x, G, kw = make(*CASES[1], dtype=torch.bfloat16, device=device)
+    out = conv2d_per_sample_grads(x, G, **kw)
+    want = conv2d_per_sample_grads_ref(x.double(), G.double(), **kw)
+    torch.testing.assert_close(out.double().cpu(), want.cpu(), atol=1e-5, rtol=2e-5)
+
+
+def test_per_sample_grads_custom_op_and_fake(device):
+    x, G, kw = make(*CASES[0], device=device)
+    assert torch.equal(ops.conv2d_per_sample_grads(x, G, **kw), conv2d_per_sample_grads(x, G, **kw))
+    with FakeTensorMode():
+        fake = ops.conv2d_per_sample_grads(torch.empty(6, 4, 9, 8), torch.empty(6, 6, 5, 4), 3, K=3,
+                                           stride=2, padding=1, groups=2)
+    assert fake.shape == (2, 6, 2, 3, 3) and fake.dtype == torch.float32
+    empty = conv2d_per_sample_grads(x[:0], G[:0], **kw)
+    assert empty.shape == (0, 6, 2, 3, 3)

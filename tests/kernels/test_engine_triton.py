@@ -58,3 +58,29 @@ def test_triton_backend_step_equals_torch_backend(K, method):
     n_triton, upd_triton = _step("triton", K, method)
     torch.testing.assert_close(n_triton, n_torch, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(upd_triton, upd_torch, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_materialized_convs_by_the_triton_kernel_release_what_the_torch_backend_does(K, monkeypatch):
+    """norm_method="materialize" with the Triton per-sample-gradient kernel as the only way to form a
+    conv's per-sample gradients: the same norms and update as the torch backend's library calls."""
+    from dpfast.rules.conv import ConvRule
+
+    n_torch, upd_torch = _step("torch", K, "materialize")
+    orig = ConvRule.psg_variants
+    monkeypatch.setattr(ConvRule, "psg_variants", lambda self, site, tape: tuple(
+        v for v in orig(self, site, tape) if v == "triton") or orig(self, site, tape))
+    seen = []
+    real = ConvRule._per_sample_weight_grads
+
+    def spy(self, site, tape, samples=None):
+        seen.append((site.name, site.variant))
+        return real(self, site, tape, samples)
+
+    monkeypatch.setattr(ConvRule, "_per_sample_weight_grads", spy)
+    n_triton, upd_triton = _step("triton", K, "materialize")
+    # every non-transposed 2-D conv took the kernel; the transposed one has no kernel and keeps "rows"
+    assert {n for n, v in seen if v == "triton"} == {"inp", "down", "out"}, seen
+    assert {v for n, v in seen if n == "up"} == {"rows"}, seen
+    torch.testing.assert_close(n_triton, n_torch, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(upd_triton, upd_torch, rtol=1e-4, atol=1e-6)
