@@ -100,7 +100,7 @@ class DPDataLoader:
         if max_physical_batch_size is not None and max_physical_batch_size < 1:
             raise ValueError(f"max_physical_batch_size must be >= 1, got {max_physical_batch_size}")
         self.dataset = dataset
-        self.sample_rate = float(sample_rate)
+        self._sample_rate = float(sample_rate)
         self.seed = int(seed)
         self.steps_per_epoch = int(steps_per_epoch)
         self.max_physical_batch_size = max_physical_batch_size
@@ -119,6 +119,17 @@ class DPDataLoader:
 
     def __len__(self) -> int:
         return self.steps_per_epoch
+
+    @property
+    def sample_rate(self) -> float:
+        """The Poisson rate of every batch, fixed: the engine charges each release at it."""
+        return self._sample_rate
+
+    @sample_rate.setter
+    def sample_rate(self, q) -> None:
+        raise AttributeError(f"the loader's sampling rate is fixed at {self._sample_rate}: every release is charged "
+                             "at it, so batches drawn at another rate would be under-charged; to change the batch "
+                             "size, build a new engine that composes after this one (PrivacyEngine.compose_after)")
 
     def batch_indices(self, step: int) -> torch.Tensor:
         """This rank's members of the logical batch of ``step`` (sorted dataset indices)."""

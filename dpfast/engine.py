@@ -51,7 +51,7 @@ class PrivacyEngine:
         self.loader: DPDataLoader | None = None
         self.private_module: PrivateModule | None = None
         self._noise_multiplier: float | None = None
-        self.sample_rate: float | None = None
+        self._sample_rate: float | None = None
         self.distributed = None
         self.ledger = Ledger(ledger) if ledger is not None else None
         self.secure_mode = bool(secure_mode)
@@ -215,7 +215,13 @@ class PrivacyEngine:
                 pm.remove()
                 raise
         self._noise_multiplier = float(noise_multiplier)
-        self.sample_rate = sample_rate
+        self._sample_rate = sample_rate  # the new loader's own rate where there is one
+        if loader is None and sample_rate is not None and sample_rate < 1:  # q = 1 charges every record every step
+            warnings.warn(f"no data_loader: epsilon assumes that every batch you feed is a Poisson sample of the "
+                          f"data set at rate {sample_rate:g} (each record in independently, with fresh coins each "
+                          "step); dpfast cannot check batches it does not draw, and shuffled or fixed batches "
+                          "have no such amplification (pass the data_loader to have dpfast draw them)",
+                          stacklevel=2)
         if noise_multiplier == 0:
             warnings.warn("noise_multiplier=0: gradients are clipped but not noised, so training is NOT "
                           "differentially private; get_epsilon() will report infinity", stacklevel=2)
@@ -296,6 +302,22 @@ class PrivacyEngine:
         return out
 
     # ------------------------------------------------------------------ accounting
+    @property
+    def sample_rate(self) -> float | None:
+        """The Poisson rate every release is charged at: the loader's, where dpfast draws the batches
+        (one source of truth: the rate the batches were drawn at is the rate charged), else the one
+        given to make_private (or learnt from the ledger)."""
+        return self.loader.sample_rate if self.loader is not None else self._sample_rate
+
+    @sample_rate.setter
+    def sample_rate(self, q: float | None) -> None:
+        if self.loader is not None and q != self.loader.sample_rate:
+            raise ValueError(f"the sampling rate is the loader's ({self.loader.sample_rate}), fixed at make_private: "
+                             "a rate charged other than the one batches are drawn at would make epsilon false; to "
+                             "change the batch size, build a new engine that composes after this one "
+                             "(PrivacyEngine.compose_after)")
+        self._sample_rate = q
+
     @property
     def noise_multiplier(self) -> float | None:
         """The noise multiplier of the next release: the optimizer's (one source of truth; a noise
@@ -718,6 +740,18 @@ class PrivacyEngine:
         later = [e for e in mine if "key" in e and int(e["key"]) >= int(sd["steps"])]
         for e in later:
             int(e["key"]), float(e["sigma"]) if e.get("sigma") is not None else None  # malformed: refused here
+        # The ledger must be this run's record. A checkpoint copied to a new directory (a branch of the run,
+        # a move to another machine), or next to a ledger restored from an older backup, finds a ledger that
+        # lacks releases the checkpoint says were made; it cannot know what else the run released after the
+        # checkpoint either, so its next noise keys and Poisson batches may be ones already released (with
+        # data that moved, the difference of two releases of one key cancels the noise).
+        keys = {int(e["key"]) for e in mine if "key" in e}
+        missing = [k for k in range(int(sd["steps"])) if k not in keys]
+        if missing:
+            raise ValueError(f"the privacy ledger {self.ledger.path} is not this checkpoint's run's: the checkpoint "
+                             f"says run {run_id_of(sd)} released {sd['steps']} steps, and the ledger has no record of "
+                             f"{len(missing)} of them (first: step {missing[0]}). Resume next to the run's own ledger "
+                             "(a copied or restored checkpoint may repeat releases it cannot see), or start a new run")
         return later, lost
 
     def _charge_ledger_after(self, sd: dict, later: list, lost: list) -> dict:
