@@ -174,6 +174,9 @@ class ConvRule(Rule):
           library sums over: the K-row sum comes out of the call. It copies the layer's input and
           output gradient to ``(K, samples x C, H, W)`` but forms K times less output: up to 4x
           faster at low resolution or large K. With K = 1 the two are the same call.
+        * ``each`` (K > 1): one ungrouped weight-gradient call per sample, its K rows the batch. B
+          calls instead of one, but each is the library's common case: up to 2x faster than either
+          grouped form on some 28x28 layers at K = 4 (measured in the step: DPDM's U-Net).
         * ``triton``: on the triton backend, the direct norm's implicit-GEMM kernel writing each
           (sample, group) tile instead of squaring and discarding it (kernels/conv_norm.py); no
           copy, and no convolution of B x groups groups, which GPU libraries run slowly."""
@@ -181,7 +184,7 @@ class ConvRule(Rule):
                                        tape.backend)
         if self._pointwise(site):
             return ("rows", "triton") if kernel else ("rows",)
-        base = ("rows",) if tape.multiplicity == 1 else ("rows", "samples")
+        base = ("rows",) if tape.multiplicity == 1 else ("rows", "samples", "each")
         return base + ("triton",) if kernel else base
 
     @staticmethod
@@ -210,6 +213,13 @@ class ConvRule(Rule):
             yield (slice(0, samples.stop - samples.start),
                    conv2d_per_sample_grads(x[rows], G[rows], site.saved["kernel_size"], K, stride, padding,
                                            dilation, groups))
+            return
+        if site.variant == "each" and K > 1 and not pointwise:
+            w = weight.to(acc)
+            grads = [_conv_bwd(G[i * K:(i + 1) * K].to(acc), x[i * K:(i + 1) * K].to(acc), w, None, stride, padding,
+                               dilation, transposed, output_padding, groups, [False, True, False])[1]
+                     for i in range(samples.start, samples.stop)]
+            yield slice(0, samples.stop - samples.start), torch.stack(grads) if grads else w.new_zeros((0, *w.shape))
             return
         for start in range(samples.start, samples.stop, step):
             stop = min(samples.stop, start + step)
