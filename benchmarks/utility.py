@@ -140,10 +140,11 @@ for _name, _preset, _text, _e2e in (
         ("dp-sad", "dp-sad-demo", "a DP teacher (nf 24), then the demo U-Net distilled from it against a discriminator; "
                                   "epsilon covers all three", True),
         ("dp-sad-nodisc", "dp-sad-nodisc-demo", "dp-sad without the discriminator (the paper's ablation)", True),
-        ("dp-sad-paper", "dp-sad-paper-demo", "the paper's setting: the teacher WITHOUT DP; epsilon covers the student "
-                                              "only", False)):
+        ("dp-sad-paper", "dp-sad-paper-demo", "the paper's setting: the teacher WITHOUT DP, so NOT differentially "
+                                              "private (epsilon infinite; the student's own number is reported "
+                                              "as epsilon_if_teacher_were_public)", False)):
     RECIPES[_name] = Recipe(
-        _name, f"DP-SAD (Liu et al.): {_text} (teacher inside the budget)",
+        _name, f"DP-SAD (Liu et al.): {_text}" + (" (teacher inside the budget)" if _e2e else ""),
         {"cpu": PRESETS[_preset].replace(grid_every=0, checkpoint_every=50, sample_steps=10)},
         # one pilot for all three: the ablation gets dp-sad's step counts, so it differs by the discriminator only
         end_to_end=_e2e, teacher_share=SAD_TEACHER_SHARE, pilot="dp-sad")

@@ -299,7 +299,9 @@ def add_commands(subparsers) -> None:
                     "(model selection on a synthetic validation split), tested once on the real test "
                     "set. FID, precision and recall (Kynkaenniemi et al., k=3): in the feature space of a "
                     "CNN trained on the real training set (built once, then cached), against the real "
-                    "test set; this is NOT Inception FID.",
+                    "test set; this is NOT Inception FID. That CNN is trained without DP on the private "
+                    "training set, so FID, precision and recall are private statistics, not covered by "
+                    "epsilon.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--samples", required=True, help=".npz from `dpfast sample`")
     p.add_argument("--data-dir", default=None, help="real data (default: Fashion-MNIST from Debian)")

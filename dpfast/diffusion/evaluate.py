@@ -18,7 +18,9 @@ published values (DPDM's 17.1 at eps=10 is Inception FID); compare runs with eac
 
 The feature network is trained once per data set and code version, at first use (with a progress
 bar), and cached under ~/.cache/dpfast keyed by a hash of the training images, labels, the code that
-builds and trains it, and its settings.
+builds and trains it, and its settings. It is trained without DP on the private training set, so
+FID, precision and recall are private statistics, not covered by any epsilon: the report marks
+them (``features.private``, ``features.privacy_note``) and so does the printed line.
 """
 from __future__ import annotations
 
@@ -42,6 +44,9 @@ CLASSIFIER_MAX_STEPS = 3000        # ~2 min on one CPU thread at 14x14, ~6 min a
 FEATURE_STEPS = 2000               # the feature network: Adam steps of batch 128 on the real data
 METRIC_SAMPLES = 10000             # FID / precision / recall use at most this many images per side
 PR_K = 3                           # Kynkaenniemi et al.'s k
+# the feature metrics' privacy status: feature_network is trained without DP on the private training set
+PRIVACY_NOTE = ("computed with a non-DP network trained on the private training set: a private statistic, not "
+                "covered by epsilon; do not publish it next to epsilon as if it were")
 
 
 class CNN(nn.Module):
@@ -275,7 +280,9 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = PR_K) -> tuple
 def feature_metrics(net: CNN, images: torch.Tensor, reference: torch.Tensor,
                     max_samples: int = METRIC_SAMPLES, seed: int = 0) -> dict:
     """FID, precision and recall of `images` against `reference`, each side subsampled to at most
-    `max_samples` images (FID is biased by the sample count: compare values at the same count)."""
+    `max_samples` images (FID is biased by the sample count: compare values at the same count).
+    `net` is `feature_network`'s, a non-DP model of the private training set: the result is marked
+    private (PRIVACY_NOTE)."""
     started = time.perf_counter()
 
     def pick(x, stream):  # one generator per side: the reference subset never depends on the samples
@@ -286,7 +293,8 @@ def feature_metrics(net: CNN, images: torch.Tensor, reference: torch.Tensor,
     return {"fid": fid, "precision": precision, "recall": recall, "samples": len(a),
             "reference_samples": len(b), "k": PR_K, "seconds": round(time.perf_counter() - started, 2),
             "features": "128-d penultimate layer of DPDM's CNN trained on the real training set",
-            "note": "NOT Inception FID: not comparable with published FID values"}
+            "note": "NOT Inception FID: not comparable with published FID values",
+            "private": True, "privacy_note": PRIVACY_NOTE}
 
 
 # ----------------------------------------------------------------------------- the whole evaluation
@@ -318,7 +326,8 @@ def evaluate_images(images: torch.Tensor, labels: torch.Tensor | None, test: Ima
         report["features"] = m = feature_metrics(feature_net, images, test.images, max_samples=metric_samples,
                                                  seed=seed)
         log(f"feature-space FID {m['fid']:.3f} (not Inception FID), precision {m['precision']:.3f}, "
-            f"recall {m['recall']:.3f} vs the real test set ({m['seconds']:.0f} s)")
+            f"recall {m['recall']:.3f} vs the real test set ({m['seconds']:.0f} s); PRIVATE: from a non-DP "
+            "network of the private training set, not covered by epsilon")
     return report
 
 

@@ -470,7 +470,10 @@ class Trainer:
         # the config pins it (tests): a public seed would let anyone subtract the noise.
         self.engine = PrivacyEngine(accountant=cfg.accountant, seed=seed, ledger=self.out / "privacy_ledger.jsonl")
         if resume:  # before make_private: the ledger is checked against the checkpoint
-            self.engine.load_state_dict(saved["engine"])
+            try:
+                self.engine.load_state_dict(saved["engine"])
+            except ValueError as e:  # refused before anything was released: one line, as any refused setting
+                raise ConfigError(f"cannot resume {self.out / 'checkpoint.pt'}: {e}") from e
         loader = DataLoader(self.dataset, batch_size=cfg.batch_size,
                             pin_memory=self.device.type == "cuda")
         self.model, self.optimizer, self.loader = self.engine.make_private(
@@ -611,6 +614,11 @@ class Trainer:
             out.append(row)
         return out
 
+    def breaks_dp(self) -> bool:
+        """Whether something outside the engine makes the run not DP whatever it spends (a recipe's
+        non-private part): the progress bar then shows no epsilon as if it held."""
+        return False
+
     def privacy_report(self) -> dict:
         cfg = self.cfg
         private_steps = 0 if self.private_phase is None else min(
@@ -750,8 +758,10 @@ class Trainer:
         if any(report.get(k) != fresh.get(k) for k in ("steps", "releases_charged", "guarantee_lost", "private")):
             return None
         eps = report.get("epsilon")
+        lost = report.get("guarantee_lost")
         self.log(f"already finished ({self.step} steps): nothing to do. "
-                 + (f"epsilon spent: {eps:.4g} at delta={report['delta']:g}" if eps is not None else "not private")
+                 + (f"this run is NOT differentially private (epsilon infinite): {lost}" if lost else
+                    f"epsilon spent: {eps:.4g} at delta={report['delta']:g}" if eps is not None else "not private")
                  + f"; privacy report: {report_path}")
         return {"status": "finished", "reason": "done", "steps": self.step, "report": report,
                 "train_seconds": self.elapsed}
@@ -829,7 +839,7 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     shown = "private" if self.phase.private else (f"{smooth:.4f}" if smooth is not None else "-")
-                    bar.set_postfix(loss=shown, eps=f"{eps:.3g}", refresh=False)
+                    bar.set_postfix(loss=shown, eps="not DP" if self.breaks_dp() else f"{eps:.3g}", refresh=False)
                 if cfg.grid_every and self.step % cfg.grid_every == 0 and self.step < stop_at and self.is_main:
                     self.save_grid(f"samples/step_{self.step:07d}.png")
                 if (self.step % cfg.checkpoint_every == 0 or now - last_ckpt >= cfg.checkpoint_seconds):
@@ -862,6 +872,8 @@ class Trainer:
         done = self.step >= self.total_steps
         if self.dataset is None:
             eps_line = f"pre-trained on public data only ({self._describe_public()}): no private data read"
+        elif report.get("guarantee_lost"):
+            eps_line = f"this run is NOT differentially private (epsilon infinite): {report['guarantee_lost']}"
         elif self.private_phase is not None and self.engine is None:
             eps_line = "epsilon spent: 0 (the private phase has not started)"
         elif self.engine is not None:

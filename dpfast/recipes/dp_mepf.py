@@ -451,12 +451,15 @@ class MEPFTrainer:
         return noise_multiplier_for(target, dim, cfg.mepf_moments)
 
     def _release(self, fmap: FeatureMap) -> Release:
-        from dpfast.diffusion.trainer import _check_resumable, atomic_torch_save, atomic_write_json
+        from dpfast.diffusion.trainer import _check_resumable, atomic_torch_save, atomic_write_json, public_config
 
         cfg = self.cfg
         path, marker = self.out / "embeddings.pt", self.out / "release_started.json"
         saved = json.loads(marker.read_text()).get("config") if marker.exists() else None
         if saved is not None:  # the release's settings can never change afterwards (only run control)
+            # the marker withholds a pinned noise seed (public_config); dp-mepf's noise never uses it (a
+            # fresh OS key), so the run's own is kept
+            saved = {**saved, "noise_seed": cfg.noise_seed}
             self.cfg = cfg = _check_resumable(TrainConfig.from_dict(saved), cfg)
         if path.exists():
             return Release.from_state_dict(torch.load(path, map_location="cpu", weights_only=False))
@@ -467,14 +470,14 @@ class MEPFTrainer:
         classes = max(1, self.num_classes)
         dim = release_dim(classes, feature_dim(fmap, self.image_shape, self.device), cfg.mepf_moments)
         sigma = self._noise_multiplier(dim) if cfg.private else 0.0
-        atomic_write_json({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "config": cfg.to_dict(),
+        atomic_write_json({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "config": public_config(cfg),
                            "feature_map": "user" if self.user_feature_map is not None else "PublicCNN"}, marker)
         if cfg.private:
             release = release_embeddings(fmap, self.dataset, classes, cfg.mepf_moments, sigma, device=self.device)
         else:  # the non-private baseline: the exact means
             sums, second, counts = exact_sums(fmap, self.dataset, classes, cfg.mepf_moments, device=self.device)
             release = Release(sums, second, counts, 0.0, sensitivity(cfg.mepf_moments), cfg.mepf_moments, 0.0)
-        release.config = cfg.to_dict()
+        release.config = public_config(cfg)
         atomic_torch_save(release.state_dict(), path)
         return release
 
@@ -596,7 +599,7 @@ class MEPFTrainer:
                 bar.close()
         self._save_checkpoint(gen, ema, opt, rng)
         sample_gen = ema.copy_to(Generator(self.image_shape, self.num_classes, width=cfg.nf).to(self.device))
-        atomic_torch_save({"kind": "dp-mepf-generator", "config": cfg.to_dict(), "step": self.step,
+        atomic_torch_save({"kind": "dp-mepf-generator", "config": public_config(cfg), "step": self.step,
                            "image_shape": list(self.image_shape), "num_classes": self.num_classes,
                            "ema": sample_gen.state_dict()}, self.out / "model.pt")
         n = cfg.grid_size * cfg.grid_size

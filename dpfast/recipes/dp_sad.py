@@ -15,7 +15,10 @@ the released student:
   each with its own seed, hence its own noise keys and independent Poisson batches), so the reported
   epsilon is that of teacher and student together, and the student's noise is calibrated for what the
   teacher left of the budget. ``--sad-teacher nonprivate`` is the paper's setting: the teacher is
-  trained without DP, and the report says ``"end_to_end": false`` and that epsilon does not cover it.
+  trained without DP, so the run is not DP at all (not even the student's own engine's epsilon holds,
+  by the argument above). The report says so: ``epsilon`` infinite, ``guarantee_lost`` naming the
+  teacher, ``"end_to_end": false``, and the student engine's number only as
+  ``epsilon_if_teacher_were_public``.
 - **Discriminator** (accountant phase ``student``): it does touch the private data (its inputs are
   built from private images), so it is trained inside the student's release. The engine makes one
   module of student and discriminator private, and each sample's loss is the student's distillation
@@ -39,7 +42,7 @@ and the student's histories (with the teacher ledger's later releases); the teac
 engines have different seeds (a shared one is refused); the discriminator's parameters are inside the
 engine and change only through its releases (its per-sample gradient is clipped with the student's: the
 whole pair moves by at most C per sample before noise); a resumed student refuses a teacher that
-changed; the paper's setting is reported as not end to end.
+changed; the paper's setting is reported as not differentially private.
 """
 from __future__ import annotations
 
@@ -54,6 +57,11 @@ import torch.nn.functional as F
 from dpfast.diffusion.edm import edm_draws, edm_loss_weight
 from dpfast.diffusion.presets import RUN_CONTROL_FIELDS, ConfigError, TrainConfig
 from dpfast.diffusion.trainer import Trainer, prepare_dataset, sample_rate_of, total_steps_of
+
+# guarantee_lost of a private run with --sad-teacher nonprivate
+NONPRIVATE_TEACHER = ("the teacher was trained on the private data without differential privacy (--sad-teacher "
+                      "nonprivate): the student learns the data through it, so clipping the student's gradients "
+                      "bounds nothing")
 
 
 # ----------------------------------------------------------------------------- the models
@@ -236,7 +244,10 @@ class SADTrainer(Trainer):
             from dpfast import PrivacyEngine
 
             spent = PrivacyEngine(accountant=self.teacher_cfg.accountant, ledger=self.teacher_dir / "privacy_ledger.jsonl")
-            spent.load_state_dict(state["engine"])
+            try:
+                spent.load_state_dict(state["engine"])
+            except ValueError as e:  # e.g. a checkpoint its ledger does not know: its releases cannot be counted
+                raise ConfigError(f"the teacher in {self.teacher_dir} cannot be charged: {e}") from e
             self.teacher_engine_state = spent.state_dict()
         self.teacher_steps = state["step"]
         self.teacher_fingerprint = _fingerprint(model_state["ema"])
@@ -355,6 +366,13 @@ class SADTrainer(Trainer):
     def end_to_end(self) -> bool:
         return self.cfg.private and self.cfg.sad_teacher == "dp"
 
+    def teacher_breaks_dp(self) -> bool:
+        """A private student distilled from a teacher trained without DP: no epsilon holds for the run."""
+        return self.cfg.private and not self.teacher_cfg.private
+
+    def breaks_dp(self) -> bool:
+        return self.teacher_breaks_dp()
+
     def _teacher_epsilon(self) -> float:
         if self.teacher_engine_state is None:
             return None
@@ -373,8 +391,9 @@ class SADTrainer(Trainer):
         if t.private:
             row.update(noise_multiplier=t.noise_multiplier, sample_rate=self.q, epsilon=self._teacher_epsilon())
         else:
-            row.update(epsilon=None, note="private data WITHOUT differential privacy (the paper's setting): not "
-                       "covered by this run's epsilon")
+            row.update(epsilon=None, note="private data WITHOUT differential privacy (the paper's setting): the "
+                       "run is NOT differentially private" if self.cfg.private else
+                       "private data WITHOUT differential privacy")
         return [row]
 
     def privacy_report(self) -> dict:
@@ -387,10 +406,30 @@ class SADTrainer(Trainer):
             _, own = self.engine.accountant.split_history(self.engine.prior_steps)
             student_eps = math.inf if self.engine._no_privacy else (
                 epsilon_report(own, cfg.delta, cfg.accountant).epsilon if own else 0.0)
+        lost = self.teacher_breaks_dp()
         for row in report.get("phases", []):
             if row.get("name") != "teacher" and row.get("private"):
-                row.update(name="student", epsilon_alone=student_eps,
-                           note="the student and the discriminator, one release per step; epsilon: teacher + student")
+                if lost:
+                    row.update(name="student", epsilon=math.inf, epsilon_if_teacher_were_public=student_eps,
+                               note="the student and the discriminator, one release per step; NOT differentially "
+                                    "private: distilled from a teacher trained without DP")
+                else:
+                    row.update(name="student", epsilon_alone=student_eps,
+                               note="the student and the discriminator, one release per step; epsilon: teacher + "
+                                    "student")
+        if lost:
+            # the engine's epsilon (no teacher composed in: it had no DP) would hold only for a teacher that
+            # never saw the private data; every bound of this run is infinite
+            why = report.get("guarantee_lost")
+            fields = {}
+            for k, v in report.items():
+                if k == "epsilon":
+                    fields.update(epsilon=math.inf, epsilon_if_teacher_were_public=v)
+                elif k == "guarantee_lost":
+                    fields[k] = NONPRIVATE_TEACHER + (f"; also: {why}" if why else "")
+                else:
+                    fields[k] = math.inf if k in ("epsilon_lower", "epsilon_estimate") else v
+            report = fields
         e2e = self.end_to_end()
         report["end_to_end"] = e2e
         report["sad"] = {
@@ -398,20 +437,26 @@ class SADTrainer(Trainer):
                         "steps": self.teacher_steps, "releases_charged": self._teacher_releases(),
                         "epsilon": self._teacher_epsilon() if cfg.private else None,
                         "composed_into_epsilon": self.teacher_engine_state is not None, "run": str(self.teacher_dir)},
-            "student": {"nf": cfg.nf, "steps": report.get("steps"), "epsilon_alone": student_eps},
+            "student": {"nf": cfg.nf, "steps": report.get("steps"),
+                        ("epsilon_if_teacher_were_public" if lost else "epsilon_alone"): student_eps},
             "discriminator": None if cfg.sad_adv_weight == 0 else {
                 "nf": cfg.sad_disc_nf, "adv_weight": cfg.sad_adv_weight, "disc_weight": cfg.sad_disc_weight,
                 "privacy": "trained inside the student's release: its per-sample gradient is clipped with the "
                            "student's as one vector and noised once (no extra cost)"},
             "note": ("epsilon covers the teacher, the discriminator and the student (composed in one accountant)"
                      if e2e else "trained without differential privacy (--no-private)" if not cfg.private else
-                     "epsilon covers the student and the discriminator ONLY: the teacher was trained on "
-                     "the private data without differential privacy (--sad-teacher nonprivate, the paper's "
-                     "setting), so this run is NOT differentially private end to end")}
+                     "NOT differentially private: the teacher was trained on the private data without "
+                     "differential privacy (--sad-teacher nonprivate, the paper's setting), and the student and "
+                     "the discriminator learn the data through it; epsilon_if_teacher_were_public is the "
+                     "student's engine alone, which would hold only for a teacher that never saw the private "
+                     "data")}
         return report
 
     def describe(self) -> str:
         t = self.teacher_cfg
-        return (super().describe() + f"; DP-SAD: teacher nf={t.nf}, {t.steps} steps "
-                f"({'DP-SGD, composed into epsilon' if t.private else 'WITHOUT DP: epsilon does not cover it'}), "
+        text = (super().describe() + f"; DP-SAD: teacher nf={t.nf}, {t.steps} steps "
+                f"({'DP-SGD, composed into epsilon' if t.private else 'WITHOUT DP'}), "
                 f"student nf={self.cfg.nf}, adversarial weight {self.cfg.sad_adv_weight:g}")
+        if self.teacher_breaks_dp():
+            text += "; this run is NOT differentially private (its teacher was trained without DP)"
+        return text

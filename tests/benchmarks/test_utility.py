@@ -283,7 +283,8 @@ def test_dp_sad_cells_spend_a_share_of_the_budget_on_their_teacher(data_dir, tmp
     rows = {r["recipe"]: r for r in grid.run()}
     for name, row in rows.items():
         assert row["steps"] == 4 and row["teacher_steps"] == 8       # 2 s / 0.5 and 2 s / 0.25
-        assert row["epsilon"] <= 6.0
+    assert rows["dp-sad"]["epsilon"] <= 6.0
+    assert rows["dp-sad-paper"]["epsilon"] == math.inf  # a teacher without DP: no epsilon holds for the run
     assert rows["dp-sad"]["end_to_end"] is True and rows["dp-sad-paper"]["end_to_end"] is False
     plan = json.loads((grid.cell_dir(cells[0]) / "plan.json").read_text())
     assert plan["config"]["sad_teacher_steps"] == 8 and plan["teacher_seconds_per_step"] == 0.25

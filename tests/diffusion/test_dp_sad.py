@@ -1,8 +1,9 @@
 """DP-SAD (dpfast.recipes.dp_sad): every path from the private data to the released student is
 accounted. The teacher's DP-SGD is composed into the student's epsilon; the discriminator is trained
-inside the student's release (clipped with it, noised once); the paper's setting says it is not end
-to end; a resumed student is the uninterrupted one and refuses a teacher it was not composed with."""
+inside the student's release (clipped with it, noised once); the paper's setting says it is not
+differentially private; a resumed student is the uninterrupted one and refuses a teacher it was not composed with."""
 import json
+import math
 
 import pytest
 import torch
@@ -16,10 +17,12 @@ from .test_trainer import TINY, assert_same_run, final_state
 SAD = dict(TINY, recipe="dp-sad", sad_teacher_steps=3, steps=3, sad_teacher_nf=8, sad_disc_nf=4, checkpoint_every=1)
 
 
-def run(cfg, out, **kw):
+def run(cfg, out, lines=None, **kw):
+    """``lines``: a list that gets every log line."""
     from dpfast.diffusion.trainer import train
 
-    return train(cfg, out, progress=False, log=lambda *a, **k: None, **kw)
+    log = (lambda *a, **k: lines.append(" ".join(map(str, a)))) if lines is not None else (lambda *a, **k: None)
+    return train(cfg, out, progress=False, log=log, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +33,9 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def finished(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("sadrun") / "run"
-    result = run(TrainConfig(**SAD, data_dir=str(data_dir)), out)
-    return out, result
+    lines = []
+    result = run(TrainConfig(**SAD, data_dir=str(data_dir)), out, lines)
+    return out, dict(result, log=lines)
 
 
 def test_epsilon_is_the_teacher_and_the_student_composed(finished):
@@ -46,6 +50,9 @@ def test_epsilon_is_the_teacher_and_the_student_composed(finished):
     assert report["sad"]["teacher"]["epsilon"] == pytest.approx(teacher["epsilon"], rel=1e-12)
     assert report["sad"]["student"]["epsilon_alone"] == pytest.approx(teacher["epsilon"], rel=1e-12)  # same sigma, q, steps
     assert report["epsilon"] > teacher["epsilon"]
+    assert report["private"] is True and report["guarantee_lost"] is None
+    assert "epsilon_if_teacher_were_public" not in report
+    assert result["log"][-2].startswith(f"finished. epsilon spent: {report['epsilon']:.4g} at delta=1e-05")
     assert [p["name"] for p in report["phases"]] == ["teacher", "student"]
     # two engines, two seeds (a pinned --noise-seed is moved for the teacher), two ledgers
     s, t = final_state(out), final_state(out / "teacher")
@@ -149,17 +156,37 @@ def test_without_the_adversarial_term_there_is_no_discriminator(data_dir, tmp_pa
     assert report["sad"]["discriminator"] is None and final_state(out)["discriminator"] is None
 
 
-def test_the_papers_setting_says_epsilon_does_not_cover_the_teacher(data_dir, tmp_path):
-    out = tmp_path / "paper"
-    run(TrainConfig(**dict(SAD, sad_teacher="nonprivate"), data_dir=str(data_dir)), out)
+def test_the_papers_setting_is_reported_as_not_differentially_private(data_dir, tmp_path):
+    """A teacher trained without DP on the private data voids the student's epsilon too: the report's
+    epsilon is infinite, guarantee_lost names the teacher, and the student engine's number appears
+    only under a conditional key; the final line says the run is not DP."""
+    out, lines = tmp_path / "paper", []
+    cfg = TrainConfig(**dict(SAD, sad_teacher="nonprivate", sad_teacher_steps=1, steps=2), data_dir=str(data_dir))
+    result = run(cfg, out, lines)
     report = json.loads((out / "privacy_report.json").read_text())
+    assert "Infinity" in (out / "privacy_report.json").read_text()   # as json writes math.inf
     teacher = json.loads((out / "teacher" / "privacy_report.json").read_text())
-    assert teacher["private"] is False
-    assert report["end_to_end"] is False and "NOT differentially private end to end" in report["sad"]["note"]
-    assert report["sad"]["teacher"]["composed_into_epsilon"] is False
-    assert report["phases"][0]["epsilon"] is None and "WITHOUT" in report["phases"][0]["note"]
+    assert result["status"] == "finished" and teacher["private"] is False
+    assert report["epsilon"] == math.inf and "teacher" in report["guarantee_lost"]
+    assert "nonprivate" in report["guarantee_lost"]
+    assert report["epsilon_lower"] == report["epsilon_estimate"] == math.inf
     q = report["sample_rate"]
-    assert report["epsilon"] == pytest.approx(epsilon_report([(1.0, q, 3)], 1e-5, "rdp").epsilon, rel=1e-12)
+    own = epsilon_report([(1.0, q, 2)], 1e-5, "rdp").epsilon
+    assert report["epsilon_if_teacher_were_public"] == pytest.approx(own, rel=1e-12)
+    assert report["end_to_end"] is False and report["sad"]["note"].startswith("NOT differentially private")
+    assert "covers the student" not in report["sad"]["note"]
+    assert report["sad"]["teacher"]["composed_into_epsilon"] is False
+    assert report["sad"]["student"]["epsilon_if_teacher_were_public"] == pytest.approx(own, rel=1e-12)
+    assert "epsilon_alone" not in report["sad"]["student"]
+    t_row, s_row = report["phases"]
+    assert t_row["epsilon"] is None and "WITHOUT" in t_row["note"] and "NOT differentially private" in t_row["note"]
+    assert s_row["name"] == "student" and s_row["epsilon"] == math.inf and "epsilon_alone" not in s_row
+    assert s_row["epsilon_if_teacher_were_public"] == pytest.approx(own, rel=1e-12)
+    # no line prints the student's number as the epsilon spent
+    assert lines[-2] == ("finished. this run is NOT differentially private (epsilon infinite): "
+                         + report["guarantee_lost"])
+    assert not any("epsilon spent" in line for line in lines)
+    assert any("this run is NOT differentially private (its teacher was trained without DP)" in line for line in lines)
 
 
 def test_one_sigma_over_teacher_and_student_meets_the_target(data_dir, tmp_path):
@@ -203,7 +230,8 @@ def test_a_student_refuses_a_teacher_it_was_not_composed_with(data_dir, tmp_path
     state["engine"]["seed"] += 1  # another teacher run in its place: its own seed and its own (random) run id
     state["engine"]["run_id"] = new_run_id()
     atomic_torch_save(state, out / "teacher" / "checkpoint.pt")
-    with pytest.raises(ConfigError, match="not the one this student's epsilon was composed with"):
+    # its checkpoint names a run its ledger has no release of: refused before its releases are counted
+    with pytest.raises(ConfigError, match="cannot be charged: the privacy ledger .* is not this checkpoint's run's"):
         run(cfg, out)
 
 

@@ -128,7 +128,7 @@ def test_time_budget_checkpoints_and_stops(data_dir, tmp_path):
     assert final_state(tmp_path / "tb")["step"] == 0
 
 
-def test_cli_train_sample_evaluate(data_dir, tmp_path):
+def test_cli_train_sample_evaluate(data_dir, tmp_path, capsys):
     from dpfast.diffusion.cli import main
 
     out = tmp_path / "cli"
@@ -167,6 +167,10 @@ def test_cli_train_sample_evaluate(data_dir, tmp_path):
     feats = report["features"]
     assert "NOT Inception" in feats["note"] and np.isfinite(feats["fid"])
     assert 0 <= feats["precision"] <= 1 and 0 <= feats["recall"] <= 1
+    # a non-DP network of the private training set computed them: marked private, in the file and the line
+    assert feats["private"] is True and "not covered by epsilon" in feats["privacy_note"]
+    [line] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("feature-space FID")]
+    assert "PRIVATE" in line and "not covered by epsilon" in line
 
 
 def test_presets():

@@ -147,3 +147,30 @@ def test_resuming_a_checkpoint_from_before_per_record_randomness_loses_the_guara
         Trainer(cfg, out, dataset=data, progress=False, log=lambda *a, **k: None).train()
         report = json.loads(open(f"{out}/privacy_report.json").read())
     assert report["epsilon"] == float("inf") and "batch order" in report["guarantee_lost"]
+
+
+def test_a_checkpoint_copied_to_a_new_out_is_refused_in_one_line(tmp_path):
+    """Review 3, M2 (/tmp/review3/r2b_trainer_copy.py): a run's checkpoint.pt copied to another --out
+    resumed next to an empty ledger and released the original run's later noise keys and batches
+    again. It is now a ConfigError (the CLI's one-line refusal) before anything is released."""
+    import shutil
+
+    from dpfast.diffusion.trainer import train
+
+    rng = np.random.default_rng(0)
+    data = ImageDataset(torch.from_numpy(rng.random((64, 1, 8, 8), dtype=np.float32) * 2 - 1),
+                        torch.zeros(64, dtype=torch.long), 0, "private")
+    cfg = _cfg(1, False).replace(steps=4, checkpoint_every=2)
+    quiet = lambda *a, **k: None  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(cfg.replace(max_steps=2), tmp_path / "a", dataset=data, progress=False, log=quiet)
+        (tmp_path / "b").mkdir()
+        shutil.copy(tmp_path / "a" / "checkpoint.pt", tmp_path / "b" / "checkpoint.pt")
+        with pytest.raises(ConfigError, match="cannot resume .* is not this checkpoint's run's"):
+            train(cfg, tmp_path / "b", dataset=data, progress=False, log=quiet)
+        assert not (tmp_path / "b" / "privacy_ledger.jsonl").exists() or not any(
+            '"key"' in line for line in (tmp_path / "b" / "privacy_ledger.jsonl").read_text().splitlines())
+        train(cfg, tmp_path / "a", dataset=data, progress=False, log=quiet)  # in its own --out it resumes
+    report = json.loads((tmp_path / "a" / "privacy_report.json").read_text())
+    assert report["steps"] == 4 and report["releases_charged"] == 4

@@ -244,3 +244,25 @@ def test_a_user_feature_map_plugs_in(data_dir, tmp_path):
     assert not (tmp_path / "u" / "feature_net.pt").exists()
     with pytest.raises(ValueError, match="not modules"):
         M.FeatureMap(net, ["nope"])
+
+
+def test_a_pinned_noise_seed_stays_out_of_the_released_files(data_dir, tmp_path):
+    """model.pt, release_started.json and embeddings.pt hold public_config (as config.json): a pinned
+    --noise-seed is withheld there, kept in the checkpoint only, and a resume with it still works (also
+    from the release marker alone)."""
+    cfg = TINY.replace(data_dir=str(data_dir), noise_seed=4321)
+    out = tmp_path / "r"
+    M.MEPFTrainer(cfg.replace(max_steps=2), out, progress=False, log=lambda *a: None).train()
+    assert json.loads((out / "release_started.json").read_text())["config"]["noise_seed"] is None
+    assert torch.load(out / "embeddings.pt", weights_only=False)["config"]["noise_seed"] is None
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["config"]["noise_seed"] == 4321
+    (out / "checkpoint.pt").unlink()          # resumed from the release marker's config
+    done = M.MEPFTrainer(cfg, out, progress=False, log=lambda *a: None).train()
+    assert done["status"] == "finished"
+    for name in ("model.pt", "embeddings.pt"):
+        assert torch.load(out / name, weights_only=False)["config"]["noise_seed"] is None, name
+    for name in ("release_started.json", "config.json"):
+        text = (out / name).read_text()
+        assert "4321" not in text, name
+    assert json.loads((out / "config.json").read_text())["noise_seed"] is None
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["config"]["noise_seed"] == 4321
