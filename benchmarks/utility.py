@@ -749,7 +749,13 @@ def _label(row: dict) -> str:
         return "DP-SGD classifier on real data"
     if row["kind"] == "public-only":
         return "public pre-training only (builtin:demo14, no private data)"
-    return row["recipe"] + ("" if row["epsilon_target"] != math.inf else " (no privacy)")
+    if row["epsilon_target"] == math.inf:
+        return row["recipe"] + " (no privacy)"
+    try:  # a run that spent an infinite epsilon at a finite target (a recipe's non-DP part, a lost guarantee)
+        lost = float(row.get("epsilon")) == math.inf
+    except (TypeError, ValueError):
+        lost = False
+    return row["recipe"] + (" (NOT DP: epsilon infinite)" if lost else "")
 
 
 def write_markdown(rows: list[dict], path: Path, opts: Options, env: dict) -> None:

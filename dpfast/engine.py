@@ -36,7 +36,8 @@ class PrivacyEngine:
     Its finalize runs at 0.03-0.04x Philox's throughput on CPU (benchmarks/results/finalize_noise.md).
     """
 
-    def __init__(self, accountant: str = "prv", seed: int | None = None, ledger=None, secure_mode: bool = False):
+    def __init__(self, accountant: str = "prv", seed: int | None = None, ledger=None, secure_mode: bool = False,
+                 adopt_copied_ledger: bool = False):
         from .accounting import Accountant
         from .ledger import Ledger, new_run_id
 
@@ -54,6 +55,9 @@ class PrivacyEngine:
         self._sample_rate: float | None = None
         self.distributed = None
         self.ledger = Ledger(ledger) if ledger is not None else None
+        # resume next to a ledger copied from another file (dpfast.ledger): only where the original run will
+        # never continue (a move to another disk or machine); the ledger then names its new file
+        self.adopt_copied_ledger = bool(adopt_copied_ledger)
         self.secure_mode = bool(secure_mode)
         self._secure_key: bytes | None = None
         if self.secure_mode:
@@ -735,6 +739,13 @@ class PrivacyEngine:
             return [], []
         from .ledger import run_id_of
 
+        copied = None if self.adopt_copied_ledger else self.ledger.copied_from()
+        if copied is not None and int(sd["steps"]) > 0:
+            raise ValueError(f"the privacy ledger {self.ledger.path} is a copy (it was written as another file, inode "
+                             f"{copied}): a copied run directory continued beside its original releases the same noise "
+                             "keys and batches, and their difference cancels the noise. Start a new run; if the "
+                             "original will never continue (the run was moved), pass PrivacyEngine("
+                             "adopt_copied_ledger=True) (dpfast train --adopt-copied-run)")
         mine = [e for e in self.ledger.entries() if e.get("run") == run_id_of(sd)]
         lost = [e for e in mine if e.get("event") == "guarantee_lost"]
         later = [e for e in mine if "key" in e and int(e["key"]) >= int(sd["steps"])]

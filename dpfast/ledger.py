@@ -23,6 +23,16 @@ run, which can then be subtracted from the released model. Ledgers written befor
 are still matched to it. The file is created readable by its owner only (0600), like the
 checkpoints. Events that end the guarantee (a refused batch, a release without noise) are lines too,
 ``{"event": "guarantee_lost", "why": "...", "run": ...}``: a rollback past them cannot forget them.
+
+The file names itself: before its first entry (and again whenever it is written as another file), a
+line ``{"event": "ledger_file", "ino": ...}`` records its inode. A copy of a run directory carries
+the original's checkpoint and ledger; continued beside the original, both would release the same
+noise keys and Poisson batches, and where the two releases differ (other data, nondeterministic GPU
+kernels) their difference cancels the noise. A copy is a new file (a new inode; a move within a file
+system keeps it), so a ledger whose last ``ledger_file`` line names another inode was copied or
+restored: the engine refuses to resume next to it unless told the original will never continue
+(``PrivacyEngine(adopt_copied_ledger=True)``, ``dpfast train --adopt-copied-run``). The inode says
+nothing about the data.
 """
 from __future__ import annotations
 
@@ -102,14 +112,29 @@ def read(path) -> list[dict]:
     return out
 
 
+FILE_EVENT = "ledger_file"
+
+
 class Ledger:
     """Appends releases to ``path``, durably (flush + fsync per entry)."""
 
     def __init__(self, path):
         self.path = Path(path)
+        self._named_ino = None  # the inode this object last found named in the file
 
     def entries(self) -> list[dict]:
         return read(self.path)
+
+    def copied_from(self) -> int | None:
+        """The inode the file last named as its own, if that is not its inode now (it was copied or
+        restored from a backup); None for a file that names itself, or names nothing (older ledgers)."""
+        if not self.path.exists():
+            return None
+        named = [e for e in self.entries() if e.get("event") == FILE_EVENT]
+        if not named or not isinstance(named[-1].get("ino"), int):
+            return None
+        ino = named[-1]["ino"]
+        return None if ino == os.stat(self.path).st_ino else ino
 
     def append(self, *, key: int, sampler_step: int | None, sigma: float, q: float | None, run: str) -> None:
         self._write({"key": int(key), "sampler_step": sampler_step, "sigma": float(sigma),
@@ -135,6 +160,13 @@ class Ledger:
             os.close(fd)
             raise
         with os.fdopen(fd, "a") as f:
-            f.write(("\n" if torn else "") + json.dumps(entry) + "\n")
+            prefix = "\n" if torn else ""
+            ino = os.fstat(f.fileno()).st_ino
+            if ino != self._named_ino:  # once per object and file: is this file named in itself?
+                named = [e for e in self.entries() if e.get("event") == FILE_EVENT]
+                if not named or named[-1].get("ino") != ino:
+                    prefix += json.dumps({"event": FILE_EVENT, "ino": ino, "time": time.time()}) + "\n"
+                self._named_ino = ino
+            f.write(prefix + json.dumps(entry) + "\n")
             f.flush()
             os.fsync(f.fileno())

@@ -61,6 +61,7 @@ class Site:
     method: str = "auto"
     materialized: list | None = None
     variant: str | None = None     # how the rule forms per-sample gradients (its psg_variants)
+    pending: Any = None            # what a layer's backward computed for its rule's absorb (after the checks)
 
 
 class Tape:

@@ -82,6 +82,28 @@ def _sample_conv_grad(X, G, i, K, n_red, L, Wo, H, W, c_out, in_co, c_in, ki, kj
     return acc
 
 
+@triton.jit
+def _program_tile(X, G, n_red, L, Wo, H, W, K, groups, cin_g, cout_g, J, s_xr, s_xc, s_xh, s_xw, s_gr, s_gc,
+                  s_gh, s_gw, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                  PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+                  CIN_INNER: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_CO: tl.constexpr, BLOCK_J: tl.constexpr):
+    """The tile of this program (sample, group, cout-tile, patch-column tile) of the per-sample
+    gradient, and where it sits: (acc, i, grp, c_out, ci, ki, kj, in_co, in_j)."""
+    i = tl.program_id(0) // groups
+    grp = tl.program_id(0) % groups
+    offs_co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    offs_j = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
+    ci, ki, kj = _patch_columns(offs_j, cin_g, KH, KW, CIN_INNER)
+    c_in = grp * cin_g + ci
+    c_out = grp * cout_g + offs_co
+    in_co, in_j = offs_co < cout_g, offs_j < J
+    acc = _sample_conv_grad(X, G, i, K, n_red, L, Wo, H, W, c_out, in_co, c_in, ki, kj, in_j,
+                            s_xr, s_xc, s_xh, s_xw, s_gr, s_gc, s_gh, s_gw, SH, SW, PH, PW, DH, DW,
+                            PRECISION, BLOCK_N, BLOCK_CO, BLOCK_J)
+    return acc, i, grp, c_out, ci, ki, kj, in_co, in_j
+
+
 @triton.autotune(
     configs=CONV_SPACE.configs,
     # not the batch: it changes every step under Poisson sampling
@@ -98,23 +120,13 @@ def _conv2d_direct_norm_kernel(
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, CIN_INNER: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    # One program = one (sample, group, cout-tile, patch-column tile) of the gradient.
-    i = tl.program_id(0) // groups
-    grp = tl.program_id(0) % groups
-    pid_co = tl.program_id(1)
-    pid_j = tl.program_id(2)
-    offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    ci, ki, kj = _patch_columns(offs_j, cin_g, KH, KW, CIN_INNER)
-    c_in = grp * cin_g + ci
-    c_out = grp * cout_g + offs_co
-    in_co, in_j = offs_co < cout_g, offs_j < J
-    acc = _sample_conv_grad(X, G, i, K, n_red, L, Wo, H, W, c_out, in_co, c_in, ki, kj, in_j,
-                            s_xr, s_xc, s_xh, s_xw, s_gr, s_gc, s_gh, s_gw, SH, SW, PH, PW, DH, DW,
-                            PRECISION, BLOCK_N, BLOCK_CO, BLOCK_J)
+    acc, i, grp, _, _, _, _, _, _ = _program_tile(
+        X, G, n_red, L, Wo, H, W, K, groups, cin_g, cout_g, J, s_xr, s_xc, s_xh, s_xw, s_gr, s_gc, s_gh,
+        s_gw, KH, KW, SH, SW, PH, PW, DH, DW, CIN_INNER, PRECISION, BLOCK_N, BLOCK_CO, BLOCK_J)
     sq = tl.sum(tl.sum(acc * acc, axis=1), axis=0)
     n_tiles = tl.num_programs(1) * tl.num_programs(2)
-    tl.store(part + i.to(tl.int64) * n_slots + grp * n_tiles + pid_co * tl.num_programs(2) + pid_j, sq)
+    tl.store(part + i.to(tl.int64) * n_slots + grp * n_tiles + tl.program_id(1) * tl.num_programs(2)
+             + tl.program_id(2), sq)
 
 
 @triton.autotune(
@@ -133,17 +145,9 @@ def _conv2d_per_sample_grads_kernel(
     # The direct norm's program, storing its tile: OUT is (B, Cout, J) contiguous, row c_out of
     # sample i's weight gradient in the weight's own (Cin/groups, kh, kw) order whatever order the
     # patch columns were gathered in.
-    i = tl.program_id(0) // groups
-    grp = tl.program_id(0) % groups
-    offs_co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    offs_j = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
-    ci, ki, kj = _patch_columns(offs_j, cin_g, KH, KW, CIN_INNER)
-    c_in = grp * cin_g + ci
-    c_out = grp * cout_g + offs_co
-    in_co, in_j = offs_co < cout_g, offs_j < J
-    acc = _sample_conv_grad(X, G, i, K, n_red, L, Wo, H, W, c_out, in_co, c_in, ki, kj, in_j,
-                            s_xr, s_xc, s_xh, s_xw, s_gr, s_gc, s_gh, s_gw, SH, SW, PH, PW, DH, DW,
-                            PRECISION, BLOCK_N, BLOCK_CO, BLOCK_J)
+    acc, i, _, c_out, ci, ki, kj, in_co, in_j = _program_tile(
+        X, G, n_red, L, Wo, H, W, K, groups, cin_g, cout_g, J, s_xr, s_xc, s_xh, s_xw, s_gr, s_gc, s_gh,
+        s_gw, KH, KW, SH, SW, PH, PW, DH, DW, CIN_INNER, PRECISION, BLOCK_N, BLOCK_CO, BLOCK_J)
     j_out = ci * (KH * KW) + ki * KW + kj
     tl.store(OUT + i.to(tl.int64) * s_oi + c_out[:, None] * J + j_out[None, :], acc,
              mask=in_co[:, None] & in_j[None, :])

@@ -86,6 +86,8 @@ class TrainConfig:
     time_budget: float | None = None       # seconds for this invocation (setup included), then
                                            # checkpoint, write samples + report, and exit
     epsilon_every_seconds: float = 30.0    # how often the progress bar recomputes epsilon
+    adopt_copied_run: bool = False         # resume a run directory that was copied (its ledger is a copy):
+                                           # only if the original will never continue (dpfast.ledger)
     # public data and DP-MEPF (dpfast.recipes.dp_mepf; nf is its generator's width, batch_size its
     # generated batch per step, steps its generator steps)
     public_data: str = "digits"            # a dpfast.diffusion.public source name, or a path
@@ -311,7 +313,8 @@ class TrainConfig:
 # Fields that may differ when a run is resumed; every other field must match the checkpoint.
 RUN_CONTROL_FIELDS = ("device", "threads", "checkpoint_every", "checkpoint_seconds", "max_steps",
                       "time_budget", "epsilon_every_seconds", "grid_every", "grid_size", "sampler",
-                      "sample_steps", "guidance", "max_physical_batch_size", "backend", "data_dir")
+                      "sample_steps", "guidance", "max_physical_batch_size", "backend", "data_dir",
+                      "adopt_copied_run")
 
 
 def _dpdm(eps: float) -> TrainConfig:

@@ -468,7 +468,8 @@ class Trainer:
         seed = saved["engine"]["seed"] if resume else cfg.noise_seed
         # The engine's seed keys the Poisson sampler and the DP noise. It is drawn from the OS unless
         # the config pins it (tests): a public seed would let anyone subtract the noise.
-        self.engine = PrivacyEngine(accountant=cfg.accountant, seed=seed, ledger=self.out / "privacy_ledger.jsonl")
+        self.engine = PrivacyEngine(accountant=cfg.accountant, seed=seed, ledger=self.out / "privacy_ledger.jsonl",
+                                    adopt_copied_ledger=cfg.adopt_copied_run)
         if resume:  # before make_private: the ledger is checked against the checkpoint
             try:
                 self.engine.load_state_dict(saved["engine"])

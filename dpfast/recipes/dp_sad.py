@@ -243,7 +243,10 @@ class SADTrainer(Trainer):
             # checkpoint put back after later releases must not hide them)
             from dpfast import PrivacyEngine
 
-            spent = PrivacyEngine(accountant=self.teacher_cfg.accountant, ledger=self.teacher_dir / "privacy_ledger.jsonl")
+            # read only: it counts what the finished teacher released and never releases with its keys, so a
+            # teacher directory that was copied (with its ledger) is still charged in full
+            spent = PrivacyEngine(accountant=self.teacher_cfg.accountant, ledger=self.teacher_dir / "privacy_ledger.jsonl",
+                                  adopt_copied_ledger=True)
             try:
                 spent.load_state_dict(state["engine"])
             except ValueError as e:  # e.g. a checkpoint its ledger does not know: its releases cannot be counted

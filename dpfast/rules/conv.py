@@ -216,10 +216,11 @@ class ConvRule(Rule):
             return
         if site.variant == "each" and K > 1 and not pointwise:
             w = weight.to(acc)
-            grads = [_conv_bwd(G[i * K:(i + 1) * K].to(acc), x[i * K:(i + 1) * K].to(acc), w, None, stride, padding,
-                               dilation, transposed, output_padding, groups, [False, True, False])[1]
-                     for i in range(samples.start, samples.stop)]
-            yield slice(0, samples.stop - samples.start), torch.stack(grads) if grads else w.new_zeros((0, *w.shape))
+            out = w.new_empty((samples.stop - samples.start, *w.shape))  # filled in place: one sample's scratch
+            for j, i in enumerate(range(samples.start, samples.stop)):
+                out[j] = _conv_bwd(G[i * K:(i + 1) * K].to(acc), x[i * K:(i + 1) * K].to(acc), w, None, stride,
+                                   padding, dilation, transposed, output_padding, groups, [False, True, False])[1]
+            yield slice(0, samples.stop - samples.start), out
             return
         for start in range(samples.start, samples.stop, step):
             stop = min(samples.stop, start + step)

@@ -78,6 +78,9 @@ class _AffineRule(Rule):
         return [(g * s.to(g.dtype).view(-1, *([1] * (g.dim() - 1)))).sum(dim=0) for g in self._per_row(site)]
 
 
+MAX_GROUPS_PER_CALL = 65535  # CUDA's grid y-limit, which PyTorch's GroupNorm backward launches groups on
+
+
 class _GroupNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, tape, site, groups, eps):
@@ -101,14 +104,21 @@ class _GroupNormFn(torch.autograd.Function):
         G = G.contiguous()
         N, C = x.shape[:2]
         has_w, has_b = site.saved["has_w"], site.saved["has_b"]
-        w_rows = weight.repeat(N) if weight is not None else None
-        grad_x, gw, gb = torch.ops.aten.native_group_norm_backward(
-            G, x, mean, rstd, w_rows, 1, N * C, math.prod(x.shape[2:]), N * ctx.groups,
-            [ctx.needs_input_grad[0], has_w, has_b])
-        if has_w:
-            site.saved["gw"] = gw.view(N, C)
-        if has_b:
-            site.saved["gb"] = gb.view(N, C)
+        HxW, groups = math.prod(x.shape[2:]), ctx.groups
+        # CUDA launches one block row per group: at most 65535 groups per call, so rows go in chunks
+        step = max(1, MAX_GROUPS_PER_CALL // groups)
+        parts = []
+        for r0 in range(0, N, step):
+            r1 = min(N, r0 + step)
+            w_rows = weight.repeat(r1 - r0) if weight is not None else None
+            parts.append(torch.ops.aten.native_group_norm_backward(
+                G[r0:r1], x[r0:r1], mean[r0:r1], rstd[r0:r1], w_rows, 1, (r1 - r0) * C, HxW,
+                (r1 - r0) * groups, [ctx.needs_input_grad[0], has_w, has_b]))
+        grad_x, gw, gb = (None if parts[0][j] is None else parts[0][j] if len(parts) == 1 else
+                          torch.cat([p[j] for p in parts]) for j in range(3))
+        # handed to absorb, which runs after record_grad's checks: a refused second backward (retain_graph)
+        # must not overwrite the gradients whose norms were already taken
+        site.pending = (gw.view(N, C) if has_w else None, gb.view(N, C) if has_b else None)
         ctx.tape.record_grad(site, G)
         return grad_x, None, None, None, None, None, None
 
@@ -139,8 +149,13 @@ class GroupNormRule(_AffineRule):
     def absorb(self, site, G):
         if "groups" not in site.saved:  # the normalise-then-affine path
             return super().absorb(site, G)
-        # the fused backward left each row's gw and gb (fp32 or fp64, as the layer) in site.saved
+        # the fused backward computed each row's gw and gb (fp32 or fp64, as the layer)
         site.saved.pop("x", None)
+        (gw, gb), site.pending = site.pending, None
+        if gw is not None:
+            site.saved["gw"] = gw
+        if gb is not None:
+            site.saved["gb"] = gb
 
 
 class LayerNormRule(_AffineRule):

@@ -174,3 +174,27 @@ def test_a_checkpoint_copied_to_a_new_out_is_refused_in_one_line(tmp_path):
         train(cfg, tmp_path / "a", dataset=data, progress=False, log=quiet)  # in its own --out it resumes
     report = json.loads((tmp_path / "a" / "privacy_report.json").read_text())
     assert report["steps"] == 4 and report["releases_charged"] == 4
+
+
+def test_a_copied_run_directory_is_refused_unless_adopted(tmp_path):
+    """Review 4, N2 (/tmp/review4/r5b_trainer_copytree.py): copying the whole --out (checkpoint and
+    ledger) and continuing both re-released keys 2 and 3 twice. The copy is refused; adopted (the
+    original will never continue) it goes on."""
+    import shutil
+
+    from dpfast.diffusion.trainer import train
+
+    rng = np.random.default_rng(0)
+    data = ImageDataset(torch.from_numpy(rng.random((64, 1, 8, 8), dtype=np.float32) * 2 - 1),
+                        torch.zeros(64, dtype=torch.long), 0, "private")
+    cfg = _cfg(1, False).replace(steps=4, checkpoint_every=2)
+    quiet = lambda *a, **k: None  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(cfg.replace(max_steps=2), tmp_path / "a", dataset=data, progress=False, log=quiet)
+        shutil.copytree(tmp_path / "a", tmp_path / "b")
+        with pytest.raises(ConfigError, match="cannot resume .* is a copy .*--adopt-copied-run"):
+            train(cfg, tmp_path / "b", dataset=data, progress=False, log=quiet)
+        train(cfg.replace(adopt_copied_run=True), tmp_path / "b", dataset=data, progress=False, log=quiet)
+    report = json.loads((tmp_path / "b" / "privacy_report.json").read_text())
+    assert report["steps"] == 4 and report["releases_charged"] == 4
