@@ -125,7 +125,7 @@ class PrivacyEngine:
         if self.ledger is not None and self._pending_state is None:
             # a used ledger needs the state of its run: loaded before make_private, or after it (the
             # accelerate order) but before the first step(), which refuses otherwise
-            self._ledger_check_due = bool(self.ledger.entries())
+            self._ledger_check_due = bool(self.ledger.records())
         if backend == "triton":
             from .rules.backends import resolve_backend
 
@@ -383,7 +383,7 @@ class PrivacyEngine:
             self._refuse_used_ledger()
 
     def _refuse_used_ledger(self) -> None:
-        entries = self.ledger.entries()
+        entries = self.ledger.records()
         if not entries:
             return
         mine = [e for e in entries if e.get("run") == self.run_id]

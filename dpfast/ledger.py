@@ -125,6 +125,10 @@ class Ledger:
     def entries(self) -> list[dict]:
         return read(self.path)
 
+    def records(self) -> list[dict]:
+        """Releases and events of runs: every entry but the file's own ``ledger_file`` lines."""
+        return [e for e in self.entries() if e.get("event") != FILE_EVENT]
+
     def copied_from(self) -> int | None:
         """The inode the file last named as its own, if that is not its inode now (it was copied or
         restored from a backup); None for a file that names itself, or names nothing (older ledgers)."""

@@ -76,8 +76,9 @@ def atomic_torch_save(obj, path: Path, secret: bool = False) -> None:
 def public_config(cfg: TrainConfig) -> dict:
     """The config as written next to the released model (config.json, model.pt): a pinned noise seed
     (--noise-seed) is withheld, since anyone holding it can regenerate the DP noise and the Poisson
-    batches. The checkpoint (owner-only) keeps it for resuming."""
-    return {**cfg.to_dict(), "noise_seed": None}
+    batches. The checkpoint (owner-only) keeps it for resuming. ``adopt_copied_run`` is an answer for one
+    resume, never a setting: written here, ``--config OUT/config.json`` would adopt every later copy."""
+    return {**cfg.to_dict(), "noise_seed": None, "adopt_copied_run": False}
 
 
 def atomic_write_json(obj, path: Path) -> None:

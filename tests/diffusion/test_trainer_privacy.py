@@ -198,3 +198,11 @@ def test_a_copied_run_directory_is_refused_unless_adopted(tmp_path):
         train(cfg.replace(adopt_copied_run=True), tmp_path / "b", dataset=data, progress=False, log=quiet)
     report = json.loads((tmp_path / "b" / "privacy_report.json").read_text())
     assert report["steps"] == 4 and report["releases_charged"] == 4
+
+
+def test_adopting_a_copy_is_never_written_to_the_runs_config():
+    """Review 5, F3: config.json is how a run's settings are reused (--config OUT/config.json); an
+    adoption stored there would silently adopt every later copy."""
+    from dpfast.diffusion.trainer import public_config
+
+    assert public_config(_cfg(1, False).replace(adopt_copied_run=True))["adopt_copied_run"] is False

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-# The kernel tests import `kernels` by its short name; alias it to dpfast.kernels (the installed
+# The kernel tests import the kernels as `kernels_under_test`, an alias of dpfast.kernels (the installed
 # wheel's copy, or the source tree's when run from a checkout) so the kernels tested are the ones
 # the engine uses. Only tests/ goes on sys.path (for tests/helpers.py): putting the repository root
 # there would shadow the installed dpfast with the uncompiled source tree.
@@ -26,10 +26,13 @@ from dpfast._kernels import load_kernels  # noqa: E402
 
 _k = load_kernels()
 if _k is not None:
-    sys.modules.setdefault("kernels", _k)
+    # not under the short name `kernels`: that is also Hugging Face's kernels package, which diffusers and
+    # transformers import when it is installed (transformers >= 5.25 pulls it in), and an alias there
+    # broke every diffusers test run after these
+    sys.modules.setdefault("kernels_under_test", _k)
     for _name in ("linear_norm", "ghost_norm", "conv_norm", "clipped_wgrad", "ops"):
         try:
-            sys.modules.setdefault(f"kernels.{_name}", importlib.import_module(f"{_k.__name__}.{_name}"))
+            sys.modules.setdefault(f"kernels_under_test.{_name}", importlib.import_module(f"{_k.__name__}.{_name}"))
         except ImportError:  # no Triton: the test modules skip themselves
             pass
 

@@ -9,7 +9,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from helpers import requires_cuda  # noqa: E402
 
-from kernels.clipped_wgrad import (conv2d_clipped_wgrad, conv2d_clipped_wgrad_ref,  # noqa: E402
+from kernels_under_test.clipped_wgrad import (conv2d_clipped_wgrad, conv2d_clipped_wgrad_ref,  # noqa: E402
                                    linear_clipped_wgrad, linear_clipped_wgrad_ref)
 from test_conv_norm import make  # noqa: E402
 

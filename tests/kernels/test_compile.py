@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 
 import torch  # noqa: E402
 
-from kernels import ops  # noqa: E402
+from kernels_under_test import ops  # noqa: E402
 
 
 def test_custom_ops_trace_without_graph_breaks(device):

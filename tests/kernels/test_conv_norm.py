@@ -10,8 +10,8 @@ from hypothesis import strategies as st  # noqa: E402
 from helpers import requires_cuda  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 
-from kernels import ops  # noqa: E402
-from kernels.conv_norm import (conv2d_direct_norm, conv2d_direct_norm_ref,  # noqa: E402
+from kernels_under_test import ops  # noqa: E402
+from kernels_under_test.conv_norm import (conv2d_direct_norm, conv2d_direct_norm_ref,  # noqa: E402
                                conv2d_ghost_norm, conv2d_ghost_norm_ref, conv2d_per_sample_grads,
                                conv2d_per_sample_grads_ref)
 

@@ -8,8 +8,8 @@ import torch.nn.functional as F  # noqa: E402
 from helpers import requires_cuda  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 
-from kernels import ops  # noqa: E402
-from kernels.ghost_norm import ghost_norm, ghost_norm_ref  # noqa: E402
+from kernels_under_test import ops  # noqa: E402
+from kernels_under_test.ghost_norm import ghost_norm, ghost_norm_ref  # noqa: E402
 
 # (atol, rtol) against an fp64 reference on the same (rounded) inputs.  Ghost sums signed
 # products of Gram entries, so fp32 cancels a little more than direct: rtol is looser.

@@ -12,8 +12,8 @@ import torch.nn.functional as F  # noqa: E402
 from helpers import requires_cuda  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 
-from kernels import ops  # noqa: E402
-from kernels.linear_norm import linear_direct_norm, linear_direct_norm_ref  # noqa: E402
+from kernels_under_test import ops  # noqa: E402
+from kernels_under_test.linear_norm import linear_direct_norm, linear_direct_norm_ref  # noqa: E402
 
 # (atol, rtol) against an fp64 reference on the same (rounded) inputs.  fp64 is the spec-vs-oracle
 # check: exact up to summation order.
@@ -147,7 +147,7 @@ def test_import_kernels_without_triton():
 def test_rows_beyond_int32_offsets_are_made_contiguous():
     # channels outermost: a row's extent (stride 2^31 along dim 1) passes int32, so the launcher
     # copies to a contiguous layout, whose rows are small (meta tensors: nothing is allocated)
-    from kernels.linear_norm import _row_addressable
+    from kernels_under_test.linear_norm import _row_addressable
 
     t = torch.empty_strided((3, 2, 4), (1, 2**31, 3), device="meta")
     assert _row_addressable(t).is_contiguous()
