@@ -149,6 +149,14 @@ def test_resuming_a_checkpoint_from_before_per_record_randomness_loses_the_guara
     assert report["epsilon"] == float("inf") and "batch order" in report["guarantee_lost"]
 
 
+def _resumable_run():
+    """64 private 8x8 images, a 4-step config checkpointing every 2 steps, a silent log."""
+    rng = np.random.default_rng(0)
+    data = ImageDataset(torch.from_numpy(rng.random((64, 1, 8, 8), dtype=np.float32) * 2 - 1),
+                        torch.zeros(64, dtype=torch.long), 0, "private")
+    return data, _cfg(1, False).replace(steps=4, checkpoint_every=2), (lambda *a, **k: None)
+
+
 def test_a_checkpoint_copied_to_a_new_out_is_refused_in_one_line(tmp_path):
     """Review 3, M2 (/tmp/review3/r2b_trainer_copy.py): a run's checkpoint.pt copied to another --out
     resumed next to an empty ledger and released the original run's later noise keys and batches
@@ -157,11 +165,7 @@ def test_a_checkpoint_copied_to_a_new_out_is_refused_in_one_line(tmp_path):
 
     from dpfast.diffusion.trainer import train
 
-    rng = np.random.default_rng(0)
-    data = ImageDataset(torch.from_numpy(rng.random((64, 1, 8, 8), dtype=np.float32) * 2 - 1),
-                        torch.zeros(64, dtype=torch.long), 0, "private")
-    cfg = _cfg(1, False).replace(steps=4, checkpoint_every=2)
-    quiet = lambda *a, **k: None  # noqa: E731
+    data, cfg, quiet = _resumable_run()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         train(cfg.replace(max_steps=2), tmp_path / "a", dataset=data, progress=False, log=quiet)
@@ -184,11 +188,7 @@ def test_a_copied_run_directory_is_refused_unless_adopted(tmp_path):
 
     from dpfast.diffusion.trainer import train
 
-    rng = np.random.default_rng(0)
-    data = ImageDataset(torch.from_numpy(rng.random((64, 1, 8, 8), dtype=np.float32) * 2 - 1),
-                        torch.zeros(64, dtype=torch.long), 0, "private")
-    cfg = _cfg(1, False).replace(steps=4, checkpoint_every=2)
-    quiet = lambda *a, **k: None  # noqa: E731
+    data, cfg, quiet = _resumable_run()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         train(cfg.replace(max_steps=2), tmp_path / "a", dataset=data, progress=False, log=quiet)
