@@ -34,10 +34,22 @@ class PrivacyEngine:
     attacks on Box-Muller/log-based samplers (Jin et al. 2022). The accountant charges the slightly
     smaller effective noise multiplier of the grid (dpfast.random_secure.secure_noise_multiplier).
     Its finalize runs at 0.03-0.04x Philox's throughput on CPU (benchmarks/results/finalize_noise.md).
+
+    Fresh keys on every resume. The noise and the Poisson batches are keyed by ``key_seed`` (the seed,
+    until the first resume) and the step. :meth:`load_state_dict` draws a new ``key_seed`` from the OS,
+    so every continuation of a checkpoint draws noise and batches independent of every other one's:
+    a copied or restored run directory, a volume snapshot or a backup that fools the ledger's copy
+    check (dpfast.ledger) can then never release one noise key twice (two releases of one key with
+    different gradients differ by the noise-free difference of their clipped sums). A resumed run is
+    therefore not bit-identical to the uninterrupted one; ``deterministic_resume=True`` keeps the
+    checkpoint's key, for tests that compare the two, and is sound only if no checkpoint is ever
+    continued twice (the ledger's copy check is then the only guard). Per-record training randomness
+    (:meth:`record_generators`) stays keyed by the seed: it is part of each record's gradient, not of
+    the mechanism.
     """
 
     def __init__(self, accountant: str = "prv", seed: int | None = None, ledger=None, secure_mode: bool = False,
-                 adopt_copied_ledger: bool = False):
+                 adopt_copied_ledger: bool = False, deterministic_resume: bool = False):
         from .accounting import Accountant
         from .ledger import Ledger, new_run_id
 
@@ -48,6 +60,12 @@ class PrivacyEngine:
         # hash of its 64 bits gives away to 2^64 guesses (dpfast.ledger); kept in state_dict, adopted on load
         self.run_id = new_run_id()
         self._seed_given = seed is not None  # distributed: an OS-drawn seed is replaced by rank 0's
+        self._key: int | None = None  # the noise and Poisson key after a resume (key_seed); None: the seed
+        # secret of this engine's resumes (_resume_key), from the OS, held in memory only (rank 0's under
+        # torch.distributed, agreed by make_private), and how many checkpoints this engine has loaded
+        self._resume_pad = int.from_bytes(os.urandom(8), "little")
+        self._loads = 0
+        self.deterministic_resume = bool(deterministic_resume)
         self.optimizer: DPOptimizer | None = None
         self.loader: DPDataLoader | None = None
         self.private_module: PrivateModule | None = None
@@ -164,6 +182,11 @@ class PrivacyEngine:
             self.seed = self.distributed.agree_seed(self.seed, given=self._seed_given)
             # and name the run as rank 0 does (a 64-bit id travels as a seed does; given=False: rank 0's)
             self.run_id = f"{self.distributed.agree_seed(int(self.run_id, 16), given=False):016x}"
+            # and key noise and batches as rank 0 does (its fresh key if it loaded a checkpoint already; a
+            # rank that did not is stopped by the first release: its steps differ), with rank 0's secret for
+            # the keys of later loads (_resume_key): every rank that loads then derives the same key
+            self._key = self.distributed.agree_seed(self.key_seed, given=False)
+            self._resume_pad = self.distributed.agree_seed(self._resume_pad, given=False)
             if ddp is None:
                 self.distributed.broadcast_module_(module)
 
@@ -203,7 +226,7 @@ class PrivacyEngine:
             if not poisson_sampling:
                 warnings.warn("poisson_sampling=False: batches are still drawn by dpfast's Poisson sampler, "
                               "because the accountant's guarantee holds only for Poisson sampling", stacklevel=2)
-            loader = DPDataLoader(dataset, sample_rate=sample_rate, seed=self.seed,
+            loader = DPDataLoader(dataset, sample_rate=sample_rate, seed=self.key_seed,
                                   steps_per_epoch=steps_per_epoch,
                                   max_physical_batch_size=max_physical_batch_size,
                                   collate_fn=data_loader.collate_fn, num_workers=data_loader.num_workers,
@@ -214,7 +237,7 @@ class PrivacyEngine:
                           "noisy sum can be divided by it")
         if self._pending_state is not None and loader is not None and self._pending_state.get("sampler") is not None:
             try:  # the loaded checkpoint must fit this loader, before the engine holds anything of this call
-                loader.check_state(self._pending_state["sampler"])
+                loader.check_state(self._pending_state["sampler"], seed=_checkpoint_key(self._pending_state))
             except ValueError:
                 pm.remove()
                 raise
@@ -231,7 +254,7 @@ class PrivacyEngine:
                           "differentially private; get_epsilon() will report infinity", stacklevel=2)
         dp_opt = DPOptimizer(optimizer, pm, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                              expected_batch_size=expected_batch_size, loss_reduction=loss_reduction,
-                             seed=self.seed, on_release=self._charge, on_refusal=self._refused, nonfinite=nonfinite,
+                             seed=self.key_seed, on_release=self._charge, on_refusal=self._refused, nonfinite=nonfinite,
                              distributed=self.distributed, param_names=names, secure_key=self._secure_key,
                              run_id=self.run_id)
         dp_opt._before_step = self._before_step
@@ -477,6 +500,13 @@ class PrivacyEngine:
         return self.optimizer.steps if self.optimizer is not None else 0
 
     @property
+    def key_seed(self) -> int:
+        """The Philox key of the noise and the Poisson batches: the seed until the first resume, then a
+        fresh 64-bit key drawn from the OS by every :meth:`load_state_dict` (the class docstring says
+        why). Secret, as the seed is; secure mode keys both from its own ChaCha20 key instead."""
+        return self.seed if self._key is None else self._key
+
+    @property
     def record_seed(self) -> int:
         """The key of the per-record training randomness (:meth:`record_generators`): the noise seed,
         or in secure mode 64 bits derived from the secure key, which no checkpoint holds (a seed the
@@ -596,6 +626,7 @@ class PrivacyEngine:
         return {
             "version": 1,
             "seed": self.seed,
+            "key": self.key_seed,             # the noise and Poisson key now (a resume draws a new one)
             "run_id": self.run_id,            # random (dpfast.ledger.new_run_id): names the run in its ledger
             "secure_mode": self.secure_mode,  # the secure key is never saved: a resume draws a new one
             "noise_multiplier": self.noise_multiplier,
@@ -636,8 +667,10 @@ class PrivacyEngine:
         from .accounting import Accountant
         from .ledger import run_id_of
 
-        if not isinstance(sd.get("seed"), int) or not 0 <= sd["seed"] < (1 << 64):
-            raise ValueError(f"checkpoint seed must be an int in [0, 2**64), got {sd.get('seed')!r}")
+        for name in ("seed", "key"):
+            v = sd.get(name, 0 if name == "key" else None)  # no key: a checkpoint keyed by its seed alone
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < (1 << 64):
+                raise ValueError(f"checkpoint {name} must be an int in [0, 2**64), got {v!r}")
         # the run id the checkpoint stores, compared with the ledger's lines; never recomputed from the seed,
         # except for a checkpoint written before run ids were random (no run_id): its ledger holds the seed's hash
         rid = run_id_of(sd)
@@ -654,9 +687,11 @@ class PrivacyEngine:
         self._refuse_if_behind(sd)
         self._refuse_if_prior_dropped(sd)
         if self.loader is not None and sd.get("sampler") is not None:
-            self.loader.check_state(sd["sampler"], seed=sd["seed"])
+            self.loader.check_state(sd["sampler"], seed=_checkpoint_key(sd))
         later, lost_events = self._ledger_after(sd)  # read before anything changes (I/O can fail)
+        key = self._resume_key(sd)
         self.seed = sd["seed"]
+        self._key = key
         self.run_id = rid
         self._seed_given = True
         self._ledger_check_due = False
@@ -665,10 +700,7 @@ class PrivacyEngine:
                           "seed, from which the seed can be brute-forced (2^64 hashes); keep that ledger as secret as "
                           "the checkpoint, or start a new run", stacklevel=2)
         if adopt:  # the loader and the optimizer were built with the seed this engine drew and never used
-            self.optimizer.seed = self.seed
             self.optimizer.run_id = self.run_id
-            if self.loader is not None:
-                self.loader.seed = self.seed
         self.accountant.load_state_dict(sd["accountant"])
         self._prior = [dict(p) for p in sd.get("prior", [])]
         # a release without noise can never be undone by loading a private checkpoint
@@ -676,13 +708,48 @@ class PrivacyEngine:
             self._lose_privacy(sd.get("why_no_privacy") or "the checkpoint's run had lost its guarantee")
         if self.ledger is None and int(sd["steps"]) > 0:
             warnings.warn("loading a checkpoint without a privacy ledger: if steps after it were released (a "
-                          "rollback), they are not charged and their noise keys repeat. Pass "
-                          "PrivacyEngine(ledger=...) to keep a durable record of every release", stacklevel=2)
+                          "rollback), they are not charged" + (" and their noise keys repeat (deterministic_resume)"
+                                                               if self.deterministic_resume else "")
+                          + ". Pass PrivacyEngine(ledger=...) to keep a durable record of every release",
+                          stacklevel=2)
         sd = self._charge_ledger_after(sd, later, lost_events)
         if self.optimizer is None:
             self._pending_state = sd  # applied by make_private: steps and sampler position
             return
         self._apply_progress(sd)
+
+    def _resume_key(self, sd: dict) -> int:
+        """The noise and Poisson key of the continuation of checkpoint ``sd``: 64 fresh bits from the OS
+        (rank 0's under torch.distributed), or with ``deterministic_resume`` the checkpoint's own key.
+
+        Why fresh. A checkpoint's state is a file, and files get copied: a run directory copied or
+        restored from a backup, a volume snapshot, a rerun after a crash whose ledger was lost. Keyed by
+        the checkpoint, every continuation would release step s with the same noise z_s; two of them
+        whose clipped sums differ (other data, a nondeterministic kernel) release g + z_s and g' + z_s,
+        whose difference g - g' carries no noise at all. The ledger's copy check (dpfast.ledger) sees
+        copies only through inodes, which a restore or a snapshot can preserve. With a fresh key, the
+        noise and the Poisson coins of each continuation are independent of every other continuation's
+        and of the checkpoint, whatever was copied: each release is an ordinary Gaussian mechanism on
+        a fresh Poisson batch, and two continuations compose as two runs from one starting point do
+        (both are charged where they share a ledger; the rest is the user's composition to count, as
+        for any two trainings on one data set). Nothing else is lost: the accountant does not depend
+        on the key, and Poisson sampling at rate q with fresh coins is still Poisson sampling at q.
+
+        The key is SHA-256 of (this engine's pad, the checkpoint's key, the number of this load): the pad
+        is 64 bits from the OS that no file ever holds, so the key is as unpredictable as a fresh draw
+        and differs between the loads of one engine. Under torch.distributed it needs no collective:
+        make_private gave every rank rank 0's pad, so ranks that load the same checkpoint as often agree,
+        and a rank that loaded another one, or none, has another key or step count, which the first
+        release's fingerprint refuses on every rank before anything is released. (A load before
+        make_private uses the rank's own pad; make_private then gives every rank rank 0's key.)"""
+        if self.deterministic_resume:
+            return _checkpoint_key(sd)
+        import hashlib
+
+        self._loads += 1
+        material = b"dpfast-resume-key:" + b"".join(
+            int(v).to_bytes(8, "little") for v in (self._resume_pad, _checkpoint_key(sd), self._loads))
+        return int.from_bytes(hashlib.sha256(material).digest()[:8], "little")
 
     def _refuse_unless_adoptable(self, sd: dict) -> None:
         """A checkpoint loaded after ``make_private`` (accelerate's ``load_state`` after ``prepare``, the
@@ -810,12 +877,20 @@ class PrivacyEngine:
     def _apply_progress(self, sd: dict) -> None:
         self.optimizer.steps = int(sd["steps"])
         self.optimizer._last_key = max(self.optimizer._last_key, int(sd["steps"]) - 1)
-        self.optimizer.seed = self.seed
+        self.optimizer.seed = self.key_seed
         self.optimizer.run_id = self.run_id
+        if self.loader is not None:
+            self.loader.seed = self.key_seed
         if self.loader is not None and sd["sampler"] is not None:
-            self.loader.load_state_dict(sd["sampler"])
+            # the checkpoint's position, drawn with this engine's key (checked against the checkpoint's)
+            self.loader.load_state_dict(dict(sd["sampler"], seed=self.key_seed))
             # the checkpointed run released every batch before the sampler's position
             self.optimizer._last_sampler_step = max(self.optimizer._last_sampler_step, int(sd["sampler"]["step"]) - 1)
+
+
+def _checkpoint_key(sd: dict) -> int:
+    """The key checkpoint ``sd``'s run drew its noise and batches with (its seed before keys were saved)."""
+    return int(sd.get("key", sd["seed"]))
 
 
 _GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "expanded_weights", "ghost")

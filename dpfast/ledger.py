@@ -32,7 +32,10 @@ kernels) their difference cancels the noise. A copy is a new file (a new inode; 
 system keeps it), so a ledger whose last ``ledger_file`` line names another inode was copied or
 restored: the engine refuses to resume next to it unless told the original will never continue
 (``PrivacyEngine(adopt_copied_ledger=True)``, ``dpfast train --adopt-copied-run``). The inode says
-nothing about the data.
+nothing about the data. Nor is it a proof: a restore onto the old inode or a volume snapshot passes.
+The guard against repeated noise is the engine's: every resume draws a fresh key
+(``PrivacyEngine._resume_key``), unless ``deterministic_resume`` keeps the checkpoint's, and then
+this check is the only one.
 """
 from __future__ import annotations
 

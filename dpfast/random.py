@@ -4,7 +4,7 @@ This pure numpy/PyTorch module is the reference of the contract implemented in C
 ``csrc/philox.h``; ``dpfast.finalize`` uses the compiled version when it is built. Everything here
 is a pure function of ``(seed, step, index)``: the noise added to a parameter coordinate and the
 batch membership of a sample never depend on tensor layout, launch shape or the number of ranks,
-so runs are reproducible and a resumed run draws exactly the noise it would have drawn.
+so runs are reproducible (a resume rekeys them: ``PrivacyEngine.key_seed``).
 
 Contract (shared with csrc/philox.h; tests/test_random.py pins both):
 

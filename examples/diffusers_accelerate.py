@@ -73,6 +73,9 @@ def main(argv=None) -> dict:
     p.add_argument("--noise-seed", type=int, default=None,
                    help="the engine's seed (DP noise, Poisson batches): leave it out to draw it from the OS; a known "
                         "seed voids the privacy, so pin it only to test")
+    p.add_argument("--deterministic-resume", action="store_true",
+                   help="resume with the checkpoint's noise key (bit-exact, for tests): sound only if no checkpoint "
+                        "is ever continued twice; by default every resume draws a fresh key")
     args = p.parse_args(argv)
 
     out = Path(args.out)
@@ -89,7 +92,8 @@ def main(argv=None) -> dict:
     if args.resume:
         found = sorted(out.glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[1]))
         resume = (found[-1] if found else None) if args.resume == "latest" else Path(args.resume)
-    engine = PrivacyEngine(accountant="prv", seed=args.noise_seed, ledger=out / "privacy_ledger.jsonl")
+    engine = PrivacyEngine(accountant="prv", seed=args.noise_seed, ledger=out / "privacy_ledger.jsonl",
+                           deterministic_resume=args.deterministic_resume)
     if resume is not None:  # before make_private: the engine takes the checkpoint's seed and position
         engine.load_checkpoint(path=resume / "privacy_engine.pt", module=None)
     K = args.multiplicity

@@ -175,12 +175,13 @@ def _resume_checks(world: int, rank: int) -> dict:
             engine.load_state_dict(state)
         try:
             run(1)
-            out[who] = {"steps": engine.steps, "seed": engine.seed,
+            out[who] = {"steps": engine.steps, "seed": engine.seed, "key": engine.key_seed,
                         "params": torch.cat([p.detach().reshape(-1) for p in m.parameters()])}
         except DPError as e:
             out[who] = {"error": f"{type(e).__name__}: {e}", "steps": engine.steps,
                         "lost": engine.why_no_privacy}
     out["first_seed"] = first.seed
+    out["first_key"] = first.key_seed
     return out
 
 

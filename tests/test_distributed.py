@@ -171,6 +171,8 @@ def test_checkpoint_loaded_after_make_private(runs):
     and sampler steps differ, and every rank stops before anything is released, its guarantee intact."""
     r0, r1 = (r["resume"] for r in runs["ranks"])
     assert r0["all"]["seed"] == r1["all"]["seed"] == r0["first_seed"]
+    # a fresh noise and Poisson key, the same on both ranks without a collective (PrivacyEngine._resume_key)
+    assert r0["all"]["key"] == r1["all"]["key"] != r0["first_key"]
     assert r0["all"]["steps"] == r1["all"]["steps"] == 3
     assert torch.equal(r0["all"]["params"], r1["all"]["params"])
     for r, steps in ((r0, 2), (r1, 0)):

@@ -53,8 +53,8 @@ def checkpoint(n=3, ledger=None):
                                       "opt": opt.state_dict()}
 
 
-def resume_after_make_private(ck, ledger=None):
-    engine = PrivacyEngine(accountant="rdp", ledger=ledger)
+def resume_after_make_private(ck, ledger=None, deterministic=False):
+    engine = PrivacyEngine(accountant="rdp", ledger=ledger, deterministic_resume=deterministic)
     m, opt, loader = build(engine)
     m.load_state_dict(ck["model"])
     opt.load_state_dict(ck["opt"])
@@ -64,14 +64,19 @@ def resume_after_make_private(ck, ledger=None):
     return engine, (m, opt, loader)
 
 
-def test_adopted_checkpoint_continues_the_uninterrupted_run():
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_adopted_checkpoint_continues_the_uninterrupted_run(deterministic):
+    """With deterministic_resume, exactly the uninterrupted run; by default the same accounting with a
+    fresh noise and Poisson key (PrivacyEngine._resume_key)."""
     first, live, ck = checkpoint()
-    engine, (m, opt, loader) = resume_after_make_private(ck)
+    engine, (m, opt, loader) = resume_after_make_private(ck, deterministic=deterministic)
     assert engine.seed == first.seed and engine.steps == 3
+    assert (engine.key_seed == first.key_seed) is deterministic
+    assert engine.optimizer.seed == engine.loader.seed == engine.key_seed
     assert engine.get_epsilon(1e-5) == pytest.approx(first.get_epsilon(1e-5))
     run(m, opt, loader, 2)
     run(*live, 2)
-    assert torch.equal(params(m), params(live[0]))
+    assert torch.equal(params(m), params(live[0])) is deterministic
     assert engine.get_epsilon(1e-5) == pytest.approx(first.get_epsilon(1e-5))
 
 
@@ -153,7 +158,7 @@ def test_accelerate_register_for_checkpointing_resumes_after_prepare(tmp_path):
 
     def session(n, resume=None):
         acc = accelerate.Accelerator(cpu=True, project_dir=str(tmp_path))
-        engine = PrivacyEngine(accountant="rdp")
+        engine = PrivacyEngine(accountant="rdp", deterministic_resume=True)  # compared with the run below
         m, opt, loader = build(engine)
         m, opt = acc.prepare(m, opt)
         acc.register_for_checkpointing(engine)

@@ -252,7 +252,7 @@ def add_commands(subparsers) -> None:
         "train", "demo", cmd_train,
         help="train a diffusion model with DP-SGD (resumes when --out holds a checkpoint)",
         description="Train an EDM/DDPM++ diffusion model with DP-SGD. Presets: "
-                    + ", ".join(sorted(PRESETS)) + ". Re-running on the same --out resumes exactly.")
+                    + ", ".join(sorted(PRESETS)) + ". Re-running on the same --out resumes (with a fresh noise key).")
     training_command(
         "pretrain", "pretrain-demo14", cmd_pretrain,
         help="pre-train a diffusion model on public data only (no privacy spent, no private data read)",

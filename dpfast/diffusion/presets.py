@@ -88,6 +88,9 @@ class TrainConfig:
     epsilon_every_seconds: float = 30.0    # how often the progress bar recomputes epsilon
     adopt_copied_run: bool = False         # resume a run directory that was copied (its ledger is a copy):
                                            # only if the original will never continue (dpfast.ledger)
+    deterministic_resume: bool = False     # a resume keeps the checkpoint's noise key (bit-exact resumes, for
+                                           # tests): sound only if no checkpoint is continued twice; by
+                                           # default every resume draws a fresh key (PrivacyEngine)
     # public data and DP-MEPF (dpfast.recipes.dp_mepf; nf is its generator's width, batch_size its
     # generated batch per step, steps its generator steps)
     public_data: str = "digits"            # a dpfast.diffusion.public source name, or a path
@@ -314,7 +317,7 @@ class TrainConfig:
 RUN_CONTROL_FIELDS = ("device", "threads", "checkpoint_every", "checkpoint_seconds", "max_steps",
                       "time_budget", "epsilon_every_seconds", "grid_every", "grid_size", "sampler",
                       "sample_steps", "guidance", "max_physical_batch_size", "backend", "data_dir",
-                      "adopt_copied_run")
+                      "adopt_copied_run", "deterministic_resume")
 
 
 def _dpdm(eps: float) -> TrainConfig:

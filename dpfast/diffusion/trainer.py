@@ -77,8 +77,9 @@ def public_config(cfg: TrainConfig) -> dict:
     """The config as written next to the released model (config.json, model.pt): a pinned noise seed
     (--noise-seed) is withheld, since anyone holding it can regenerate the DP noise and the Poisson
     batches. The checkpoint (owner-only) keeps it for resuming. ``adopt_copied_run`` is an answer for one
-    resume, never a setting: written here, ``--config OUT/config.json`` would adopt every later copy."""
-    return {**cfg.to_dict(), "noise_seed": None, "adopt_copied_run": False}
+    resume, never a setting: written here, ``--config OUT/config.json`` would adopt every later copy;
+    ``deterministic_resume`` (keep the checkpoint's noise key) likewise holds for one resume only."""
+    return {**cfg.to_dict(), "noise_seed": None, "adopt_copied_run": False, "deterministic_resume": False}
 
 
 def atomic_write_json(obj, path: Path) -> None:
@@ -470,7 +471,8 @@ class Trainer:
         # The engine's seed keys the Poisson sampler and the DP noise. It is drawn from the OS unless
         # the config pins it (tests): a public seed would let anyone subtract the noise.
         self.engine = PrivacyEngine(accountant=cfg.accountant, seed=seed, ledger=self.out / "privacy_ledger.jsonl",
-                                    adopt_copied_ledger=cfg.adopt_copied_run)
+                                    adopt_copied_ledger=cfg.adopt_copied_run,
+                                    deterministic_resume=cfg.deterministic_resume)
         if resume:  # before make_private: the ledger is checked against the checkpoint
             try:
                 self.engine.load_state_dict(saved["engine"])

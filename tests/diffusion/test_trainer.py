@@ -60,8 +60,17 @@ def test_stopped_and_crashed_runs_resume_bit_for_bit(data_dir, tmp_path, monkeyp
     # stopped by --max-steps, then resumed by the same command without it
     part = tmp_path / "part"
     assert run(cfg.replace(max_steps=3), part)["steps"] == 3
-    assert run(cfg, part)["steps"] == 6
+    assert run(cfg.replace(deterministic_resume=True), part)["steps"] == 6
     assert_same_run(final_state(full), final_state(part))
+    # by default the resume keys noise and batches afresh (PrivacyEngine._resume_key): same accounting,
+    # another run
+    fresh = tmp_path / "fresh"
+    assert run(cfg.replace(max_steps=3), fresh)["steps"] == 3
+    assert run(cfg, fresh)["steps"] == 6
+    a, b = final_state(full), final_state(fresh)
+    assert a["engine"]["steps"] == b["engine"]["steps"] and a["engine"]["key"] != b["engine"]["key"]
+    assert a["engine"]["accountant"] == b["engine"]["accountant"]
+    assert any(not torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
     # killed after step 5 (no final checkpoint): the step-4 checkpoint is what survives
     from dpfast.diffusion import trainer as trainer_mod

@@ -206,3 +206,4 @@ def test_adopting_a_copy_is_never_written_to_the_runs_config():
     from dpfast.diffusion.trainer import public_config
 
     assert public_config(_cfg(1, False).replace(adopt_copied_run=True))["adopt_copied_run"] is False
+    assert public_config(_cfg(1, False).replace(deterministic_resume=True))["deterministic_resume"] is False

@@ -1,0 +1,133 @@
+"""Every resume keys the noise and the Poisson batches afresh (PrivacyEngine._resume_key).
+
+Review 5 (F1, F2): the ledger's copy check sees copies through inodes only, so a run directory
+restored from a backup onto the old inode, a volume snapshot, or a copy made before the first release
+continued beside its original, and both released the same noise keys: the difference of two releases
+of one key is the noise-free difference of their clipped sums. These tests run that attack on the
+engine: two continuations of one checkpoint on neighbouring data sets.
+"""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from dpfast import PrivacyEngine
+
+N, DIM, B, SIGMA, CLIP = 64, 50, 8, 1.0, 1.0
+
+
+def data(moved: int | None = None):
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(N, DIM, generator=g), torch.randn(N, 1, generator=g)
+    if moved is not None:  # the neighbouring data set: that record replaced
+        x[moved], y[moved] = 10.0, -10.0
+    return TensorDataset(x, y)
+
+
+def engine_and_model(ds, deterministic=False, seed=None):
+    torch.manual_seed(0)
+    model = nn.Linear(DIM, 1, bias=False)
+    engine = PrivacyEngine(accountant="rdp", seed=seed, deterministic_resume=deterministic)
+    m, opt, loader = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+                                         data_loader=DataLoader(ds, batch_size=B), noise_multiplier=SIGMA,
+                                         max_grad_norm=CLIP, backend="torch")
+    return engine, m, opt, loader
+
+
+def steps(m, opt, loader, n):
+    done = 0
+    while done < n:
+        for x, y in loader:
+            opt.zero_grad()
+            (m(x) - y).square().mean().backward()
+            if opt.step():
+                done += 1
+                if done == n:
+                    return
+
+
+def checkpoint(n):
+    engine, m, opt, loader = engine_and_model(data())
+    steps(m, opt, loader, n)
+    return {"engine": copy.deepcopy(engine.state_dict()), "model": copy.deepcopy(m.state_dict())}
+
+
+def continuation(ck, moved, deterministic):
+    """One continuation of checkpoint ``ck`` (a copy of its directory), one release: the update it made."""
+    engine, m, opt, loader = engine_and_model(data(moved), deterministic, seed=ck["engine"]["seed"])
+    m.load_state_dict(ck["model"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "without a privacy ledger"
+        engine.load_state_dict(ck["engine"])
+    before = m.weight.detach().clone()
+    steps(m, opt, loader, 1)
+    return engine, (m.weight.detach() - before).reshape(-1)
+
+
+@pytest.mark.parametrize("released", [0, 2])  # 0: a copy made before the first release (F1)
+def test_two_continuations_of_one_checkpoint_never_share_noise(released):
+    ck = checkpoint(released)
+    ea, da = continuation(ck, moved=None, deterministic=False)
+    eb, db = continuation(ck, moved=0, deterministic=False)
+    assert ea.key_seed != eb.key_seed and ck["engine"]["key"] not in (ea.key_seed, eb.key_seed)
+    assert ea.steps == eb.steps == released + 1
+    # independent noise: the difference carries noise of std sqrt(2) sigma C / B per coordinate (norm
+    # about 1.25 here); the clipped sums alone differ by at most 2C/B = 0.25
+    assert (da - db).norm() > 2 * (2 * CLIP / B)
+
+
+def test_deterministic_resume_keeps_the_key_and_so_the_hole_it_documents():
+    """What the default closes: with the checkpoint's key, two continuations on neighbouring data sets
+    release one noise draw twice, and their difference is the clipped sums' (at most 2C/B)."""
+    from dpfast.random import poisson_mask
+
+    ck = checkpoint(2)
+    sampler = ck["engine"]["sampler"]
+    batch = poisson_mask(N, sampler["sample_rate"], seed=ck["engine"]["key"], step=sampler["step"]).nonzero()
+    ea, da = continuation(ck, moved=None, deterministic=True)
+    eb, db = continuation(ck, moved=int(batch[0]), deterministic=True)  # a record of the batch both draw
+    assert ea.key_seed == eb.key_seed == ck["engine"]["key"]
+    gap = (da - db).norm()
+    assert 0 < gap <= 2 * CLIP / B + 1e-6
+
+
+def test_each_load_of_one_engine_draws_another_key():
+    ck = checkpoint(1)["engine"]
+    engine = PrivacyEngine(accountant="rdp")
+    keys = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(3):
+            engine.load_state_dict(ck)
+            keys.add(engine.key_seed)
+    assert len(keys) == 3 and ck["key"] not in keys and engine.seed == ck["seed"]
+    assert engine.state_dict()["key"] == engine.key_seed  # the next checkpoint holds the key it released with
+
+
+def test_checkpoint_key_is_checked_and_defaults_to_the_seed():
+    ck = checkpoint(1)["engine"]
+    for bad in ("7", -1, 1 << 64, True, 1.5):
+        with pytest.raises(ValueError, match="checkpoint key must be an int"):
+            PrivacyEngine(accountant="rdp").load_state_dict(dict(ck, key=bad))
+    legacy = {k: v for k, v in ck.items() if k != "key"}  # written before keys were saved: keyed by its seed
+    engine = PrivacyEngine(accountant="rdp", deterministic_resume=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine.load_state_dict(legacy)
+    assert engine.key_seed == ck["seed"]
+
+
+def test_a_resumed_loader_draws_poisson_batches_at_the_same_rate():
+    """Fresh coins are Poisson coins at q: over many steps the batch size still averages q N."""
+    ck = checkpoint(1)
+    engine, m, opt, loader = engine_and_model(data(), seed=ck["engine"]["seed"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine.load_state_dict(ck["engine"])
+    assert loader.seed == engine.key_seed != ck["engine"]["key"] and loader.step == ck["engine"]["sampler"]["step"]
+    sizes = [len(loader.batch_indices(s)) for s in range(loader.step, loader.step + 2000)]
+    mean, q = sum(sizes) / len(sizes), loader.sample_rate
+    assert abs(mean - q * N) < 5 * (q * (1 - q) * N / len(sizes)) ** 0.5
