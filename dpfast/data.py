@@ -1,8 +1,8 @@
 """Poisson-sampled data loading: each logical step draws every sample independently with probability q.
 
-Membership of sample j at step s is ``u(seed, s, j) < q`` with a counter-based generator (Philox, see
-dpfast.random), so the batch of a step does not depend on the order of draws, on resuming, or on how
-many ranks share the data set: rank r keeps the members j with ``j % world_size == r`` and the union
+Membership of sample j at step s is ``u(key, s, j) < q`` with a counter-based generator (Philox, see
+dpfast.random; ``key`` is the engine's ``key_seed``, drawn afresh at every resume), so the batch of a
+step does not depend on the order of draws or on how many ranks share the data set: rank r keeps the members j with ``j % world_size == r`` and the union
 over ranks is exactly the batch one process would draw.
 
 A logical batch larger than ``max_physical_batch_size`` is yielded as several physical chunks; the

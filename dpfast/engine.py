@@ -623,6 +623,12 @@ class PrivacyEngine:
             raise DPError("cannot checkpoint the privacy state: steps were taken with an unknown sampling "
                           "rate (no data_loader and no sample_rate given to make_private), so the privacy "
                           "spent is unknown")
+        pending = self._pending_state
+        if pending is not None:  # a checkpoint loaded, make_private not yet run: its progress, under this key
+            return {**pending, "key": self.key_seed, "run_id": self.run_id, "accountant": self.accountant.state_dict(),
+                    "sampler": None if pending.get("sampler") is None else dict(pending["sampler"], seed=self.key_seed),
+                    "no_privacy": self._no_privacy, "why_no_privacy": self.why_no_privacy,
+                    "prior": [dict(p) for p in self._prior]}
         return {
             "version": 1,
             "seed": self.seed,
@@ -695,10 +701,12 @@ class PrivacyEngine:
         self.run_id = rid
         self._seed_given = True
         self._ledger_check_due = False
+        notes = []  # warned once the whole state is in place (a warning turned into an error must not
+        # leave an engine half loaded: its key, say, beside the optimizer's old one)
         if sd.get("run_id") is None:
-            warnings.warn("this checkpoint predates random run ids: its ledger names the run by a hash of the noise "
-                          "seed, from which the seed can be brute-forced (2^64 hashes); keep that ledger as secret as "
-                          "the checkpoint, or start a new run", stacklevel=2)
+            notes.append("this checkpoint predates random run ids: its ledger names the run by a hash of the noise "
+                         "seed, from which the seed can be brute-forced (2^64 hashes); keep that ledger as secret as "
+                         "the checkpoint, or start a new run")
         if adopt:  # the loader and the optimizer were built with the seed this engine drew and never used
             self.optimizer.run_id = self.run_id
         self.accountant.load_state_dict(sd["accountant"])
@@ -707,20 +715,22 @@ class PrivacyEngine:
         if sd.get("no_privacy", False):
             self._lose_privacy(sd.get("why_no_privacy") or "the checkpoint's run had lost its guarantee")
         if self.ledger is None and int(sd["steps"]) > 0:
-            warnings.warn("loading a checkpoint without a privacy ledger: if steps after it were released (a "
-                          "rollback), they are not charged" + (" and their noise keys repeat (deterministic_resume)"
-                                                               if self.deterministic_resume else "")
-                          + ". Pass PrivacyEngine(ledger=...) to keep a durable record of every release",
-                          stacklevel=2)
-        sd = self._charge_ledger_after(sd, later, lost_events)
+            notes.append("loading a checkpoint without a privacy ledger: if steps after it were released (a "
+                         "rollback), they are not charged" + (" and their noise keys repeat (deterministic_resume)"
+                                                              if self.deterministic_resume else "")
+                         + ". Pass PrivacyEngine(ledger=...) to keep a durable record of every release")
+        sd = self._charge_ledger_after(sd, later, lost_events, notes)
         if self.optimizer is None:
             self._pending_state = sd  # applied by make_private: steps and sampler position
-            return
-        self._apply_progress(sd)
+        else:
+            self._apply_progress(sd)
+        for note in notes:
+            warnings.warn(note, stacklevel=2)
 
     def _resume_key(self, sd: dict) -> int:
-        """The noise and Poisson key of the continuation of checkpoint ``sd``: 64 fresh bits from the OS
-        (rank 0's under torch.distributed), or with ``deterministic_resume`` the checkpoint's own key.
+        """The noise and Poisson key of the continuation of checkpoint ``sd``: 64 fresh bits (from the OS,
+        or under torch.distributed derived from rank 0's secret pad), or with ``deterministic_resume`` the
+        checkpoint's own key.
 
         Why fresh. A checkpoint's state is a file, and files get copied: a run directory copied or
         restored from a backup, a volume snapshot, a rerun after a crash whose ledger was lost. Keyed by
@@ -735,21 +745,36 @@ class PrivacyEngine:
         for any two trainings on one data set). Nothing else is lost: the accountant does not depend
         on the key, and Poisson sampling at rate q with fresh coins is still Poisson sampling at q.
 
-        The key is SHA-256 of (this engine's pad, the checkpoint's key, the number of this load): the pad
-        is 64 bits from the OS that no file ever holds, so the key is as unpredictable as a fresh draw
-        and differs between the loads of one engine. Under torch.distributed it needs no collective:
-        make_private gave every rank rank 0's pad, so ranks that load the same checkpoint as often agree,
-        and a rank that loaded another one, or none, has another key or step count, which the first
-        release's fingerprint refuses on every rank before anything is released. (A load before
-        make_private uses the rank's own pad; make_private then gives every rank rank 0's key.)"""
+        What each continuation's epsilon covers: its own history, the checkpoint's releases and its own
+        after them. Where two continuations are both used (released, or one trained on the other's
+        output), their privacy is the composition of the shared prefix and both suffixes; no single
+        engine's ``get_epsilon`` reports that sum (a ledger they share records every release of both).
+        Fresh keys make it an ordinary composition instead of a cancellation of the noise.
+
+        In one process the key is 64 bits drawn from the OS at this load. Under torch.distributed, after
+        make_private, the ranks must agree without a collective (a rank that does not load must be
+        refused, not hang): the key is then SHA-256 of (the engine's pad, the checkpoint's key, the
+        number of this load), the pad being 64 OS bits held in memory only and set to rank 0's by
+        make_private. Ranks that load the same checkpoint as often agree; a rank that loaded another
+        one, or none, has another key or step count, which the first release's fingerprint refuses on
+        every rank before anything is released. A copy of the engine object (pickle, deepcopy) draws a
+        new pad (``__setstate__``); a process forked after make_private shares it, so fork before. (A
+        load before make_private draws from the OS; make_private then gives every rank rank 0's key.)"""
         if self.deterministic_resume:
             return _checkpoint_key(sd)
+        self._loads += 1
+        if self.distributed is None:
+            return int.from_bytes(os.urandom(8), "little")
         import hashlib
 
-        self._loads += 1
         material = b"dpfast-resume-key:" + b"".join(
             int(v).to_bytes(8, "little") for v in (self._resume_pad, _checkpoint_key(sd), self._loads))
         return int.from_bytes(hashlib.sha256(material).digest()[:8], "little")
+
+    def __setstate__(self, state: dict) -> None:
+        """A copy (pickle, copy.deepcopy) is another engine: it never shares the original's resume pad."""
+        self.__dict__.update(state)
+        self._resume_pad = int.from_bytes(os.urandom(8), "little")
 
     def _refuse_unless_adoptable(self, sd: dict) -> None:
         """A checkpoint loaded after ``make_private`` (accelerate's ``load_state`` after ``prepare``, the
@@ -757,7 +782,7 @@ class PrivacyEngine:
         only while that drawn seed has keyed nothing: no release, no charge, no batch drawn (a Poisson
         batch planned with it would sit beside the checkpoint's sampler position), no earlier engine
         composed in. Then the engine is exactly one built from the checkpoint before make_private: every
-        later noise key and batch is the checkpoint run's next one, never one it released. Under
+        later release is the checkpoint run's next step, under a key drawn for this resume. Under
         torch.distributed each rank adopts what it loads; the first release checks that every rank holds
         the same seed, noise key and sampler step (:meth:`DistributedContext.all_reduce_`), so a rank
         that did not load stops the run before anything is released."""
@@ -832,7 +857,7 @@ class PrivacyEngine:
                              "(a copied or restored checkpoint may repeat releases it cannot see), or start a new run")
         return later, lost
 
-    def _charge_ledger_after(self, sd: dict, later: list, lost: list) -> dict:
+    def _charge_ledger_after(self, sd: dict, later: list, lost: list, notes: list) -> dict:
         """Releases the ledger records after checkpoint ``sd`` were made and may not be forgotten: charge
         them, and move the noise key and the sampler past them (fresh noise, fresh batches)."""
         if self.ledger is None:
@@ -850,9 +875,8 @@ class PrivacyEngine:
                 self._lose_privacy("the ledger records a release without noise")
             else:
                 self.accountant.step(noise_multiplier=float(e["sigma"]), sample_rate=float(e["q"]), steps=1)
-        warnings.warn(f"{len(later)} steps released after this checkpoint (privacy ledger {self.ledger.path}) "
-                      "stay charged; the run continues with fresh noise keys and batches after them",
-                      stacklevel=3)
+        notes.append(f"{len(later)} steps released after this checkpoint (privacy ledger {self.ledger.path}) "
+                     "stay charged; the run continues with fresh noise keys and batches after them")
         sd = dict(sd, steps=max(int(e["key"]) for e in later) + 1)
         steps_taken = [int(e["sampler_step"]) for e in later if e.get("sampler_step") is not None]
         if sd.get("sampler") is not None and steps_taken:
@@ -861,7 +885,7 @@ class PrivacyEngine:
 
     def _refuse_if_behind(self, sd: dict) -> None:
         """A checkpoint behind what this engine already released would forget spent privacy and make
-        the next releases reuse (seed, step) noise keys: refuse it."""
+        (with deterministic_resume) the next releases reuse noise keys and batches: refuse it."""
         spent = sum(int(n) for *_, n in sd["accountant"].get("history", []))
         behind = [spent < self.accountant.steps]
         if self.optimizer is not None:

@@ -131,3 +131,48 @@ def test_a_resumed_loader_draws_poisson_batches_at_the_same_rate():
     sizes = [len(loader.batch_indices(s)) for s in range(loader.step, loader.step + 2000)]
     mean, q = sum(sizes) / len(sizes), loader.sample_rate
     assert abs(mean - q * N) < 5 * (q * (1 - q) * N / len(sizes)) ** 0.5
+
+
+def test_copies_of_one_engine_object_draw_their_own_keys():
+    """Review 6, F1: a deepcopy (or pickle) of an engine that loads one checkpoint draws its own key."""
+    ck = checkpoint(1)["engine"]
+    engine = PrivacyEngine(accountant="rdp")
+    twin = copy.deepcopy(engine)
+    assert twin._resume_pad != engine._resume_pad
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine.load_state_dict(ck)
+        twin.load_state_dict(ck)
+    assert engine.key_seed != twin.key_seed
+
+
+def test_a_warning_raised_as_an_error_leaves_the_engine_whole():
+    """Review 6, F2: the load's warnings come after the whole state is in place, so a script running
+    with warnings as errors never holds an engine whose key differs from its optimizer's."""
+    ck = checkpoint(2)
+    engine, m, opt, loader = engine_and_model(data(), seed=ck["engine"]["seed"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="without a privacy ledger"):
+            engine.load_state_dict(ck["engine"])
+    assert engine.optimizer.seed == engine.loader.seed == engine.key_seed != ck["engine"]["key"]
+    assert engine.steps == 2 and loader.step == ck["engine"]["sampler"]["step"]
+
+
+def test_state_dict_of_an_engine_waiting_for_make_private_keeps_the_loaded_progress():
+    """Review 6, F3: a checkpoint of an engine that loaded one and has not run make_private yet is the
+    loaded run's progress (steps, sampler position) under the engine's key, and resumes."""
+    ck = checkpoint(3)["engine"]
+    waiting = PrivacyEngine(accountant="rdp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        waiting.load_state_dict(ck)
+    sd = waiting.state_dict()
+    assert sd["steps"] == 3 and sd["sampler"]["step"] == ck["sampler"]["step"]
+    assert sd["key"] == sd["sampler"]["seed"] == waiting.key_seed != ck["key"]
+    assert sd["accountant"] == ck["accountant"]
+    engine, m, opt, loader = engine_and_model(data(), seed=ck["seed"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine.load_state_dict(sd)
+    assert engine.steps == 3 and loader.step == ck["sampler"]["step"]
