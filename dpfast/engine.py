@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -15,6 +16,16 @@ from .optimizer import DPOptimizer
 from .private_module import PrivateModule
 
 _MODES = ("bk", "two-pass")
+_ENGINES: "weakref.WeakSet[PrivacyEngine]" = weakref.WeakSet()  # rekeyed in a forked child (_rekey_copy)
+
+
+def _rekey_after_fork() -> None:
+    for engine in list(_ENGINES):
+        engine._rekey_copy()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_rekey_after_fork)
 _BACKENDS = ("torch", "triton", "auto")
 
 
@@ -36,7 +47,7 @@ class PrivacyEngine:
     Its finalize runs at 0.03-0.04x Philox's throughput on CPU (benchmarks/results/finalize_noise.md).
 
     Fresh keys on every resume. The noise and the Poisson batches are keyed by ``key_seed`` (the seed,
-    until the first resume) and the step. :meth:`load_state_dict` draws a new ``key_seed`` from the OS,
+    until the first resume) and the step. :meth:`load_state_dict` draws a new, secret ``key_seed`` (:meth:`_resume_key`),
     so every continuation of a checkpoint draws noise and batches independent of every other one's:
     a copied or restored run directory, a volume snapshot or a backup that fools the ledger's copy
     check (dpfast.ledger) can then never release one noise key twice (two releases of one key with
@@ -65,6 +76,7 @@ class PrivacyEngine:
         # torch.distributed, agreed by make_private), and how many checkpoints this engine has loaded
         self._resume_pad = int.from_bytes(os.urandom(8), "little")
         self._loads = 0
+        _ENGINES.add(self)
         self.deterministic_resume = bool(deterministic_resume)
         self.optimizer: DPOptimizer | None = None
         self.loader: DPDataLoader | None = None
@@ -502,7 +514,7 @@ class PrivacyEngine:
     @property
     def key_seed(self) -> int:
         """The Philox key of the noise and the Poisson batches: the seed until the first resume, then a
-        fresh 64-bit key drawn from the OS by every :meth:`load_state_dict` (the class docstring says
+        fresh 64-bit key drawn by every :meth:`load_state_dict` (:meth:`_resume_key`; the class docstring says
         why). Secret, as the seed is; secure mode keys both from its own ChaCha20 key instead."""
         return self.seed if self._key is None else self._key
 
@@ -673,7 +685,7 @@ class PrivacyEngine:
         from .accounting import Accountant
         from .ledger import run_id_of
 
-        for name in ("seed", "key"):
+        for name in ("seed", "key", "steps"):
             v = sd.get(name, 0 if name == "key" else None)  # no key: a checkpoint keyed by its seed alone
             if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < (1 << 64):
                 raise ValueError(f"checkpoint {name} must be an int in [0, 2**64), got {v!r}")
@@ -751,15 +763,15 @@ class PrivacyEngine:
         engine's ``get_epsilon`` reports that sum (a ledger they share records every release of both).
         Fresh keys make it an ordinary composition instead of a cancellation of the noise.
 
-        In one process the key is 64 bits drawn from the OS at this load. Under torch.distributed, after
-        make_private, the ranks must agree without a collective (a rank that does not load must be
+        Without torch.distributed (and before make_private under it) the key is 64 bits drawn from the
+        OS at this load. Under torch.distributed, after make_private, the ranks must agree without a collective (a rank that does not load must be
         refused, not hang): the key is then SHA-256 of (the engine's pad, the checkpoint's key, the
         number of this load), the pad being 64 OS bits held in memory only and set to rank 0's by
         make_private. Ranks that load the same checkpoint as often agree; a rank that loaded another
         one, or none, has another key or step count, which the first release's fingerprint refuses on
-        every rank before anything is released. A copy of the engine object (pickle, deepcopy) draws a
-        new pad (``__setstate__``); a process forked after make_private shares it, so fork before. (A
-        load before make_private draws from the OS; make_private then gives every rank rank 0's key.)"""
+        every rank before anything is released. A copy of the engine object made before make_private
+        (pickle, deepcopy, fork) draws its own key and pad (``_rekey_copy``). (A load before
+        make_private draws from the OS; make_private then gives every rank rank 0's key.)"""
         if self.deterministic_resume:
             return _checkpoint_key(sd)
         self._loads += 1
@@ -772,9 +784,33 @@ class PrivacyEngine:
         return int.from_bytes(hashlib.sha256(material).digest()[:8], "little")
 
     def __setstate__(self, state: dict) -> None:
-        """A copy (pickle, copy.deepcopy) is another engine: it never shares the original's resume pad."""
+        """A copy (pickle, copy.deepcopy) is another engine: it never shares the original's keys."""
         self.__dict__.update(state)
+        _ENGINES.add(self)
+        self._rekey_copy()
+
+    def _rekey_copy(self) -> None:
+        """This object is a copy of another engine (unpickled, deep-copied, or in a forked child): both
+        may go on to release, so none of the original's secret keys may key this one's noise or batches.
+        Before make_private that is sound to change: nothing was keyed yet. An OS-drawn seed, a resume
+        key and a secure key are drawn afresh (a seed the user chose stays: its reuse is the user's, as
+        for two engines built with it; so does deterministic_resume's key). After make_private the
+        loader and optimizer hold the keys; a copy of those is refused where they are copied
+        (DPOptimizer, DPDataLoader in secure mode) or, in a forked child, left to the ledger."""
+        from .ledger import new_run_id
+
         self._resume_pad = int.from_bytes(os.urandom(8), "little")
+        if self.optimizer is not None:
+            return
+        if not self._seed_given:
+            self.seed = int.from_bytes(os.urandom(8), "little")
+            self.run_id = new_run_id()
+        if self._key is not None and not self.deterministic_resume:
+            self._key = int.from_bytes(os.urandom(8), "little")
+        if self._secure_key is not None:
+            from .random_secure import new_key
+
+            self._secure_key = new_key()
 
     def _refuse_unless_adoptable(self, sd: dict) -> None:
         """A checkpoint loaded after ``make_private`` (accelerate's ``load_state`` after ``prepare``, the
@@ -840,15 +876,23 @@ class PrivacyEngine:
                              "adopt_copied_ledger=True) (dpfast train --adopt-copied-run)")
         mine = [e for e in self.ledger.entries() if e.get("run") == run_id_of(sd)]
         lost = [e for e in mine if e.get("event") == "guarantee_lost"]
-        later = [e for e in mine if "key" in e and int(e["key"]) >= int(sd["steps"])]
-        for e in later:
-            int(e["key"]), float(e["sigma"]) if e.get("sigma") is not None else None  # malformed: refused here
+        released = [e for e in mine if "event" not in e]
+        for e in released:  # malformed: refused here, before anything changes
+            sigma, q, taken = e.get("sigma"), e.get("q"), e.get("sampler_step")
+            ok = isinstance(e.get("key"), int) and (sigma is None or isinstance(sigma, (int, float))
+                                                     and math.isfinite(sigma) and sigma >= 0) \
+                and (q is None or isinstance(q, (int, float)) and 0 < q <= 1) \
+                and (q is None or sigma is not None) and (taken is None or isinstance(taken, int))
+            if not ok or any(isinstance(v, bool) for v in (e.get("key"), sigma, q, taken)):
+                raise ValueError(f"the privacy ledger {self.ledger.path} has a malformed release: {e!r}; it "
+                                 "cannot be charged, so the run cannot resume next to it")
+        later = [e for e in released if e["key"] >= int(sd["steps"])]
         # The ledger must be this run's record. A checkpoint copied to a new directory (a branch of the run,
         # a move to another machine), or next to a ledger restored from an older backup, finds a ledger that
         # lacks releases the checkpoint says were made; it cannot know what else the run released after the
         # checkpoint either, so its next noise keys and Poisson batches may be ones already released (with
         # data that moved, the difference of two releases of one key cancels the noise).
-        keys = {int(e["key"]) for e in mine if "key" in e}
+        keys = {e["key"] for e in released}
         missing = [k for k in range(int(sd["steps"])) if k not in keys]
         if missing:
             raise ValueError(f"the privacy ledger {self.ledger.path} is not this checkpoint's run's: the checkpoint "

@@ -176,3 +176,63 @@ def test_state_dict_of_an_engine_waiting_for_make_private_keeps_the_loaded_progr
         warnings.simplefilter("ignore")
         engine.load_state_dict(sd)
     assert engine.steps == 3 and loader.step == ck["sampler"]["step"]
+
+
+def test_copies_made_after_a_load_draw_their_own_keys():
+    """Review 7, N1: a sweep that loads once and hands copies of the engine to workers (pickle,
+    deepcopy, fork) must not run several continuations under one key; a chosen seed's engine keeps
+    its seed, a drawn one gets a new seed too."""
+    import os
+    import pickle
+
+    ck = checkpoint(1)["engine"]
+    loaded = PrivacyEngine(accountant="rdp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded.load_state_dict(ck)
+    copies = [copy.deepcopy(loaded), pickle.loads(pickle.dumps(loaded))]
+    keys = {loaded.key_seed, *(c.key_seed for c in copies)}
+    assert len(keys) == 3 and all(c.seed == loaded.seed and c.steps == loaded.steps for c in copies)
+    assert copies[0].state_dict()["sampler"]["seed"] == copies[0].key_seed
+    fresh = PrivacyEngine(accountant="rdp")  # never loaded: its OS-drawn seed keys its first run
+    assert copy.deepcopy(fresh).seed != fresh.seed
+    chosen = PrivacyEngine(accountant="rdp", seed=5)
+    assert copy.deepcopy(chosen).seed == 5
+    if hasattr(os, "fork"):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child reports its key and leaves at once
+            os.write(w, str(loaded.key_seed).encode())
+            os._exit(0)
+        os.close(w)
+        child_key = int(os.read(r, 64).decode())
+        os.waitpid(pid, 0)
+        assert child_key != loaded.key_seed
+
+
+def test_malformed_ledger_releases_and_steps_are_refused_before_anything_changes(tmp_path):
+    """Review 7, N2/N3: a release line that parses but cannot be charged, or a checkpoint whose steps
+    are not a count, is refused with the engine untouched."""
+    import json
+
+    from dpfast.ledger import Ledger
+
+    path = tmp_path / "ledger.jsonl"
+    engine, m, opt, loader = engine_and_model(data())
+    engine.ledger = Ledger(path)
+    steps(m, opt, loader, 2)
+    sd = copy.deepcopy(engine.state_dict())
+    steps(m, opt, loader, 1)
+    good = path.read_text()
+    last = json.loads(good.splitlines()[-1])
+    assert last["key"] == 2
+    for bad in ({"q": 1.5}, {"sigma": -1.0}, {"sigma": None}, {"sampler_step": "3"}, {"key": True}):
+        path.write_text("\n".join(good.splitlines()[:-1] + [json.dumps({**last, **bad})]) + "\n")
+        fresh = PrivacyEngine(accountant="rdp", ledger=path, adopt_copied_ledger=True)
+        seed, key = fresh.seed, fresh.key_seed
+        with pytest.raises(ValueError, match="malformed release"):
+            fresh.load_state_dict(sd)
+        assert (fresh.seed, fresh.key_seed, fresh.accountant.steps, fresh._loads) == (seed, key, 0, 0)
+    for bad in ("3", -1, None, 2.0):
+        with pytest.raises(ValueError, match="checkpoint steps must be an int"):
+            PrivacyEngine(accountant="rdp").load_state_dict(dict(sd, steps=bad))
