@@ -21,6 +21,8 @@ _ENGINES: "weakref.WeakSet[PrivacyEngine]" = weakref.WeakSet()  # rekeyed in a f
 
 def _rekey_after_fork() -> None:
     for engine in list(_ENGINES):
+        if engine.optimizer is not None:  # its loader and optimizer hold the parent's keys
+            engine._forked_running = True
         engine._rekey_copy()
 
 
@@ -76,6 +78,7 @@ class PrivacyEngine:
         # torch.distributed, agreed by make_private), and how many checkpoints this engine has loaded
         self._resume_pad = int.from_bytes(os.urandom(8), "little")
         self._loads = 0
+        self._forked_running = False  # a forked copy of an engine that had run make_private (_before_step)
         _ENGINES.add(self)
         self.deterministic_resume = bool(deterministic_resume)
         self.optimizer: DPOptimizer | None = None
@@ -414,6 +417,10 @@ class PrivacyEngine:
 
     def _before_step(self) -> None:
         """Run by the optimizer at the start of every step(), before anything is accumulated or released."""
+        if self._forked_running:
+            raise DPError("this process was forked from one whose engine had already run make_private: the child "
+                          "holds the parent's noise and Poisson keys, so both would release the same noise. Build "
+                          "the engine in the child, or fork before make_private (a copy made then draws its own keys)")
         if self._ledger_check_due:
             self._refuse_used_ledger()
 

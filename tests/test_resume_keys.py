@@ -236,3 +236,28 @@ def test_malformed_ledger_releases_and_steps_are_refused_before_anything_changes
     for bad in ("3", -1, None, 2.0):
         with pytest.raises(ValueError, match="checkpoint steps must be an int"):
             PrivacyEngine(accountant="rdp").load_state_dict(dict(sd, steps=bad))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_child_forked_after_make_private_cannot_release():
+    """Its loader and optimizer hold the parent's keys: a step in the child would repeat the parent's
+    noise, so the child's first step() is refused; the parent goes on."""
+    import os
+
+    engine, m, opt, loader = engine_and_model(data())
+    steps(m, opt, loader, 1)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            steps(m, opt, loader, 1)
+            os.write(w, b"released")
+        except Exception as e:  # noqa: BLE001 - reported to the parent
+            os.write(w, f"{type(e).__name__}: {e}".encode()[:500])
+        os._exit(0)
+    os.close(w)
+    said = os.read(r, 600).decode()
+    os.waitpid(pid, 0)
+    assert said.startswith("DPError") and "forked from one whose engine had already run make_private" in said, said
+    steps(m, opt, loader, 1)
+    assert engine.steps == 2
