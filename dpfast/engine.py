@@ -21,6 +21,8 @@ _ENGINES: "weakref.WeakSet[PrivacyEngine]" = weakref.WeakSet()  # rekeyed in a f
 
 def _rekey_after_fork() -> None:
     for engine in list(_ENGINES):
+        if "_calibrated" not in engine.__dict__:  # its __init__ raised: never usable
+            continue
         if engine.optimizer is not None:  # its loader and optimizer hold the parent's keys
             engine._forked_running = True
         engine._rekey_copy()
@@ -79,7 +81,6 @@ class PrivacyEngine:
         self._resume_pad = int.from_bytes(os.urandom(8), "little")
         self._loads = 0
         self._forked_running = False  # a forked copy of an engine that had run make_private (_before_step)
-        _ENGINES.add(self)
         self.deterministic_resume = bool(deterministic_resume)
         self.optimizer: DPOptimizer | None = None
         self.loader: DPDataLoader | None = None
@@ -103,6 +104,7 @@ class PrivacyEngine:
         self._prior: list[dict] = []    # earlier engines on the same data (compose_after)
         self._ledger_check_due = False  # make_private met a used ledger and no checkpoint yet
         self._calibrated = False        # make_private_with_epsilon chose sigma
+        _ENGINES.add(self)              # last: a forked child rekeys only whole engines
 
     # ------------------------------------------------------------------ make_private
     def make_private(self, *, module: nn.Module, optimizer: torch.optim.Optimizer,
