@@ -23,9 +23,12 @@ def _rekey_after_fork() -> None:
     for engine in list(_ENGINES):
         if "_calibrated" not in engine.__dict__:  # its __init__ raised: never usable
             continue
-        if engine.optimizer is not None:  # its loader and optimizer hold the parent's keys
-            engine._forked_running = True
-        engine._rekey_copy()
+        try:
+            if engine.optimizer is not None:  # its loader and optimizer hold the parent's keys
+                engine._forked_running = True
+            engine._rekey_copy()
+        except Exception:  # noqa: BLE001 - one engine must not stop the others' rekeying
+            engine._forked_running = True  # not rekeyed: it may never release in this child
 
 
 if hasattr(os, "register_at_fork"):
@@ -132,6 +135,10 @@ class PrivacyEngine:
         _check_number("max_grad_norm", max_grad_norm, lo=0.0, lo_open=True)
         if expected_batch_size is not None:
             _check_number("expected_batch_size", expected_batch_size, lo=0.0, lo_open=True)
+        if sample_rate is not None:  # charged at every release: a rate outside (0, 1] has no accounting
+            _check_number("sample_rate", sample_rate, lo=0.0, lo_open=True)
+            if sample_rate > 1:
+                raise ValueError(f"sample_rate must be <= 1, got {sample_rate}")
         if not isinstance(multiplicity, int) or multiplicity < 1:
             raise ValueError(f"multiplicity must be an int >= 1, got {multiplicity!r}")
         if loss_reduction not in ("mean", "sum"):
@@ -360,6 +367,8 @@ class PrivacyEngine:
                              "a rate charged other than the one batches are drawn at would make epsilon false; to "
                              "change the batch size, build a new engine that composes after this one "
                              "(PrivacyEngine.compose_after)")
+        if q is not None and (isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q <= 1):
+            raise ValueError(f"sample_rate must be in (0, 1], got {q!r}")
         self._sample_rate = q
 
     @property
@@ -768,8 +777,9 @@ class PrivacyEngine:
 
         What each continuation's epsilon covers: its own history, the checkpoint's releases and its own
         after them. Where two continuations are both used (released, or one trained on the other's
-        output), their privacy is the composition of the shared prefix and both suffixes; no single
-        engine's ``get_epsilon`` reports that sum (a ledger they share records every release of both).
+        output), their privacy is the composition of the shared prefix and both suffixes, which an
+        engine's ``get_epsilon`` reports only where it resumes next to a ledger that records the other
+        continuation's releases.
         Fresh keys make it an ordinary composition instead of a cancellation of the noise.
 
         Without torch.distributed (and before make_private under it) the key is 64 bits drawn from the
@@ -805,7 +815,8 @@ class PrivacyEngine:
         key and a secure key are drawn afresh (a seed the user chose stays: its reuse is the user's, as
         for two engines built with it; so does deterministic_resume's key). After make_private the
         loader and optimizer hold the keys; a copy of those is refused where they are copied
-        (DPOptimizer, DPDataLoader in secure mode) or, in a forked child, left to the ledger."""
+        (DPOptimizer, DPDataLoader in secure mode) or, in a forked child, refused at its first step()
+        (``_forked_running``, set by the fork hook)."""
         from .ledger import new_run_id
 
         self._resume_pad = int.from_bytes(os.urandom(8), "little")

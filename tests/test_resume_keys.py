@@ -261,3 +261,17 @@ def test_a_child_forked_after_make_private_cannot_release():
     assert said.startswith("DPError") and "forked from one whose engine had already run make_private" in said, said
     steps(m, opt, loader, 1)
     assert engine.steps == 2
+
+
+def test_a_sampling_rate_outside_0_1_is_refused_before_it_reaches_the_ledger():
+    """Review 8, R3: a rate above 1 was accepted, written to the ledger, and the run then refused at
+    its resume as malformed; now it is refused where it is set."""
+    model = nn.Linear(2, 1)
+    for bad in (1.5, 0.0, -0.1):
+        with pytest.raises(ValueError, match="sample_rate"):
+            PrivacyEngine(accountant="rdp").make_private(
+                module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
+                max_grad_norm=1.0, expected_batch_size=4, sample_rate=bad)
+    engine = PrivacyEngine(accountant="rdp")
+    with pytest.raises(ValueError, match="sample_rate must be in"):
+        engine.sample_rate = 1.5
